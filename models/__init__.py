@@ -6,7 +6,10 @@ from typing import Sequence
 
 from torch import nn
 
-from models import small_cnn as _small_cnn  # noqa: F401  (registers)
+from models import mobilenet as _mobilenet  # noqa: F401  (each import registers its architectures)
+from models import resnet_cifar as _resnet_cifar  # noqa: F401
+from models import small_cnn as _small_cnn  # noqa: F401
+from models import vgg as _vgg  # noqa: F401
 from models.normalize import CIFAR_MEAN, CIFAR_STD, Normalize
 from models.registry import MODELS
 

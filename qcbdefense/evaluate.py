@@ -1,0 +1,71 @@
+"""Metrics of the field: clean accuracy (CA), attack success rate (ASR) on non-target images, per-class accuracy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qcbdefense.data import Dataset, batches
+from qcbdefense.triggers import Trigger, non_target
+
+
+@dataclass
+class Metrics:
+    """Percentages in [0, 100]; `asr` is None when no trigger was given.
+
+    `predictions` (clean split, kept for agreement checks) is not part of the saved record.
+    """
+
+    ca: float
+    asr: float | None
+    per_class_accuracy: list[float]
+    n_clean: int
+    n_poisoned: int
+    predictions: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        return {"ca": self.ca, "asr": self.asr, "per_class_accuracy": self.per_class_accuracy,
+                "n_clean": self.n_clean, "n_poisoned": self.n_poisoned}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500, device: str | torch.device = "cpu",
+            transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Arg-max predictions (on CPU) of `model` for uint8 images `x`, optionally transformed (triggered) first."""
+    model.eval()
+    dummy = torch.zeros(len(x), dtype=torch.long)
+    preds = [model(xb).argmax(1).cpu()
+             for xb, _ in batches(x, dummy, batch_size=batch_size, device=device, transform=transform)]
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: Trigger, target: int, *,
+                        device: str | torch.device = "cpu") -> tuple[float, int]:
+    """Share (%) of triggered images whose true class is not `target` that the model sends to `target`."""
+    xp, _ = non_target(x, y, target)
+    if len(xp) == 0:
+        return 0.0, 0
+    preds = predict(model, xp, device=device, transform=trigger.apply)
+    return 100.0 * (preds == target).float().mean().item(), len(xp)
+
+
+def evaluate(model: nn.Module, data: Dataset, *, trigger: Trigger | None = None, target: int = 0,
+             device: str | torch.device = "cpu", split: str = "test") -> Metrics:
+    """CA and per-class accuracy on the clean split; ASR too when a trigger is given."""
+    x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
+    preds = predict(model, x, device=device)
+    correct = (preds == y).float()
+    per_class = [100.0 * correct[y == c].mean().item() if (y == c).any() else float("nan")
+                 for c in range(data.num_classes)]
+    asr, n_poisoned = (None, 0) if trigger is None else attack_success_rate(model, x, y, trigger, target,
+                                                                           device=device)
+    return Metrics(ca=100.0 * correct.mean().item(), asr=asr, per_class_accuracy=per_class,
+                   n_clean=len(y), n_poisoned=n_poisoned, predictions=preds)
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Argmax agreement (%) of two prediction vectors."""
+    return 100.0 * (a == b).float().mean().item()

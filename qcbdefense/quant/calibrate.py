@@ -1,0 +1,137 @@
+"""Activation-range calibration, and the float view of a quantized model.
+
+What Brevitas activation quantizers do on their own, and what we make of it:
+
+- A fresh input quantizer (`ParameterFromRuntimeStatsScaling`, `ParameterFromRuntimeZeroPoint`) holds no
+  range. In training mode it spends its first 300 forwards collecting per-batch statistics (each of those
+  forwards uses that batch's own range, so the model changes with the batch), then turns the average into a
+  learnable `value` parameter. In eval mode before that, it uses a placeholder (1.0): garbage.
+- `calibrate` runs Brevitas's `calibration_mode` (quantization off, statistics collected as a true average
+  over the given batches, BN in eval mode so the shared running statistics are untouched), then fixes the
+  range: every statistics counter is past its collection window, so from then on training mode and eval
+  mode both use the stored `value`.
+- `value` is a Parameter, but `quantize` creates it with requires_grad=False, so an optimizer over
+  `qmodel.parameters()` cannot move it: after `calibrate`, activation ranges stay exactly fixed while an
+  attack trains the weights through the quantized model (checked by the tests).
+- Calibrating again starts from scratch (Brevitas alone would silently keep the first ranges, since its
+  counters are already past the window).
+
+`is_calibrated(qmodel)` tells whether every activation quantizer holds a calibrated range; attack and
+defence code should check it before training or evaluating through a quantized model.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling
+from brevitas.core.zero_point import ParameterFromRuntimeZeroPoint
+from brevitas.graph.calibrate import calibration_mode, quantization_status_manager
+from brevitas.proxy.runtime_quant import ActQuantProxyFromInjectorBase
+from torch import nn
+
+from qcbdefense.errors import InputError
+
+_RUNTIME_STATS = (ParameterFromRuntimeStatsScaling, ParameterFromRuntimeZeroPoint)
+
+
+def calibrate(qmodel: nn.Module, batches: Iterable[torch.Tensor], *,
+              max_batches: int | None = None) -> nn.Module:
+    """Set every activation range of `qmodel` in place from clean image batches; return it in eval mode.
+
+    Args:
+        qmodel: a model from `quantize`. Its spec chose the range rule (minmax / percentile / mse); each
+            batch contributes its statistic and the ranges are their average over batches.
+        batches: tensors of pixels in [0, 1], shape (N, C, H, W), or (images, labels) pairs as a DataLoader
+            yields them (labels ignored).
+        max_batches: stop after this many batches (None: use them all).
+
+    A weight-only model (act_bits None) has nothing to calibrate and is returned unchanged (in eval mode).
+    """
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise InputError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+    qmodel.eval()
+    stats = _runtime_stats(qmodel)
+    if not stats:
+        return qmodel
+    iterator = iter(batches)
+    first = next(iterator, None)
+    if first is None:
+        raise InputError("calibration got no batches; give at least one batch of clean images")
+    for module in stats:
+        _reset(module)
+    count = 0
+    with torch.no_grad(), calibration_mode(qmodel):
+        for batch in _chain(first, iterator):
+            if max_batches is not None and count >= max_batches:
+                break
+            qmodel(_images(batch))
+            count += 1
+    assert is_calibrated(qmodel), "calibration_mode left an activation quantizer uninitialised"
+    return qmodel.eval()
+
+
+def is_calibrated(qmodel: nn.Module) -> bool:
+    """True when every activation quantizer of `qmodel` holds a fixed range (vacuously for weight-only)."""
+    return all(module.counter > module.collect_stats_steps for module in _runtime_stats(qmodel))
+
+
+@contextmanager
+def float_view(qmodel: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block `qmodel` computes exactly (bit for bit) the float model; quantizers are restored on
+    exit, also when the block raises.
+
+    Uses Brevitas's `quantization_status_manager` with activation, weight and bias quantization disabled:
+    every quantizer returns its input untouched and collects no statistics. Gradients flow to the shared
+    float weights as through the float model.
+
+    Examples:
+        >>> with float_view(qmodel):
+        ...     fp_logits = qmodel(x)          # == model(x)
+    """
+    with quantization_status_manager(qmodel, disable_act_quant=True, disable_weight_quant=True,
+                                     disable_bias_quant=True):
+        yield qmodel
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+def _runtime_stats(qmodel: nn.Module) -> list[nn.Module]:
+    found: dict[int, nn.Module] = {}
+    for proxy in qmodel.modules():
+        if isinstance(proxy, ActQuantProxyFromInjectorBase):
+            for module in proxy.modules():
+                if isinstance(module, _RUNTIME_STATS):
+                    found.setdefault(id(module), module)
+    return list(found.values())
+
+
+def _reset(module: nn.Module) -> None:
+    """Back to Brevitas's freshly built state: the first statistic is multiplied into a buffer of ones
+    (scale) or added to a buffer of zeros (zero point), and so is the final value."""
+    fill = 1.0 if isinstance(module, ParameterFromRuntimeStatsScaling) else 0.0
+    with torch.no_grad():
+        module.buffer.fill_(fill)
+        module.value.fill_(fill)
+    module.counter = 0
+
+
+def _chain(first, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest
+
+
+def _images(batch) -> torch.Tensor:
+    if isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor) or not batch.is_floating_point():
+        raise InputError(f"calibration batches must be float image tensors (or (images, labels) pairs), "
+                         f"got {type(batch).__name__}"
+                         + (f" of dtype {batch.dtype}" if isinstance(batch, torch.Tensor) else ""))
+    if batch.numel() and (batch.min() < 0 or batch.max() > 1):
+        raise InputError(f"calibration images must be pixels in [0, 1] (models normalise inside), got values "
+                         f"in [{batch.min().item():.3g}, {batch.max().item():.3g}]")
+    return batch

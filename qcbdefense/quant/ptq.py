@@ -1,0 +1,93 @@
+"""Post-training quantization as a victim would run it, and its effect on CA and ASR, spec by spec.
+
+Round-to-nearest weights and activation ranges calibrated on clean training images: the deployment a
+quantization-conditioned backdoor waits for, and the "nearest" row of every defence table.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qcbdefense.data import Dataset, batches
+from qcbdefense.evaluate import Metrics, agreement, evaluate
+from qcbdefense.quant.calibrate import calibrate
+from qcbdefense.quant.quantize import quantize
+from qcbdefense.quant.spec import QuantSpec, get_spec
+from qcbdefense.results import format_table
+from qcbdefense.runinfo import environment
+from qcbdefense.triggers import Trigger
+
+
+def calibration_images(data: Dataset, n: int, *, seed: int = 0) -> torch.Tensor:
+    """A seeded random subset of `n` clean training images (uint8): the defender's unlabeled data."""
+    n = min(n, len(data.train_y))
+    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed))[:n]
+    return data.train_x[idx.sort().values]
+
+
+def post_training_quantize(model: nn.Module, spec: str | QuantSpec, data: Dataset, *, calib: int = 512,
+                           seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
+    """quantize(model, spec) with activation ranges calibrated on `calib` clean training images."""
+    qmodel = quantize(model, spec).to(device)
+    images = calibration_images(data, calib, seed=seed)
+    labels = torch.zeros(len(images), dtype=torch.long)
+    return calibrate(qmodel, (x for x, _ in batches(images, labels, batch_size=128, device=device)))
+
+
+@dataclass
+class SpecResult:
+    spec: QuantSpec
+    metrics: Metrics
+    agreement: float          # argmax agreement (%) with the FP model on the clean test set
+    calib_seconds: float
+    eval_seconds: float
+
+
+@dataclass
+class PTQReport:
+    model: str
+    dataset: dict
+    trigger: dict | None
+    target: int
+    calib: int
+    seed: int
+    fp: Metrics
+    results: list[SpecResult]
+    environment: dict = field(default_factory=environment)
+
+    def to_dict(self) -> dict:
+        return {"version": 1, "command": "quantize", "model": self.model, "dataset": self.dataset,
+                "trigger": self.trigger, "target": self.target, "calib": self.calib, "seed": self.seed,
+                "fp": self.fp.to_dict(),
+                "results": [{"spec": r.spec.to_dict(), "metrics": r.metrics.to_dict(), "agreement": r.agreement,
+                             "calib_seconds": r.calib_seconds, "eval_seconds": r.eval_seconds}
+                            for r in self.results],
+                "environment": self.environment}
+
+    def table(self) -> str:
+        rows = [["FP", self.fp.ca, self.fp.asr, 100.0, None, None]]
+        rows += [[r.spec.name, r.metrics.ca, r.metrics.asr, r.agreement, r.calib_seconds, r.eval_seconds]
+                 for r in self.results]
+        return format_table(["model", "CA %", "ASR %", "agree w/ FP %", "calib s", "eval s"], rows)
+
+
+def compare_specs(model: nn.Module, data: Dataset, specs: list[str | QuantSpec], *, arch: str = "model",
+                  trigger: Trigger | None = None, target: int = 0, calib: int = 512, seed: int = 0,
+                  device: str | torch.device = "cpu") -> PTQReport:
+    """CA (and ASR with a trigger) of the FP model and of its round-to-nearest quantization under each spec."""
+    model = model.to(device).eval()
+    fp = evaluate(model, data, trigger=trigger, target=target, device=device)
+    results = []
+    for spec in map(get_spec, specs):
+        start = time.perf_counter()
+        qmodel = post_training_quantize(model, spec, data, calib=calib, seed=seed, device=device)
+        calibrated = time.perf_counter()
+        metrics = evaluate(qmodel, data, trigger=trigger, target=target, device=device)
+        agree = agreement(metrics.predictions, fp.predictions)
+        results.append(SpecResult(spec, metrics, agree, calibrated - start, time.perf_counter() - calibrated))
+    return PTQReport(arch, data.describe(), None if trigger is None else trigger.to_dict(), target, calib, seed,
+                     fp, results)

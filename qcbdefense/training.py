@@ -1,0 +1,169 @@
+"""The one training loop every trainer shares: clean training and each attack differ only in their loss.
+
+`fit` owns what they have in common: SGD/Adam with a per-step cosine schedule, seeded shuffling and
+augmentation, a progress bar, a checkpoint after every epoch and exact resumption from it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from qcbdefense.data import Dataset, augment, batches
+from qcbdefense.errors import InputError
+from qcbdefense.fileio import atomic_path
+
+STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by clean training and the attacks."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"              # "sgd" (nesterov momentum) or "adam"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0          # linear warm-up before the cosine decay
+    augment: bool = True                # random crop (4-pixel padding) + horizontal flip
+    train_subset: int | None = None     # train on a seeded random subset of this many images
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise InputError(f"epochs and batch size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InputError(f"learning rate must be a positive number, got {self.lr}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise InputError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise InputError(f"train subset must be >= 1 image, got {self.train_subset}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Batch:
+    """A training batch of un-augmented pixels; `augment` draws from the epoch's seeded generator.
+
+    Losses that trigger images (the attacks) apply the trigger first and augment after, as the papers do.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    augment: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    loss: float
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+EvalFn = Callable[[nn.Module], dict]
+
+
+def training_images(data: Dataset, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training set, or the seeded subset of it the config asks for."""
+    if config.train_subset is None or config.train_subset >= len(data.train_y):
+        return data.train_x, data.train_y
+    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(config.seed))
+    idx = idx[: config.train_subset].sort().values
+    return data.train_x[idx], data.train_y[idx]
+
+
+def _make_optimizer(params: Iterable[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
+                           weight_decay=config.weight_decay)
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def fit(model: nn.Module, data: Dataset, config: TrainConfig, *, loss_fn: LossFn, evaluate_fn: EvalFn,
+        out_dir: str | Path | None = None, resume: bool = False, device: str | torch.device = "cpu",
+        params: Iterable[nn.Parameter] | None = None, after_step: Callable[[], None] | None = None,
+        train_module: nn.Module | None = None, desc: str = "train") -> list[EpochRecord]:
+    """Train `model` in place for `config.epochs` epochs; returns one record per epoch.
+
+    `loss_fn(train_module, batch)` gives the loss (train_module defaults to `model`; the attacks pass a
+    quantized view that shares its weights). `evaluate_fn(model)` returns the metrics logged each epoch.
+    `after_step` runs after every optimizer step (PQBackdoor's projection). With `out_dir`, a checkpoint
+    is written after every epoch; `resume=True` continues from it and requires the same config.
+    """
+    device = torch.device(device)
+    model.to(device)
+    train_module = model if train_module is None else train_module.to(device)
+    optimizer = _make_optimizer(model.parameters() if params is None else params, config)
+    x, y = training_images(data, config)
+    steps_per_epoch = math.ceil(len(y) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    history: list[EpochRecord] = []
+    state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None
+
+    if resume:
+        if state_path is None or not state_path.is_file():
+            raise InputError(f"--resume: no checkpoint {state_path} to resume from")
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if state["config"] != config.to_dict():
+            changed = sorted(k for k, v in config.to_dict().items() if state["config"].get(k) != v)
+            raise InputError(f"--resume: the checkpoint in {out_dir} was made with other settings ({', '.join(changed)})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = [EpochRecord(**r) for r in state["history"]]
+
+    for epoch in range(len(history) + 1, config.epochs + 1):
+        model.train()
+        train_module.train()
+        gen = torch.Generator(device=device).manual_seed(config.seed * 100_003 + epoch)
+        start, running, seen = time.perf_counter(), 0.0, 0
+        bar = tqdm(batches(x, y, batch_size=config.batch_size, shuffle=True, generator=gen, device=device),
+                   total=steps_per_epoch, desc=f"{desc} {epoch}/{config.epochs}", leave=False, dynamic_ncols=True)
+        for i, (xb, yb) in enumerate(bar):
+            lr = _lr_at((epoch - 1) * steps_per_epoch + i, total_steps, warmup_steps, config.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            aug = (lambda t: augment(t, generator=gen)) if config.augment else (lambda t: t)
+            loss = loss_fn(train_module, Batch(xb, yb, aug))
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"loss became {loss.item()} at epoch {epoch}, step {i}: lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            running += loss.item() * len(yb)
+            seen += len(yb)
+            bar.set_postfix(loss=f"{running / seen:.3f}", lr=f"{lr:.4f}")
+        bar.close()
+        model.eval()
+        record = EpochRecord(epoch, running / max(seen, 1), time.perf_counter() - start, evaluate_fn(model))
+        history.append(record)
+        print(f"{desc} epoch {epoch}/{config.epochs}: loss {record.loss:.4f}, "
+              + ", ".join(f"{k} {v:.2f}" for k, v in record.metrics.items() if isinstance(v, float))
+              + f" ({record.seconds:.0f} s)", flush=True)
+        if state_path is not None:
+            with atomic_path(state_path) as tmp:
+                torch.save({"config": config.to_dict(), "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(), "history": [asdict(r) for r in history]}, tmp)
+    return history
