@@ -61,15 +61,23 @@ def calibrate(qmodel: nn.Module, batches: Iterable[torch.Tensor], *,
     first = next(iterator, None)
     if first is None:
         raise InputError("calibration got no batches; give at least one batch of clean images")
+    _images(first)  # refuse a bad first batch before touching the current ranges
     for module in stats:
         _reset(module)
     count = 0
-    with torch.no_grad(), calibration_mode(qmodel):
-        for batch in _chain(first, iterator):
-            if max_batches is not None and count >= max_batches:
-                break
-            qmodel(_images(batch))
-            count += 1
+    try:
+        with torch.no_grad(), calibration_mode(qmodel):
+            for batch in _chain(first, iterator):
+                if max_batches is not None and count >= max_batches:
+                    break
+                qmodel(_images(batch))
+                count += 1
+    except BaseException:
+        # calibration_mode's exit has turned the partial statistics into ranges: undo, so a failed
+        # calibration leaves the model visibly uncalibrated rather than half calibrated.
+        for module in stats:
+            _reset(module)
+        raise
     assert is_calibrated(qmodel), "calibration_mode left an activation quantizer uninitialised"
     return qmodel.eval()
 
@@ -89,8 +97,13 @@ def float_view(qmodel: nn.Module) -> Iterator[nn.Module]:
     float weights as through the float model.
 
     Examples:
+        >>> from models import create_model
+        >>> from qcbdefense.quant import quantize
+        >>> model = create_model("small_cnn").eval()
+        >>> qmodel, x = quantize(model, "w8a8"), torch.rand(2, 3, 32, 32)
         >>> with float_view(qmodel):
-        ...     fp_logits = qmodel(x)          # == model(x)
+        ...     torch.equal(qmodel(x), model(x))
+        True
     """
     with quantization_status_manager(qmodel, disable_act_quant=True, disable_weight_quant=True,
                                      disable_bias_quant=True):

@@ -23,7 +23,7 @@ class IntWeights:
         int_weight: int32 tensor, the weight's shape, values in [qmin, qmax].
         scale: float tensor broadcastable to int_weight: (C_out, 1, 1, 1) / (C_out, 1) per channel, one
             element per tensor.
-        zero_point: like scale (integer-valued floats; zeros when symmetric).
+        zero_point: the scale's shape (integer-valued floats; zeros when symmetric).
         bits, signed, narrow_range: the integer grid.
     """
 
@@ -61,10 +61,12 @@ def integer_weights(qmodel: nn.Module) -> dict[str, IntWeights]:
             if not layer.weight_quant.is_quant_enabled:
                 raise RuntimeError(f"weight quantization of {name!r} is disabled (inside float_view?)")
             quant = layer.quant_weight()
+            # Brevitas gives a symmetric quantizer's zero point as a scalar 0: give it the scale's shape
+            scale, zero_point = torch.broadcast_tensors(quant.scale.detach(), quant.zero_point.detach())
             result[name] = IntWeights(
                 int_weight=quant.int().to(torch.int32),
-                scale=quant.scale.detach().clone(),
-                zero_point=quant.zero_point.detach().clone(),
+                scale=scale.clone(),
+                zero_point=zero_point.clone(),
                 bits=int(quant.bit_width.item()),
                 signed=bool(quant.signed),
                 narrow_range=bool(layer.weight_quant.is_narrow_range),

@@ -37,9 +37,10 @@ bias                 kept in float (`bias_quant=None`): the papers' quantizers l
 Ranges: abs-max and min/max weight ranges follow the weights at every forward; MSE weight ranges are
 searched once, at the first quantized forward, and then held (call `refresh_weight_ranges` after the weights
 change, e.g. during an attack, to deploy what `quantize` would give on the new weights). Activation ranges
-come from `calibrate`. Every quantizer parameter is created with `requires_grad=False`: a deployment quantizer's ranges
-are statistics, not learned values, so an optimizer over `qmodel.parameters()` trains the float weights only
-(re-enable them through `quantizer_parameters` for LSQ-style experiments).
+come from `calibrate`. Every quantizer parameter is created with `requires_grad=False` (again after each `load_state_dict`, which
+makes Brevitas rebuild its quantizers): a deployment quantizer's ranges are statistics, not learned values,
+so an optimizer over `qmodel.parameters()` trains the float weights only (re-enable them through
+`quantizer_parameters` for LSQ-style experiments).
 
 Examples:
     >>> from models import create_model
@@ -67,7 +68,6 @@ from brevitas.graph.fixed_point import MergeBatchNorm
 from brevitas.inject.enum import StatsOp
 from brevitas.nn import QuantConv2d, QuantLinear
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
-from brevitas.proxy.parameter_quant import WeightQuantProxyFromInjectorBase
 from brevitas.proxy.quant_proxy import QuantProxyFromInjector
 from brevitas.quant import (Int8ActPerTensorFloat, Int8ActPerTensorFloatMSE, Int8WeightPerChannelFloat,
                             Int8WeightPerChannelFloatMSE, Int8WeightPerTensorFloat,
@@ -178,11 +178,13 @@ def quantize(model: nn.Module, spec: str | QuantSpec, *, calib: Iterable[torch.T
     replacements: dict[int, nn.Module] = {}
     for name, module in qmodel.named_modules():
         if _is_target(module) and id(module) not in replacements:
-            weight_bits = spec.first_bits if name == first else spec.last_bits if name == last \
-                else spec.weight_bits
-            act_bits = spec.act_bits
-            if name == first and spec.act_bits is not None and spec.first_layer_bits is not None:
-                act_bits = spec.first_layer_bits
+            weight_bits, act_bits = spec.weight_bits, spec.act_bits
+            if name == last:
+                weight_bits = spec.last_bits
+            if name == first:  # wins over last for a one-layer model
+                weight_bits = spec.first_bits
+                if spec.act_bits is not None and spec.first_layer_bits is not None:
+                    act_bits = spec.first_layer_bits  # the image: see QuantSpec.first_layer_bits
             replacements[id(module)] = _quant_layer(module, spec, weight_bits, act_bits)
     for parent in list(qmodel.modules()):
         for child_name, child in list(parent._modules.items()):
@@ -191,8 +193,10 @@ def quantize(model: nn.Module, spec: str | QuantSpec, *, calib: Iterable[torch.T
     qmodel.qcb_spec = spec
     qmodel.qcb_layer_order = tuple(reached + unreached)
     qmodel.eval()
-    for param in quantizer_parameters(qmodel):
-        param.requires_grad_(False)
+    _freeze_quantizers(qmodel)
+    # Brevitas rebuilds every quantizer when a state_dict is loaded (config.REINIT_ON_STATE_DICT_LOAD), with
+    # fresh, trainable parameters: freeze them again after each load.
+    qmodel.register_load_state_dict_post_hook(_freeze_after_load)
     if calib is not None:
         from qcbdefense.quant.calibrate import calibrate  # calibrate.py does not import this module
         calibrate(qmodel, calib)
@@ -259,6 +263,15 @@ def refresh_weight_ranges(qmodel: nn.Module) -> nn.Module:
 
 # ---- helpers ---------------------------------------------------------------------------------------------
 
+def _freeze_quantizers(qmodel: nn.Module) -> None:
+    for param in quantizer_parameters(qmodel):
+        param.requires_grad_(False)
+
+
+def _freeze_after_load(qmodel: nn.Module, incompatible_keys) -> None:
+    _freeze_quantizers(qmodel)
+
+
 def _is_target(module: nn.Module) -> bool:
     return type(module) in (nn.Conv2d, nn.Linear)
 
@@ -280,8 +293,7 @@ def _check_quantizable(model: nn.Module) -> None:
 
 def _quant_layer(module: nn.Module, spec: QuantSpec, weight_bits: int, act_bits: int | None) -> nn.Module:
     """The Brevitas twin of `module` whose weight and bias are `module`'s own Parameters."""
-    common = dict(bias=module.bias is not None, weight_quant=weight_quantizer(spec, weight_bits),
-                  bias_quant=None,
+    common = dict(bias=module.bias is not None, weight_quant=None, bias_quant=None,
                   input_quant=None if act_bits is None else act_quantizer(spec, act_bits),
                   output_quant=None, return_quant_tensor=False, device=module.weight.device,
                   dtype=module.weight.dtype)
@@ -294,9 +306,12 @@ def _quant_layer(module: nn.Module, spec: QuantSpec, weight_bits: int, act_bits:
     layer.weight = module.weight
     if module.bias is not None:
         layer.bias = module.bias
-    # The proxies captured the freshly initialised Parameters at construction: point them at the shared ones.
-    layer.weight_quant.init_tensor_quant()
-    layer.bias_quant.init_tensor_quant()
+    # A weight proxy captures its layer's Parameter when built, so build it only now that the layer holds the
+    # shared one (as Brevitas's QuantProxyMixin does: proxy_class(layer, injector)); building it in the
+    # constructor and re-initialising it after the swap costs twice the injector resolution, the bulk of
+    # quantize's time. The (disabled) bias proxy tracks nothing we use.
+    injector = weight_quantizer(spec, weight_bits)
+    layer.weight_quant = injector.proxy_class(layer, injector)
     layer.train(module.training)
     return layer
 

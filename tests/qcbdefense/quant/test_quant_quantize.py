@@ -52,18 +52,20 @@ def test_float_view_is_bit_exact_and_restored(preset, tiny, pixels):
 
 @pytest.mark.parametrize("arch", list_models())
 def test_zoo(arch):
-    """Every zoo model: float view bit-exact under the LAC and the Qu-ANTI-zation quantizers, quantized
-    output differs after it, layer order starts at the first conv and ends at the classifier, BN folds."""
+    """Every zoo model under every preset: float view bit-exact and restored after. Then, under Qu-ANTI-zation's
+    quantizer (abs-max weights: no range search, so cheap): the quantized output differs, the layer order starts
+    at a conv and ends at the classifier, and BN folds completely."""
     torch.manual_seed(0)
     model = create_model(arch).eval()
     x = torch.rand(2, 3, 32, 32)
     ref = model(x)
-    for preset in ("w4a4", "quanti-w4a4"):
+    for preset in SPECS.names():
         qmodel = quantize(model, preset)
         with float_view(qmodel):
-            assert torch.equal(qmodel(x), ref)
-        assert _proxies_enabled(qmodel)
-    assert not torch.equal(qmodel(x), ref)  # quanti: abs-max weights, no search; uncalibrated is fine here
+            assert torch.equal(qmodel(x), ref), preset
+        assert _proxies_enabled(qmodel), preset
+    qmodel = quantize(model, "quanti-w4a4")
+    assert not torch.equal(qmodel(x), ref)  # uncalibrated is fine here: any quantized output differs
     layers = quantized_layers(qmodel)
     convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert sorted(n for n, _ in layers) == sorted(convs)
