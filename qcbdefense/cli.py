@@ -6,7 +6,9 @@ Expected failures (bad paths, unknown names, corrupt files, nonsense options) pr
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, NoReturn
 
@@ -190,7 +192,16 @@ def build_parser() -> Parser:
     return parser
 
 
+def _quiet_dependencies() -> None:
+    """Silence import-time chatter of Brevitas and torch that says nothing about the user's run."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
+    for message in ("fast_hadamard_transform", "brevitas.fx is deprecated",
+                    "Computing zero point of output accumulator"):
+        warnings.filterwarnings("ignore", message=f".*{message}.*")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_dependencies()
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -6,7 +6,9 @@ A spec names a dataset on the command line:
   in about a second with no download; small_cnn learns it to about 90 % but, by design, never 100 %.
 - ``cifar10:PATH``: the python-pickle CIFAR-10 (``cifar-10-batches-py``); PATH is that folder or its parent.
 - ``folder:PATH``: an ImageFolder tree ``PATH/{train,test}/<class>/*.jpg|jpeg|png|ppm`` (``val`` stands in for a
-  missing ``test``), or a ``.tar.gz``/``.tgz`` archive of one, extracted once into the cache.
+  missing ``test``), or a ``.tar.gz``/``.tgz`` archive of one, extracted once into the cache. Classes are the
+  sorted class folder names; images are converted to RGB, and any whose size differs from the most common
+  one is resized to it (with a warning).
 
 Images are kept as uint8 ``[N, 3, H, W]`` and turned into float pixels in [0, 1] batch by batch (`batches`):
 models normalise inside, and triggers are applied in pixel space. Decoded images and generated datasets are
@@ -15,8 +17,8 @@ a hash of the source, so the 60,000 shared CIFAR-10 JPEGs decode once.
 
 Examples:
     >>> data = load_dataset("builtin")                                          # doctest: +SKIP
-    >>> for xb, yb in batches(data.train_x, data.train_y, batch_size=128, shuffle=True, augment=True):
-    ...     loss = criterion(model(xb), yb)                                     # doctest: +SKIP
+    >>> for xb, yb in batches(data.train_x, data.train_y, batch_size=128, shuffle=True, augment=True):  # doctest: +SKIP
+    ...     loss = criterion(model(xb), yb)
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from qcbdefense.fileio import atomic_path
 from qcbdefense.registry import Registry
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm")
+POOL_MIN_IMAGES = 2000          # decode in a process pool from this many images on; below, startup costs more
 
 # Bump when the generator of the builtin dataset changes, so stale cached copies are not reused.
 BUILTIN_VERSION = 1
@@ -113,8 +116,8 @@ def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The standard CIFAR augmentation, per sample: a random 32x32 crop of the image zero-padded by 4 pixels,
-    then a horizontal flip with probability 1/2.
+    """The standard CIFAR augmentation, per sample: a random crop, of the image's own size, from the image
+    zero-padded by 4 pixels on each side, then a horizontal flip with probability 1/2.
 
     `x` is a float batch ``[N, C, H, W]`` on any device; the result is a new tensor on the same device. The
     random numbers come from `generator` (drawn on the generator's device, then moved), so a seeded generator
@@ -154,7 +157,10 @@ def batches(x: torch.Tensor, y: torch.Tensor, *, batch_size: int, shuffle: bool 
     if len(x) != len(y):
         raise ValueError(f"{len(x)} images but {len(y)} labels")
     n = len(x)
-    order = torch.randperm(n, generator=generator) if shuffle else None
+    order = None
+    if shuffle:
+        rng_device = generator.device if generator is not None else torch.device("cpu")
+        order = torch.randperm(n, generator=generator, device=rng_device).to(x.device)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
         xb = x[idx].to(device)
@@ -527,7 +533,7 @@ def _extract_archive(archive: Path, cache_dir: Path) -> Path:
         with tarfile.open(archive, "r:*") as tar:
             tar.extractall(tmp, filter="data")
         os.replace(tmp, target)
-    except (tarfile.TarError, EOFError, OSError, zipfile.BadZipFile) as err:
+    except (tarfile.TarError, EOFError, OSError) as err:
         if target.is_dir():                                 # another process finished first: use its copy
             return target
         raise InputError(f"cannot extract dataset archive {archive} ({err})") from None
@@ -578,7 +584,7 @@ def _decode(path: str) -> tuple[np.ndarray | None, str]:
 def _decode_all(paths: list[Path], workers: int = 2) -> list[np.ndarray]:
     """Decode `paths` in order, in a pool of `workers` processes when there are many."""
     names = [str(p) for p in paths]
-    if workers > 1 and len(names) >= 2000:
+    if workers > 1 and len(names) >= POOL_MIN_IMAGES:
         # fork: the workers need only PIL and numpy, and skip re-importing torch (seconds under spawn).
         methods = multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("fork" if "fork" in methods else None)

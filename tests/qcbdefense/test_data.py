@@ -219,6 +219,14 @@ def test_folder_png_tree_exact(tiny_folder, cache_dir):
     assert d.classes == ["cat", "dog", "frog"] and d.name == f"folder:{tiny_folder.path}"
 
 
+def test_folder_decodes_in_a_process_pool(tiny_folder, cache_dir, monkeypatch):
+    monkeypatch.setattr(data_mod, "POOL_MIN_IMAGES", 1)
+    assert_same(load_dataset(f"folder:{tiny_folder.path}", cache_dir=cache_dir), tiny_folder)
+    (tiny_folder.path / "train" / "dog" / "0002.png").write_bytes(b"not an image")
+    with pytest.raises(InputError, match="cannot read image .*0002.png"):
+        load_dataset(f"folder:{tiny_folder.path}", cache_dir=cache_dir)
+
+
 def test_folder_jpeg_tree_with_val_split(make_image_folder, tmp_path, cache_dir):
     tiny = make_image_folder(tmp_path / "jpg", ext="jpg", test_split="val", size=(6, 10))
     d = load_dataset(f"folder:{tiny.path}", cache_dir=cache_dir)
