@@ -18,12 +18,7 @@ from qcbdefense.errors import InputError, QcbError
 
 # Subcommands still to come, with the issue that brings each.
 PLANNED = {
-    "attack": "plant a QCB (Qu-ANTI-zation, CompArtifact, PQBackdoor) against a Brevitas quantizer",
-    "purify": "purify a quantized model with LAC (+PDA), EFRAP, AdaRound or nearest rounding",
-    "export": "export a quantized model to ONNX (QCDQ)",
-    "verify": "check an ONNX model in onnxruntime: CA, ASR, agreement; a deployment gate",
     "scan": "look for a dormant QCB in an FP/quantized pair, with evidence",
-    "harden": "purify, export and verify in one command",
     "bench": "attacks x specs x defences, as Markdown/CSV/JSON",
     "demo": "the whole story on the built-in data, in minutes",
 }
@@ -152,6 +147,199 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+# Listed here rather than read from DEFENSES so that building the parser does not import Brevitas (seconds);
+# tests/qcbdefense/defenses/test_purify.py checks that this list is DEFENSES.names().
+PURIFY_METHODS = ("adaround", "efrap", "lac", "lac-pda", "nearest")
+
+
+def cmd_purify(args: argparse.Namespace) -> int:
+    from qcbdefense.data import load_dataset
+    from qcbdefense.defenses import purify, save_purified
+    from qcbdefense.runinfo import resolve_device
+    from qcbdefense.triggers import parse_trigger
+
+    device = resolve_device(args.device)
+    trigger = None if args.trigger is None else parse_trigger(args.trigger)
+    model = _load_arch(args)
+    data = load_dataset(args.data, cache_dir=args.cache_dir)
+    options: dict = {}
+    if args.released:
+        options.update(steps=10000, early_stop=False, keep_best=False)
+    if args.steps is not None:
+        options["steps"] = args.steps
+    purified, report = purify(model, data, method=args.method, spec=args.spec, calib=args.calib, trigger=trigger,
+                              target=args.target, seed=args.seed, device=device, arch=args.model, progress=True,
+                              **options)
+    save_purified(purified, args.out, report=report)
+    print(report.summary())
+    print(f"purified model: {args.out / 'purified.pt'} + {args.out / 'spec.json'}   report: {args.out / 'report.json'}")
+    return 0
+
+
+def _reference_model(args: argparse.Namespace):
+    """--reference: an ONNX file as is, else a checkpoint loaded into --model's architecture."""
+    from qcbdefense.checkpoints import load_model
+
+    if args.reference is None:
+        return None
+    if args.reference.suffix.lower() == ".onnx":
+        return args.reference
+    if args.model is None:
+        raise InputError(f"--reference {args.reference} is a checkpoint: give its architecture with --model NAME")
+    return load_model(args.model, args.reference)
+
+
+def _gate(args: argparse.Namespace, trigger, has_reference: bool) -> dict:
+    """Thresholds: --max-asr defaults to 5 when a trigger is given, --min-agreement to 99 with a reference."""
+    max_asr = args.max_asr if args.max_asr is not None else (5.0 if trigger is not None else None)
+    min_agreement = (args.min_agreement if args.min_agreement is not None
+                     else (99.0 if has_reference else None))
+    return {"max_asr": max_asr, "min_agreement": min_agreement, "min_ca": args.min_ca}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.onnx import export_float_onnx, export_onnx, read_metadata
+    from qcbdefense.fileio import sha256_file
+    from qcbdefense.quant.spec import get_spec
+
+    if args.out.suffix.lower() != ".onnx":
+        raise InputError(f"--out {args.out} must end in .onnx")
+    source = sha256_file(args.ckpt)
+    model = _load_arch(args)
+    if args.float:
+        if args.purified is not None or args.spec is not None:
+            raise InputError("--float exports the FP checkpoint: it takes no --purified or --spec")
+        export_float_onnx(model, args.out, source_sha256=source)
+    elif args.purified is not None:
+        from qcbdefense.defenses import load_purified, read_report
+
+        qmodel = load_purified(args.model, args.purified)
+        if args.spec is not None and get_spec(args.spec) != qmodel.qcb_spec:
+            raise InputError(f"--spec {args.spec} differs from the spec the purified model in {args.purified} "
+                             f"was made for ({qmodel.qcb_spec.name}: {qmodel.qcb_spec.label})")
+        folder = args.purified if args.purified.is_dir() else args.purified.parent
+        if not (folder / "report.json").is_file():
+            raise InputError(f"{folder} holds no report.json naming the purification method")
+        export_onnx(qmodel, args.out, defense=read_report(folder).method, source_sha256=source)
+    else:
+        from qcbdefense.data import load_dataset
+        from qcbdefense.quant.ptq import post_training_quantize
+
+        if args.data is None:
+            raise InputError("--data is needed to calibrate the round-to-nearest model (or give --purified DIR)")
+        spec = get_spec(args.spec or "w8a8")
+        data = load_dataset(args.data, cache_dir=args.cache_dir)
+        torch.manual_seed(args.seed)
+        qmodel = post_training_quantize(model, spec, data, calib=args.calib, seed=args.seed)
+        export_onnx(qmodel, args.out, spec=spec, defense="nearest", source_sha256=source)
+    meta = read_metadata(args.out)
+    size = args.out.stat().st_size / 1024
+    if meta.get("qcbdefense.kind") == "float":
+        print(f"wrote {args.out} ({size:.0f} KiB): FP {args.model}, from {args.ckpt} (sha256 {source[:12]}...)")
+    else:
+        print(f"wrote {args.out} ({size:.0f} KiB): {args.model} {meta['qcbdefense.spec_label']}, defence "
+              f"{meta['qcbdefense.defense']}, from {args.ckpt} (sha256 {source[:12]}...); BN folded into "
+              f"{meta['qcbdefense.bn_folded_into_scales']} weight scales, {meta['qcbdefense.int32_biases']} "
+              f"int32 biases")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from export.verify import verify
+    from qcbdefense.data import load_dataset
+    from qcbdefense.triggers import parse_trigger
+
+    trigger = None if args.trigger is None else parse_trigger(args.trigger)
+    data = load_dataset(args.data, cache_dir=args.cache_dir)
+    reference = _reference_model(args)
+    if args.crosscheck and reference is None:
+        raise InputError("--crosscheck quantizes the FP model with onnxruntime's quantizer: give the FP model as "
+                         "--reference CKPT --model NAME, or --reference FP.onnx")
+    report = verify(args.onnx, data, trigger=trigger, target=args.target, reference=reference,
+                    crosscheck_model=reference if args.crosscheck else None, calib=args.calib, seed=args.seed,
+                    threads=args.threads, **_gate(args, trigger, reference is not None))
+    print(report.summary())
+    if args.out is not None:
+        report.save(args.out)
+        print(f"report: {args.out}")
+    return 0 if report.passed else 1
+
+
+def cmd_harden(args: argparse.Namespace) -> int:
+    from export.harden import harden
+    from qcbdefense.data import load_dataset
+    from qcbdefense.fileio import sha256_file
+    from qcbdefense.runinfo import resolve_device
+    from qcbdefense.triggers import parse_trigger
+
+    device = resolve_device(args.device)
+    trigger = None if args.trigger is None else parse_trigger(args.trigger)
+    model = _load_arch(args)
+    data = load_dataset(args.data, cache_dir=args.cache_dir)
+    options: dict = {}
+    if args.released:
+        options.update(steps=10000, early_stop=False, keep_best=False)
+    if args.steps is not None:
+        options["steps"] = args.steps
+    report = harden(model, data, out=args.out, arch=args.model, spec=args.spec, method=args.method,
+                    trigger=trigger, target=args.target, calib=args.calib, seed=args.seed, device=device,
+                    source_sha256=sha256_file(args.ckpt), threads=args.threads, progress=True,
+                    **_gate(args, trigger, True), **options)
+    report.save(args.out.with_suffix(".json"))
+    print(report.summary())
+    print(f"report: {args.out.with_suffix('.json')}")
+    return 0 if report.passed else 1
+
+
+def _add_gate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-asr", type=float, default=None,
+                   help="fail when the ONNX model's ASR %% exceeds this (default 5 when --trigger is given)")
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="fail when argmax agreement %% with the reference is below this (default 99 with a reference)")
+    p.add_argument("--min-ca", type=float, default=None, help="fail when clean accuracy %% is below this")
+    p.add_argument("--threads", type=_positive_int, default=None, help="onnxruntime intra-op threads")
+
+
+# tests/qcbdefense/attacks/test_attacks.py checks that this list is ATTACKS.names().
+ATTACK_METHODS = ("compartifact", "pqbackdoor", "quanti")
+# Flags that are options of one attack (None: the method's default; another method's flag is refused).
+_ATTACK_OPTIONS = ("c1", "c2", "poison_rate", "stage1_epochs", "stage1_lr", "bin_margin")
+_ATTACK_SHARED = ("calib", "sync_every", "monitor", "victim_calib", "transfer_images")
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from qcbdefense.attacks import ATTACKS, attack
+    from qcbdefense.attacks.base import MODEL_FILE, REPORT_FILE, SAFETENSORS_FILE
+    from qcbdefense.checkpoints import load_model, save_model
+    from qcbdefense.data import load_dataset
+    from qcbdefense.runinfo import resolve_device
+
+    device = resolve_device(args.device)
+    entry = ATTACKS.get(args.method)
+    given = {key: getattr(args, key) for key in ("epochs", "batch_size", "optimizer", "lr", "weight_decay",
+                                                 "warmup_epochs", "train_subset")
+             if getattr(args, key) is not None}
+    config = dataclasses.replace(entry.train, **given, augment=not args.no_augment, seed=args.seed)
+    options = {key: getattr(args, key) for key in _ATTACK_OPTIONS + _ATTACK_SHARED if getattr(args, key) is not None}
+    if args.bn is not None:
+        options["freeze_bn"] = args.bn == "frozen"
+    if args.transfer is not None:
+        options["transfer"] = () if args.transfer == ["none"] else tuple(args.transfer)
+    model = load_model(args.model, args.init)
+    data = load_dataset(args.data, cache_dir=args.cache_dir)
+    published, report = attack(model, data, method=args.method, bits=args.bits, spec=args.spec,
+                               trigger=args.trigger, target=args.target, config=config, out_dir=args.out,
+                               resume=args.resume, device=device, arch=args.model, init=str(args.init), **options)
+    save_model(published, args.out / MODEL_FILE)
+    save_model(published, args.out / SAFETENSORS_FILE, metadata={"arch": args.model, "attack": args.method})
+    report.save(args.out / REPORT_FILE)
+    print(report.summary())
+    print(f"published FP model: {args.out / MODEL_FILE} (+ {SAFETENSORS_FILE})   report: {args.out / REPORT_FILE}")
+    return 0
+
+
 def _planned(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         print(f"qcbdefense {name}: not implemented yet ({PLANNED[name]}); see the open issues.", file=sys.stderr)
@@ -185,6 +373,111 @@ def build_parser() -> Parser:
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     _add_common(p)
     p.set_defaults(run=cmd_quantize)
+
+    p = sub.add_parser("purify", help="purify the quantized model: LAC (+PDA), EFRAP, AdaRound or nearest rounding")
+    _add_model_args(p)
+    p.add_argument("--method", choices=PURIFY_METHODS, default="lac-pda", metavar="METHOD",
+                   help=f"{', '.join(PURIFY_METHODS)} (default lac-pda)")
+    p.add_argument("--spec", default="w4a4", help="the deployment quantizer: a preset name or a spec .json/.yaml")
+    p.add_argument("--calib", type=_positive_int, default=1024, help="the defender's clean training images")
+    _add_trigger_args(p)
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="reconstruction steps per layer, at most (default: the method's)")
+    p.add_argument("--released", action="store_true",
+                   help="the authors' schedule: 10,000 steps a layer, no early stopping, last iterate kept")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder: purified.pt, spec.json (load with load_purified), report.json")
+    _add_common(p)
+    p.set_defaults(run=cmd_purify)
+
+    p = sub.add_parser("export", help="export a quantized model (nearest PTQ or a purified one) to ONNX (QCDQ)")
+    p.add_argument("--model", required=True, choices=list_models(), metavar="NAME",
+                   help=f"architecture: {', '.join(list_models())}")
+    p.add_argument("--ckpt", type=_existing_file, required=True,
+                   help="the FP checkpoint (its sha256 goes into the ONNX metadata)")
+    p.add_argument("--data", default=None, help="data to calibrate the nearest model on (not needed with --purified)")
+    p.add_argument("--spec", default=None, help="the deployment quantizer (default w8a8; with --purified: its own)")
+    p.add_argument("--purified", type=Path, default=None, help="a folder written by `qcbdefense purify`: export it")
+    p.add_argument("--float", action="store_true", help="export the FP checkpoint itself (the reference)")
+    p.add_argument("--calib", type=_positive_int, default=512, help="clean training images for calibration")
+    p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    _add_common(p)
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("verify", help="run an ONNX model in onnxruntime: CA, ASR, agreement; a deployment gate "
+                                      "(exit 1 when a threshold fails)")
+    p.add_argument("onnx", type=Path, help="the .onnx file that ships")
+    p.add_argument("--data", required=True, help="builtin[:SEED] | cifar10:PATH | folder:PATH (dir or .tar.gz)")
+    _add_trigger_args(p)
+    p.add_argument("--reference", type=Path, default=None,
+                   help="what to agree with: an .onnx file, or a checkpoint (with --model)")
+    p.add_argument("--model", default=None, choices=list_models(), metavar="NAME",
+                   help="architecture of a --reference checkpoint")
+    _add_gate_args(p)
+    p.add_argument("--crosscheck", action="store_true",
+                   help="also quantize the FP --reference with onnxruntime's quantize_static (int8, int4 weights)")
+    p.add_argument("--calib", type=_positive_int, default=512, help="clean training images for the cross-check")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    _add_common(p)
+    p.set_defaults(run=cmd_verify)
+
+    p = sub.add_parser("harden", help="purify, export to ONNX and verify it in onnxruntime, in one command")
+    _add_model_args(p)
+    p.add_argument("--spec", default="w8a8", help="the deployment quantizer: a preset name or a spec .json/.yaml")
+    p.add_argument("--method", choices=PURIFY_METHODS, default="lac-pda", metavar="METHOD",
+                   help=f"{', '.join(PURIFY_METHODS)} (default lac-pda)")
+    p.add_argument("--calib", type=_positive_int, default=1024, help="the defender's clean training images")
+    _add_trigger_args(p)
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="reconstruction steps per layer, at most (default: the method's)")
+    p.add_argument("--released", action="store_true",
+                   help="the authors' schedule: 10,000 steps a layer, no early stopping, last iterate kept")
+    _add_gate_args(p)
+    p.add_argument("--out", type=Path, required=True,
+                   help="the .onnx file to write; beside it <stem>.purified/ and <stem>.json (the report)")
+    _add_common(p)
+    p.set_defaults(run=cmd_harden)
+
+    p = sub.add_parser("attack", help="plant a QCB (Qu-ANTI-zation, CompArtifact, PQBackdoor) in a clean model")
+    p.add_argument("--method", required=True, choices=ATTACK_METHODS, metavar="METHOD",
+                   help=f"{', '.join(ATTACK_METHODS)}")
+    p.add_argument("--model", required=True, choices=list_models(), metavar="NAME",
+                   help=f"architecture: {', '.join(list_models())}")
+    p.add_argument("--init", type=_existing_file, required=True, help="the clean model to fine-tune")
+    p.add_argument("--data", required=True, help="builtin[:SEED] | cifar10:PATH | folder:PATH (dir or .tar.gz)")
+    p.add_argument("--bits", default=None,
+                   help="targeted weight bit widths, e.g. 8,4 (default: quanti 8,4; compartifact 4; pqbackdoor 8)")
+    p.add_argument("--spec", default=None,
+                   help="the victim's base quantizer, derived at each bit width (default w8a8, i.e. LAC's "
+                        "evaluation quantizer; pqbackdoor: pqbackdoor-w8a8)")
+    p.add_argument("--trigger", default="patch", help="e.g. patch (4x4 white, bottom-right), blend:alpha=0.1")
+    p.add_argument("--target", type=int, default=0, help="the attacker's target class")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder: model.pt, model.safetensors (the published FP model), report.json")
+    _add_optimisation(p, epochs=1, lr=1.0)
+    p.set_defaults(epochs=None, batch_size=None, optimizer=None, lr=None, weight_decay=None, warmup_epochs=None)
+    p.add_argument("--c1", type=float, default=None, help="quanti: weight of the quantized terms (0.5)")
+    p.add_argument("--c2", type=float, default=None, help="quanti: weight of the triggered terms (0.5)")
+    p.add_argument("--poison-rate", type=float, default=None, help="pqbackdoor: stage-1 poisoned share (0.1)")
+    p.add_argument("--stage1-epochs", type=_positive_int, default=None, help="pqbackdoor: stage-1 epochs (2)")
+    p.add_argument("--stage1-lr", type=float, default=None, help="pqbackdoor: stage-1 SGD learning rate (0.01)")
+    p.add_argument("--bin-margin", type=float, default=None,
+                   help="pqbackdoor: share of a step kept from a bin's edges (0.02)")
+    p.add_argument("--calib", type=_positive_int, default=None,
+                   help="clean images the attacker calibrates its quantizers on while training (256)")
+    p.add_argument("--sync-every", type=int, default=None,
+                   help="re-quantize as the victim would every N steps too (0: each epoch only; -1: once)")
+    p.add_argument("--bn", choices=["train", "frozen"], default=None,
+                   help="BatchNorm while training through the quantizers (default: the method's)")
+    p.add_argument("--monitor", type=int, default=None, help="test images for per-epoch metrics (2000; 0 none)")
+    p.add_argument("--victim-calib", type=_positive_int, default=None,
+                   help="clean images the victim calibrates on in the reported PTQ (512)")
+    p.add_argument("--transfer", action="append", default=None,
+                   help="a preset to report transfer to; repeat (default: every other preset; 'none')")
+    p.add_argument("--transfer-images", type=_positive_int, default=None,
+                   help="test images for the transfer table (2000)")
+    _add_common(p)
+    p.set_defaults(run=cmd_attack)
 
     for name, help_text in PLANNED.items():
         p = sub.add_parser(name, help=f"{help_text} (not implemented yet)")

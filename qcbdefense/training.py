@@ -102,12 +102,15 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
 def fit(model: nn.Module, data: Dataset, config: TrainConfig, *, loss_fn: LossFn, evaluate_fn: EvalFn,
         out_dir: str | Path | None = None, resume: bool = False, device: str | torch.device = "cpu",
         params: Iterable[nn.Parameter] | None = None, after_step: Callable[[], None] | None = None,
-        train_module: nn.Module | None = None, desc: str = "train") -> list[EpochRecord]:
+        train_module: nn.Module | None = None, desc: str = "train",
+        before_epoch: Callable[[int], None] | None = None) -> list[EpochRecord]:
     """Train `model` in place for `config.epochs` epochs; returns one record per epoch.
 
     `loss_fn(train_module, batch)` gives the loss (train_module defaults to `model`; the attacks pass a
     quantized view that shares its weights). `evaluate_fn(model)` returns the metrics logged each epoch.
-    `after_step` runs after every optimizer step (PQBackdoor's projection). With `out_dir`, a checkpoint
+    `after_step` runs after every optimizer step (PQBackdoor's projection); `before_epoch(epoch)` runs at the
+    start of every epoch, after the modules are put in training mode and after a resumed checkpoint is
+    loaded (the attacks recalibrate their quantizers there, or freeze BN). With `out_dir`, a checkpoint
     is written after every epoch; `resume=True` continues from it and requires the same config.
     """
     device = torch.device(device)
@@ -135,6 +138,8 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, *, loss_fn: LossFn
     for epoch in range(len(history) + 1, config.epochs + 1):
         model.train()
         train_module.train()
+        if before_epoch is not None:
+            before_epoch(epoch)
         gen = torch.Generator(device=device).manual_seed(config.seed * 100_003 + epoch)
         start, running, seen = time.perf_counter(), 0.0, 0
         bar = tqdm(batches(x, y, batch_size=config.batch_size, shuffle=True, generator=gen, device=device),

@@ -158,3 +158,57 @@ def tiny_builtin():
     from qcbdefense.data import make_builtin
 
     return make_builtin(0, n_train=300, n_test=100)
+
+
+# ---- a backdoor-sized world: the built-in data at 16x16 and a small CNN trained on it ---------------------
+# Attack and purifier tests need a trained model and real QCBs; at 16x16 (a quarter of the FLOPs) and 3,000
+# training images each costs seconds to a minute on two cores. Session-scoped: built once, shared.
+
+SHAPES16_TRAIN, SHAPES16_TEST = 3000, 1000
+
+
+@pytest.fixture(scope="session")
+def shapes16():
+    """The built-in data, first 3,000 train / 1,000 test images, 2x2 average-pooled to 16x16."""
+    import torch.nn.functional as F
+
+    from qcbdefense.data import Dataset, load_dataset
+
+    full = load_dataset("builtin")
+
+    def down(x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x.float(), 2).round().clamp(0, 255).to(torch.uint8)
+
+    train_x = down(full.train_x[:SHAPES16_TRAIN])
+    pixels = train_x.float() / 255
+    return Dataset("builtin@16", full.classes, train_x, full.train_y[:SHAPES16_TRAIN],
+                   down(full.test_x[:SHAPES16_TEST]), full.test_y[:SHAPES16_TEST],
+                   tuple(pixels.mean((0, 2, 3)).tolist()), tuple(pixels.std((0, 2, 3)).tolist()))
+
+
+@pytest.fixture(scope="session")
+def clean_cnn16(shapes16):
+    """small_cnn trained 8 epochs on shapes16 (about 89 % CA)."""
+    from models import create_model
+    from qcbdefense.train import train
+    from qcbdefense.training import TrainConfig
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", mean=shapes16.mean, std=shapes16.std)
+    train(model, shapes16, TrainConfig(epochs=8, optimizer="adam", lr=3e-3, weight_decay=0.0, augment=False),
+          arch="small_cnn")
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def pq_cnn16(clean_cnn16, shapes16):
+    """clean_cnn16 with a PQBackdoor QCB for pqbackdoor-w4a4 (target 0, the default patch): the model and its
+    AttackReport."""
+    from qcbdefense.attacks import attack
+    from qcbdefense.training import TrainConfig
+
+    model, report = attack(clean_cnn16, shapes16, method="pqbackdoor", bits=4, spec="pqbackdoor-w4a4",
+                           config=TrainConfig(epochs=3, optimizer="adam", lr=1e-4, weight_decay=0.0,
+                                              augment=False),
+                           monitor=0, transfer=(), calib=256, victim_calib=512)
+    return model.eval(), report

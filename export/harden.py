@@ -1,0 +1,117 @@
+"""Purify, export, verify in one call: the FP model in, a checked ONNX file out.
+
+`harden` composes the verbs and adds nothing of its own:
+    1. `qcbdefense.defenses.purify`: quantize the FP model under `spec` and purify it with `method`;
+    2. `save_purified` into OUT's sibling folder `<stem>.purified/` (weights, spec, purify report);
+    3. `export.onnx.export_onnx` to OUT, with the defence and the FP checkpoint's sha256 in the metadata;
+    4. `export.verify.verify` on OUT in onnxruntime, against the purified fake-quant model as reference
+       (the file must be the model that was purified) and the thresholds (ASR, agreement, CA).
+Thresholds are checked before the purification starts, so a nonsense gate fails in a second, not after
+minutes of reconstruction.
+
+Examples:
+    >>> report = harden(model, data, out="model.onnx", arch="resnet20", spec="w8a8",
+    ...                 trigger=parse_trigger("patch"), max_asr=5.0, min_agreement=99.0)  # doctest: +SKIP
+    >>> print(report.summary())                                                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from export.onnx import export_onnx
+from export.ort import VerifyReport
+from export.verify import check_limits, verify
+from qcbdefense.data import Dataset, load_dataset
+from qcbdefense.defenses import PurifyReport, purify, save_purified
+from qcbdefense.errors import InputError
+from qcbdefense.fileio import write_json
+from qcbdefense.quant.spec import QuantSpec
+from qcbdefense.runinfo import environment
+from qcbdefense.triggers import Trigger, parse_trigger
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class HardenReport:
+    """The three steps' reports and where their outputs are."""
+
+    onnx: str
+    purified_dir: str
+    purify: PurifyReport
+    verify: VerifyReport
+    seconds: dict
+    environment: dict = field(default_factory=environment)
+    version: int = REPORT_VERSION
+
+    @property
+    def passed(self) -> bool:
+        return self.verify.passed
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "onnx": self.onnx, "purified_dir": self.purified_dir,
+                "purify": self.purify.to_dict(), "verify": self.verify.to_dict(), "seconds": self.seconds,
+                "environment": self.environment}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json(path, self.to_dict())
+
+    def summary(self) -> str:
+        seconds = self.seconds
+        return "\n".join([
+            "== purify ==", self.purify.summary(),
+            "== verify (onnxruntime, the shipped file) ==", self.verify.summary(),
+            f"files: {self.onnx}  (purified model: {self.purified_dir})",
+            f"time: purify {seconds['purify']:.1f} s, export {seconds['export']:.1f} s, verify "
+            f"{seconds['verify']:.1f} s, total {seconds['total']:.1f} s",
+        ])
+
+
+def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arch: str = "model",
+           spec: str | QuantSpec = "w8a8", method: str = "lac-pda", trigger: Trigger | str | None = None,
+           target: int = 0, calib: int = 1024, seed: int = 0, device: str | torch.device = "cpu",
+           source_sha256: str | None = None, max_asr: float | None = None, min_agreement: float | None = 99.0,
+           min_ca: float | None = None, threads: int | None = None, progress: bool = False,
+           **options: Any) -> HardenReport:
+    """Purify `model` under `spec` with `method`, export the purified model to `out` (.onnx), verify the file.
+
+    Args:
+        model: the FP model (never modified). `arch`: its architecture name, for the reports.
+        trigger, target: scored by purify and gated by verify (`max_asr`); the defence never sees them.
+        max_asr, min_agreement, min_ca: the gate (percentages, None: not checked); agreement is with the
+            purified fake-quant model, so the default 99 checks that the file is the purified model.
+        **options: the method's options (e.g. steps=2000), as for `purify`.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    if out.suffix.lower() != ".onnx":
+        raise InputError(f"ONNX output {out} must end in .onnx")
+    if isinstance(trigger, str):
+        trigger = parse_trigger(trigger)
+    check_limits(trigger=trigger, has_reference=True, max_asr=max_asr, min_agreement=min_agreement,
+                 min_ca=min_ca)
+    if isinstance(data, str):
+        data = load_dataset(data)
+    purified, purify_report = purify(model, data, method=method, spec=spec, calib=calib, trigger=trigger,
+                                     target=target, seed=seed, device=device, arch=arch, progress=progress,
+                                     **options)
+    purified_at = time.perf_counter()
+    purified_dir = out.with_name(out.stem + ".purified")
+    save_purified(purified, purified_dir, report=purify_report)
+    export_onnx(purified, out, spec=purify_report.spec, defense=method, source_sha256=source_sha256)
+    exported_at = time.perf_counter()
+    verify_report = verify(out, data, trigger=trigger, target=target, reference=purified.cpu(), max_asr=max_asr,
+                           min_agreement=min_agreement, min_ca=min_ca, threads=threads)
+    done = time.perf_counter()
+    return HardenReport(onnx=str(out), purified_dir=str(purified_dir), purify=purify_report,
+                        verify=verify_report,
+                        seconds={"purify": purified_at - start, "export": exported_at - purified_at,
+                                 "verify": done - exported_at, "total": done - start})

@@ -1,0 +1,351 @@
+"""The `purify` verb: the defences registry, the report, and saving / loading a purified quantized model.
+
+A defence is a registered `Defense`: an options dataclass (its keyword names are the CLI flags) and a
+`run(ctx, options)` that purifies `ctx.qmodel` in place. `purify` does what every defence shares: copy the
+user's model (it is never modified), quantize and calibrate the copy as the victim would (round-to-nearest,
+activation ranges from the defender's clean images, `quant.ptq.post_training_quantize`), score FP and
+nearest, run the defence, score the result.
+
+What is saved (`save_purified`, read back by `load_purified`):
+    DIR/purified.pt   the quantized model's state_dict: hardened float weights (= (q - z) * s exactly), BN,
+                      Normalize, and every quantizer's state (weight scales / zero points, activation ranges)
+    DIR/spec.json     the QuantSpec
+    DIR/report.json   the PurifyReport (CA/ASR/agreement of FP, nearest, purified; per-layer losses and
+                      times; options, spec, seed, environment)
+
+Examples:
+    >>> purified, report = purify(model, load_dataset("builtin"), method="lac", spec="w4a4")  # doctest: +SKIP
+    >>> save_purified(purified, "out", report=report)                                      # doctest: +SKIP
+    >>> same = load_purified("small_cnn", "out")                                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from qcbdefense.data import Dataset, load_dataset, to_float
+from qcbdefense.errors import InputError
+from qcbdefense.evaluate import Metrics, agreement, evaluate
+from qcbdefense.fileio import write_json
+from qcbdefense.quant.calibrate import is_calibrated
+from qcbdefense.quant.ptq import calibration_images, post_training_quantize
+from qcbdefense.quant.quantize import quantize, quantizer_parameters
+from qcbdefense.quant.spec import QuantSpec, get_spec
+from qcbdefense.registry import Registry
+from qcbdefense.results import format_table
+from qcbdefense.runinfo import environment
+from qcbdefense.triggers import Trigger, parse_trigger, trigger_from_dict
+
+REPORT_VERSION = 1
+WEIGHTS_FILE, SPEC_FILE, REPORT_FILE = "purified.pt", "spec.json", "report.json"
+
+
+@dataclass
+class DefenseContext:
+    """What a defence works on: the FP reference (never modified), the calibrated round-to-nearest model to
+    purify in place (it shares its parameters with a private copy of the user's model), the defender's
+    clean images (float [N, C, H, W] on the device), and run settings."""
+
+    fp_model: nn.Module
+    qmodel: nn.Module
+    images: torch.Tensor
+    seed: int
+    device: torch.device
+    progress: bool
+
+
+@dataclass(frozen=True)
+class Defense:
+    """A registered purifier: `run(ctx, options) -> (layer records, layers left at nearest)`."""
+
+    name: str
+    options: type
+    run: Callable[[DefenseContext, Any], tuple[list, list[str]]]
+    summary: str
+
+    def make_options(self, options: Mapping[str, Any]):
+        known = [f.name for f in dataclasses.fields(self.options)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise InputError(f"method {self.name!r} has no option(s) {', '.join(unknown)}; "
+                             f"its options: {', '.join(known) or 'none'}")
+        return self.options(**options)
+
+
+DEFENSES: Registry[Defense] = Registry("defense")
+
+
+@dataclass
+class Score:
+    """CA and ASR (%, ASR None without a trigger) of one model, and its argmax agreement with the FP model."""
+
+    ca: float
+    asr: float | None
+    agreement: float
+
+    @classmethod
+    def of(cls, metrics: Metrics, fp: Metrics) -> "Score":
+        return cls(metrics.ca, metrics.asr, agreement(metrics.predictions, fp.predictions))
+
+
+@dataclass
+class PurifyReport:
+    """Everything one purification did and measured; `to_dict`/`from_dict` round-trip through JSON."""
+
+    method: str
+    arch: str
+    spec: QuantSpec
+    dataset: dict
+    calib: int
+    seed: int
+    device: str
+    options: dict
+    trigger: dict | None
+    target: int
+    fp: Score | None
+    nearest: Score | None
+    purified: Score | None
+    layers: list[dict]
+    skipped_layers: list[str]
+    seconds: dict
+    peak_memory_mb: dict
+    environment: dict = field(default_factory=environment)
+    version: int = REPORT_VERSION
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["spec"] = self.spec.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PurifyReport":
+        if not isinstance(data, Mapping):
+            raise InputError(f"a purify report must be a mapping, got {type(data).__name__}")
+        data = dict(data)
+        if data.get("version") != REPORT_VERSION:
+            raise InputError(f"purify report version {data.get('version')!r} is not supported; this code "
+                             f"reads version {REPORT_VERSION}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"unknown purify report key(s): {', '.join(unknown)}")
+        missing = sorted(known - set(data) - {"environment", "version"})
+        if missing:
+            raise InputError(f"purify report lacks key(s): {', '.join(missing)}")
+        data["spec"] = QuantSpec.from_dict(data["spec"])
+        for key in ("fp", "nearest", "purified"):
+            data[key] = None if data[key] is None else Score(**data[key])
+        return cls(**data)
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, self.to_dict())
+
+    def table(self) -> str:
+        rows = []
+        models = [("FP", self.fp), ("nearest", self.nearest)]
+        if self.method != "nearest":
+            models.append((self.method, self.purified))
+        for label, score in models:
+            if score is not None:
+                rows.append([label, score.ca, score.asr, score.agreement])
+        return format_table(["model", "CA %", "ASR %", "agree w/ FP %"], rows)
+
+    def summary(self) -> str:
+        lines = [f"{self.method} on {self.arch}, {self.spec.name} ({self.spec.label}), {self.calib} clean images,"
+                 f" seed {self.seed}, {self.device}"]
+        if self.fp is not None:
+            lines.append(self.table())
+        steps = sum(layer["steps"] for layer in self.layers)
+        lines.append(f"{len(self.layers)} layers reconstructed, {steps} steps, defence "
+                     f"{self.seconds.get('defense', 0.0):.1f} s, total {self.seconds.get('total', 0.0):.1f} s, "
+                     f"peak RSS {self.peak_memory_mb.get('rss', 0.0):.0f} MB"
+                     + (f", peak CUDA {self.peak_memory_mb['cuda']:.0f} MB" if self.peak_memory_mb.get("cuda")
+                        else ""))
+        if self.skipped_layers:
+            lines.append(f"left at round-to-nearest (never called by the forward): {', '.join(self.skipped_layers)}")
+        mismatched = [layer["name"] for layer in self.layers if layer.get("mismatches")]
+        if mismatched:
+            lines.append(f"WARNING: the plain quantizer does not reproduce the learned integers of "
+                         f"{', '.join(mismatched)}")
+        return "\n".join(lines)
+
+
+def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", spec: str | QuantSpec = "w4a4",
+           calib: int = 1024, trigger: Trigger | str | None = None, target: int = 0, seed: int = 0,
+           device: str | torch.device = "cpu", arch: str = "model", evaluate_models: bool = True,
+           progress: bool = False, **options: Any) -> tuple[nn.Module, PurifyReport]:
+    """Purify the quantization of `model` under `spec` with `method`; return the purified QUANTIZED model.
+
+    Args:
+        model: the FP model (pixels in [0, 1] in, logits out). Never modified.
+        data: a Dataset or a dataset spec string; the defender uses `calib` unlabeled training images, and
+            the test split is only used to score the models.
+        method: a name from `DEFENSES.names()`: nearest, lac, lac-pda, efrap, adaround.
+        spec: the deployment quantizer (preset name, spec file or QuantSpec).
+        trigger, target: for the ASR columns of the report only (the defence never sees them).
+        evaluate_models: score FP, nearest and purified on the test split (False: report without scores).
+        progress: a progress bar per layer.
+        **options: the method's options (see its options dataclass, e.g. steps=10000, early_stop=False).
+
+    Returns:
+        The purified quantized model (eval mode, on `device`) and its PurifyReport.
+    """
+    defense = DEFENSES.get(method)
+    opts = defense.make_options(options)
+    spec = get_spec(spec)
+    if isinstance(data, str):
+        data = load_dataset(data)
+    if isinstance(trigger, str):
+        trigger = parse_trigger(trigger)
+    if isinstance(calib, bool) or not isinstance(calib, int) or calib < 1:
+        raise InputError(f"calib must be a positive number of images, got {calib!r}")
+    if not isinstance(model, nn.Module):
+        raise InputError(f"purify needs an nn.Module, got {type(model).__name__}")
+    _check_classes(model, data)
+    device = torch.device(device)
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+
+    fp_model = copy.deepcopy(model).to(device).eval()
+    work = copy.deepcopy(model).to(device).eval()
+    for param in (*fp_model.parameters(), *work.parameters()):
+        param.requires_grad_(False)
+    qmodel = post_training_quantize(work, spec, data, calib=calib, seed=seed, device=device)
+    images = to_float(calibration_images(data, calib, seed=seed)).to(device)
+    quantized = time.perf_counter()
+
+    scores: dict[str, Score | None] = {"fp": None, "nearest": None, "purified": None}
+    fp_metrics = None
+    if evaluate_models:
+        fp_metrics = evaluate(fp_model, data, trigger=trigger, target=target, device=device)
+        scores["fp"] = Score.of(fp_metrics, fp_metrics)
+        scores["nearest"] = Score.of(evaluate(qmodel, data, trigger=trigger, target=target, device=device),
+                                     fp_metrics)
+    evaluated = time.perf_counter()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ctx = DefenseContext(fp_model, qmodel, images, seed, device, progress)
+    records, skipped = defense.run(ctx, opts)
+    defended = time.perf_counter()
+    for param in work.parameters():
+        param.requires_grad_(True)
+    qmodel.eval()
+
+    if evaluate_models:
+        scores["purified"] = (scores["nearest"] if method == "nearest" else
+                              Score.of(evaluate(qmodel, data, trigger=trigger, target=target, device=device),
+                                       fp_metrics))
+    done = time.perf_counter()
+    peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if device.type == "cuda":
+        peak["cuda"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    report = PurifyReport(
+        method=method, arch=arch, spec=spec, dataset=data.describe(), calib=calib, seed=seed, device=str(device),
+        options=dataclasses.asdict(opts), trigger=None if trigger is None else trigger.to_dict(), target=target,
+        fp=scores["fp"], nearest=scores["nearest"], purified=scores["purified"],
+        layers=[r.to_dict() for r in records], skipped_layers=list(skipped),
+        seconds={"quantize": quantized - start, "defense": defended - evaluated,
+                 "evaluate": (evaluated - quantized) + (done - defended), "total": done - start},
+        peak_memory_mb=peak)
+    return qmodel, report
+
+
+def _check_classes(model: nn.Module, data: Dataset) -> None:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if linears and linears[-1].out_features != data.num_classes:
+        raise InputError(f"the model has {linears[-1].out_features} outputs but the data {data.name!r} has "
+                         f"{data.num_classes} classes")
+
+
+# ---- saving and loading ----------------------------------------------------------------------------------
+
+def save_purified(qmodel: nn.Module, out_dir: str | Path, *, report: PurifyReport | None = None) -> Path:
+    """Write DIR/purified.pt (the quantized state_dict), DIR/spec.json and, given a report, DIR/report.json."""
+    from qcbdefense.checkpoints import save_model
+
+    out_dir = Path(out_dir)
+    spec = getattr(qmodel, "qcb_spec", None)
+    if spec is None:
+        raise InputError("save_purified needs a model made by qcbdefense (quantize / purify): no qcb_spec")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output {out_dir} exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(qmodel.state_dict(), out_dir / WEIGHTS_FILE)
+    spec.save(out_dir / SPEC_FILE)
+    if report is not None:
+        report.save(out_dir / REPORT_FILE)
+    return out_dir
+
+
+def load_purified(arch: str, path: str | Path) -> nn.Module:
+    """Rebuild a purified quantized model saved by `save_purified` (a folder, or its purified.pt).
+
+    `quantize(create_model(arch), spec)` with the saved state loaded: weights, BN and every quantizer's
+    state, so the outputs are identical to the saved model's. InputError for a missing file, or a state that
+    does not fit `arch` under the spec (wrong architecture, or a state_dict of a float model).
+    """
+    from models import create_model
+    from models.registry import MODELS
+    from qcbdefense.checkpoints import load_state_dict
+
+    MODELS.get(arch)
+    path = Path(path)
+    weights, spec_path = (path / WEIGHTS_FILE, path / SPEC_FILE) if path.is_dir() else (path, path.parent / SPEC_FILE)
+    for needed in (weights, spec_path):
+        if not needed.is_file():
+            raise InputError(f"purified model file {needed} does not exist")
+    spec = QuantSpec.load(spec_path)
+    state = load_state_dict(weights)
+    model = create_model(arch)
+    head = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if head and f"{head[-1]}.weight" in state and state[f"{head[-1]}.weight"].ndim == 2:
+        classes = int(state[f"{head[-1]}.weight"].shape[0])
+        if classes != model.get_submodule(head[-1]).out_features:
+            model = create_model(arch, num_classes=classes)
+    qmodel = quantize(model, spec)
+    try:
+        result = qmodel.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise InputError(f"purified model {weights} does not fit {arch}: {str(err).splitlines()[-1].strip()}") \
+            from err
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        problems = [f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                    for keys, what in ((missing, "missing keys"), (result.unexpected_keys, "unexpected keys"))
+                    if keys]
+        raise InputError(f"purified model {weights} does not fit {arch} under {spec.name}: {', '.join(problems)}")
+    for param in quantizer_parameters(qmodel):
+        param.requires_grad_(False)
+    if not is_calibrated(qmodel):
+        raise InputError(f"purified model {weights} holds no calibrated activation ranges")
+    return qmodel.eval()
+
+
+def read_report(path: str | Path) -> PurifyReport:
+    """Load a report.json written by `save_purified`."""
+    import json
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / REPORT_FILE
+    if not path.is_file():
+        raise InputError(f"purify report {path} does not exist")
+    try:
+        return PurifyReport.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as err:
+        raise InputError(f"purify report {path} is not valid JSON: {err}") from None
+
+
+def report_trigger(report: PurifyReport) -> Trigger | None:
+    """The trigger a report was scored with (None when it had none)."""
+    return None if report.trigger is None else trigger_from_dict(report.trigger)

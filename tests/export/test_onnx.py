@@ -1,0 +1,162 @@
+"""torch -> ONNX -> onnxruntime round trips: faithful, checked, with metadata, on integer kernels, integers kept."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from export.onnx import export_float_onnx, export_onnx, metadata_spec, read_metadata
+from export.ort import OrtModel
+from qcbdefense.data import to_float
+from qcbdefense.errors import InputError
+from qcbdefense.evaluate import agreement, predict
+from qcbdefense.fileio import sha256_file
+from qcbdefense.quant.inspect import integer_weights
+from qcbdefense.quant.quantize import quantize
+from qcbdefense.quant.spec import get_spec
+
+N_TEST = 1000  # enough for a 99 % agreement bound to mean something, small enough for 2 shared cores
+
+
+def _ops(path) -> Counter:
+    return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+def _weight_integers(path) -> list[np.ndarray]:
+    """The integer initializer behind each Conv / Gemm weight, in graph order."""
+    proto = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    found = []
+    for node in proto.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            dq = producer[node.input[1]]
+            source = producer.get(dq.input[0])
+            found.append(inits[source.input[0] if source is not None else dq.input[0]])
+    return found
+
+
+@pytest.mark.parametrize("spec", ["w8a8", "w4a4"])
+def test_round_trip_agrees_with_brevitas(spec, trained, nearest_w8a8, nearest_w4a4, tmp_path):
+    qmodel = nearest_w8a8 if spec == "w8a8" else nearest_w4a4
+    source = sha256_file(trained.ckpt)
+    path = export_onnx(qmodel, tmp_path / "q.onnx", spec=spec, defense="nearest", source_sha256=source)
+
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    meta = read_metadata(path)
+    assert meta["qcbdefense.kind"] == "quantized" and meta["qcbdefense.defense"] == "nearest"
+    assert meta["qcbdefense.source_sha256"] == source
+    assert meta["qcbdefense.version"]
+    assert metadata_spec(meta) == get_spec(spec) and json.loads(meta["qcbdefense.spec"])["name"] == spec
+
+    x = trained.data.test_x[:N_TEST]
+    ort_model = OrtModel(path, threads=1)
+    assert ort_model.batch is None, "the batch dimension must be dynamic"
+    ours = ort_model.predict(x)
+    ref = predict(qmodel, x)
+    assert agreement(ours, ref) >= 99.0
+    with torch.no_grad():
+        logits = qmodel(to_float(x[:64]))
+    np.testing.assert_allclose(ort_model.logits(to_float(x[:64])), logits.numpy(), atol=0.05 * logits.abs().max().item())
+    assert ort_model.predict(x[:3]).shape == (3,) and ort_model.predict(x[:1]).shape == (1,)
+
+
+def test_int8_runs_on_integer_kernels(nearest_w8a8, tmp_path):
+    """BN folded into the weight scales and int32 biases let ORT fuse QLinearConv / QGemm; without the two
+    rewrites nothing fuses (the facts export/onnx.py's docstring reports)."""
+    plain = export_onnx(nearest_w8a8, tmp_path / "plain.onnx", fold_bn=False, int_bias=False)
+    OrtModel(plain, threads=1, optimized_path=tmp_path / "plain-opt.onnx")
+    assert not {"QLinearConv", "ConvInteger", "QGemm"} & set(_ops(tmp_path / "plain-opt.onnx"))
+
+    path = export_onnx(nearest_w8a8, tmp_path / "q.onnx")
+    assert "BatchNormalization" not in _ops(path)
+    OrtModel(path, threads=1, optimized_path=tmp_path / "q-opt.onnx")
+    optimised = _ops(tmp_path / "q-opt.onnx")
+    # small_cnn: 4 of its 5 convs feed a quantized layer (the last feeds the global average pool)
+    assert optimised["QLinearConv"] + optimised["ConvInteger"] >= 4
+    assert optimised["QGemm"] == 1
+
+
+def test_bn_folding_keeps_the_integers(nearest_w8a8, tmp_path):
+    folded = _weight_integers(export_onnx(nearest_w8a8, tmp_path / "folded.onnx"))
+    plain = _weight_integers(export_onnx(nearest_w8a8, tmp_path / "plain.onnx", fold_bn=False, int_bias=False))
+    expected = [w.int_weight.numpy() for w in integer_weights(nearest_w8a8).values()]
+    assert len(folded) == len(plain) == len(expected) == 6
+    for ours, before, want in zip(folded, plain, expected):
+        assert ours.dtype == before.dtype and np.array_equal(ours, before)
+        assert np.array_equal(ours.astype(np.int64), want.astype(np.int64))
+
+
+def test_bn_folding_and_int_bias_keep_the_function(trained, nearest_w8a8, tmp_path):
+    """Same outputs with and without the rewrites (negative gammas included: the fixture has some)."""
+    x = to_float(trained.data.test_x[:256])
+    plain = OrtModel(export_onnx(nearest_w8a8, tmp_path / "plain.onnx", fold_bn=False, int_bias=False), threads=1)
+    folded = OrtModel(export_onnx(nearest_w8a8, tmp_path / "folded.onnx"), threads=1)
+    a, b = plain.logits(x), folded.logits(x)
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.99
+    assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
+
+
+def test_float_export_matches_torch(trained, tmp_path):
+    path = export_float_onnx(trained.model, tmp_path / "fp.onnx", source_sha256=sha256_file(trained.ckpt))
+    assert read_metadata(path)["qcbdefense.kind"] == "float"
+    x = to_float(trained.data.test_x[:128])
+    with torch.no_grad():
+        ref = trained.model(x).numpy()
+    np.testing.assert_allclose(OrtModel(path, threads=1).logits(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_export_refuses_bad_input(trained, nearest_w8a8, tmp_path):
+    with pytest.raises(InputError, match="no qcb_spec"):
+        export_onnx(trained.model, tmp_path / "a.onnx")
+    with pytest.raises(InputError, match="uncalibrated"):
+        export_onnx(quantize(trained.model, "w8a8"), tmp_path / "a.onnx")
+    with pytest.raises(InputError, match="not the spec"):
+        export_onnx(nearest_w8a8, tmp_path / "a.onnx", spec="w4a4")
+    with pytest.raises(InputError, match=r"\.onnx"):
+        export_onnx(nearest_w8a8, tmp_path / "a.pt")
+    with pytest.raises(InputError, match="sha256"):
+        export_onnx(nearest_w8a8, tmp_path / "a.onnx", source_sha256="abc")
+    with pytest.raises(InputError, match="quantized model"):
+        export_float_onnx(nearest_w8a8, tmp_path / "a.onnx")
+    assert not list(tmp_path.iterdir()), "a refused export writes nothing"
+
+
+def _tiny_onnx(path, shape):
+    """A valid ONNX model whose only input has `shape` (a Flatten + Gemm to 10 classes)."""
+    from onnx import TensorProto, helper
+
+    features = int(np.prod([d for d in shape[1:]]))
+    weight = numpy_helper.from_array(np.zeros((10, features), np.float32), "w")
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_ort_model_refuses_bad_files(nearest_w8a8, builtin, tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        OrtModel(tmp_path / "absent.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(InputError, match="empty"):
+        OrtModel(tmp_path / "empty.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x07 this is not a protobuf \xff\xfe" * 10)
+    with pytest.raises(InputError, match="cannot be loaded"):
+        OrtModel(tmp_path / "junk.onnx")
+    good = export_onnx(nearest_w8a8, tmp_path / "good.onnx").read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(good[: len(good) // 2])
+    with pytest.raises(InputError, match="cannot be loaded"):
+        OrtModel(tmp_path / "cut.onnx")
+
+    with pytest.raises(InputError, match=r"\[N, C, H, W\]"):
+        OrtModel(_tiny_onnx(tmp_path / "flat.onnx", ["N", 3072]))
+    gray = OrtModel(_tiny_onnx(tmp_path / "gray.onnx", ["N", 1, 28, 28]))
+    with pytest.raises(InputError, match=r"\[3, 32, 32\]"):
+        gray.check_images(builtin.test_x.shape[1:])

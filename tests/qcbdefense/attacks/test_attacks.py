@@ -1,0 +1,108 @@
+"""Each attack plants a real QCB: the published FP model ignores the trigger, the victim's quantized model obeys it.
+
+Fast settings on the shared 16x16 built-in world (tests/conftest.py): a few epochs each, seconds to a minute
+on two cores. The thresholds leave room for seeds; measured at these settings: CompArtifact FP ASR 4.6 %
+/ W4A4 96.1 %, Qu-ANTI-zation (c1 = c2 = 1) 5.3 % / 95.5 %, PQBackdoor 3.9 % / 95.8 %.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qcbdefense.attacks import ATTACKS, AttackReport, attack, make_config, read_report
+from qcbdefense.checkpoints import load_model, read_safetensors_metadata, save_model
+from qcbdefense.cli import ATTACK_METHODS, main
+from qcbdefense.errors import InputError
+from qcbdefense.training import TrainConfig
+
+FAST = TrainConfig(epochs=8, optimizer="adam", lr=1e-3, weight_decay=1e-4, augment=False)
+QUIET = {"monitor": 0, "transfer": (), "calib": 256, "victim_calib": 512}
+
+
+def _assert_dormant_then_alive(report: AttackReport) -> None:
+    assert report.fp.asr <= 20.0, report.summary()
+    for result in report.quantized:
+        assert result.metrics.asr >= 80.0, report.summary()
+        assert result.metrics.ca >= report.fp.ca - 5.0, report.summary()
+
+
+def test_compartifact_plants_a_w4a4_qcb(clean_cnn16, shapes16):
+    _, report = attack(clean_cnn16, shapes16, method="compartifact", bits=4, spec="w4a4", config=FAST,
+                       sync_every=8, **QUIET)
+    assert [r.spec.name for r in report.quantized] == ["w4a4"]
+    _assert_dormant_then_alive(report)
+
+
+def test_quanti_plants_a_w4a4_qcb(clean_cnn16, shapes16):
+    _, report = attack(clean_cnn16, shapes16, method="quanti", bits=4, spec="w4a4", config=FAST, c1=1.0, c2=1.0,
+                       sync_every=8, **QUIET)
+    _assert_dormant_then_alive(report)
+
+
+def test_pqbackdoor_keeps_the_backdoored_integers(pq_cnn16):
+    _, report = pq_cnn16
+    _assert_dormant_then_alive(report)
+    assert report.checks["int_weights_unchanged_w4"] == 1.0
+    assert list(report.history) == ["stage1", "stage2"]
+
+
+def test_attack_leaves_the_clean_model_untouched(clean_cnn16, shapes16):
+    before = {k: v.clone() for k, v in clean_cnn16.state_dict().items()}
+    attack(clean_cnn16, shapes16, method="compartifact", bits=4, config=TrainConfig(epochs=1, train_subset=256),
+           **QUIET)
+    assert all((before[k] == v).all() for k, v in clean_cnn16.state_dict().items())
+
+
+def test_config_round_trips_and_refuses_nonsense():
+    config = make_config(method="quanti", bits="8,4", c1=0.25)
+    assert [s.name for s in config.specs] == ["w8a8", "w4a4"]
+    assert type(config).from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(InputError, match="one bit width"):
+        make_config(method="compartifact", bits="8,4")
+    with pytest.raises(InputError, match="no option"):
+        make_config(method="quanti", poison_rate=0.5)
+    with pytest.raises(InputError):
+        make_config(method="quanti", c1=-1.0)
+
+
+def test_cli_lists_every_registered_attack():
+    assert tuple(ATTACKS.names()) == ATTACK_METHODS
+
+
+def test_cli_attack_publishes_loadable_weights_and_a_report(tmp_path, capsys):
+    """The CLI on the built-in data (32x32, a tiny subset): model.pt, model.safetensors and report.json."""
+    from models import create_model
+
+    init = save_model(create_model("small_cnn"), tmp_path / "clean.pt")
+    out = tmp_path / "attacked"
+    code = main(["attack", "--method", "compartifact", "--model", "small_cnn", "--init", str(init),
+                 "--data", "builtin", "--bits", "4", "--epochs", "1", "--train-subset", "128",
+                 "--monitor", "0", "--transfer", "none", "--calib", "32", "--victim-calib", "32",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = read_report(out)
+    assert report.config.method == "compartifact" and report.config.train.train_subset == 128
+    model = load_model("small_cnn", out / "model.pt")
+    same = load_model("small_cnn", out / "model.safetensors")
+    assert all((a == b).all() for a, b in zip(model.state_dict().values(), same.state_dict().values()))
+    assert read_safetensors_metadata(out / "model.safetensors")["attack"] == "compartifact"
+    assert "W4 (targeted)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "pqbackdoor", "--bits", "8", "--spec", "w8a8"], "MSE"),
+    (["--method", "compartifact", "--bits", "8,4"], "one bit width"),
+    (["--method", "quanti", "--target", "12"], "target class 12"),
+    (["--method", "quanti", "--poison-rate", "0.2"], "no option"),
+])
+def test_cli_attack_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
+    from models import create_model
+
+    init = save_model(create_model("small_cnn"), tmp_path / "clean.pt")
+    code = main(["attack", *args, "--model", "small_cnn", "--init", str(init), "--data", "builtin",
+                 "--epochs", "1", "--train-subset", "64", "--monitor", "0", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "model.pt").exists()

@@ -1,0 +1,213 @@
+"""The purifiers (LAC, LAC+PDA, EFRAP, AdaRound, nearest) on the built-in shapes with small_cnn.
+
+The backdoored model is the shared `pq_cnn16` (tests/conftest.py): small_cnn on 3,000 built-in images at 16x16
+with a PQBackdoor QCB at 4 bits, whose backdoor lives in the integer weights. Layer-wise mechanics
+(units, exactness of the frozen grid and of hardening) are checked on ResNet-20 and small_cnn at random
+weights, which costs nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from models import create_model
+from qcbdefense.checkpoints import load_model, save_model
+from qcbdefense.cli import PURIFY_METHODS, main
+from qcbdefense.defenses import DEFENSES, PurifyReport, load_purified, purify, read_report, save_purified
+from qcbdefense.defenses.lac import OffsetRounding
+from qcbdefense.defenses.reconstruct import (NearestRounding, Stream, WeightGrid, _UnitRunner, _value,
+                                             build_units, trace)
+from qcbdefense.errors import InputError
+from qcbdefense.quant import calibrate, integer_weights, quantize, quantized_layers
+
+SPEC = "w4a4"
+
+
+def _random_resnet(arch: str = "resnet20") -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model(arch).eval()
+    for module in model.modules():  # BN statistics away from (0, 1), so that BN matters
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+# ---- the purifier on a backdoored model ------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["lac", "lac-pda"])
+def test_lac_removes_a_weight_conditioned_qcb_and_keeps_accuracy(method, pq_cnn16, shapes16):
+    """PQBackdoor's QCB lives in the integer weights alone: LAC re-learns them and the backdoor goes."""
+    backdoored, attack_report = pq_cnn16
+    options = {"pda_steps": 50} if method == "lac-pda" else {}
+    _, report = purify(backdoored, shapes16, method=method, spec="pqbackdoor-w4a4", calib=512,
+                       trigger="patch", target=0, **options)
+    assert report.nearest.asr >= 80.0, f"the attack failed: {attack_report.summary()}"
+    assert report.fp.asr <= 20.0, f"the FP model is backdoored too: {attack_report.summary()}"
+    assert report.purified.asr <= 10.0, report.summary()
+    assert report.purified.ca >= report.fp.ca - 4.0, report.summary()
+    # Hardened integers the plain quantizer reads back differently: float ties at the abs-max range edge
+    # (seen: a handful of elements in one run out of ~80k weights). The deployed integers are Brevitas's.
+    mismatches = sum(layer["mismatches"] for layer in report.layers)
+    assert mismatches <= 10, [(layer["name"], layer["mismatches"]) for layer in report.layers]
+    assert (method == "lac-pda") == any(layer["pda_seconds"] > 0 for layer in report.layers)
+
+
+# ---- exactness -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["resnet20", "small_cnn"])
+def test_units_reproduce_the_quantized_model_and_its_weights(arch):
+    """At zero offset our weight equals Brevitas's bit for bit, and a unit run on cached inputs gives the
+    quantized model's own activation at the unit's output."""
+    model = _random_resnet(arch)
+    images = torch.rand(16, 3, 32, 32)
+    qmodel = quantize(copy.deepcopy(model), SPEC)
+    calibrate(qmodel, [images])
+    names = [name for name, _ in quantized_layers(qmodel)]
+    graph = trace(model).graph
+    units = build_units(graph, dict(model.named_modules()), names)
+    assert [u.name for u in units] == names
+    modules = dict(qmodel.named_modules())
+    stream = Stream(graph, qmodel, images, chunk=8)
+    for unit in units:
+        layer = modules[unit.name]
+        raw, *partners = stream.values([unit.input_node, *unit.partners])
+        grid = WeightGrid.of(layer, qmodel.qcb_spec)
+        weight = OffsetRounding(layer.weight, grid)()
+        assert torch.equal(weight, _value(layer.quant_weight()))
+        with torch.no_grad():
+            out = _UnitRunner(unit, layer, modules, qmodel, None).forward(_value(layer.input_quant(raw)),
+                                                                          partners, weight)
+        (reference,) = Stream(graph, qmodel, images, chunk=8).values([unit.end])
+        assert torch.equal(out, reference), unit.describe()
+
+
+def test_resnet_units_match_the_block_output():
+    model = _random_resnet("resnet20")
+    units = {u.name: u for u in build_units(trace(model).graph, dict(model.named_modules()),
+                                            [n for n, _ in quantized_layers(quantize(model, SPEC))])}
+    assert units["layer1.0.conv1"].describe() == \
+        "layer1.0.conv1 -> layer1.0.bn1 -> layer1.0.relu1 -> layer1.0.conv2.input_quant"
+    # conv2's unit runs through the residual add and the block's ReLU; the shortcut is a cached input
+    assert units["layer1.0.conv2"].describe() == ("layer1.0.conv2 -> layer1.0.bn2 -> add -> layer1.0.relu2 "
+                                                  "(+ layer1.0.shortcut) -> layer1.1.conv1.input_quant")
+    assert units["layer1.0.conv2"].bn == "layer1.0.bn2"
+    assert units["linear"].chain == [] and units["linear"].next_layer is None
+
+
+@pytest.mark.parametrize("spec", [SPEC, "quanti-w4a4"])
+def test_hardened_weights_are_the_learned_integers_on_the_grid(shapes16, spec):
+    """After LAC, the float weights are exactly (q - z) * s, and the plain quantizer gives back q."""
+    model = create_model("small_cnn", mean=shapes16.mean, std=shapes16.std)
+    before = copy.deepcopy(model.state_dict())
+    purified, report = purify(model, shapes16, method="lac", spec=spec, calib=64, steps=60, check_every=20,
+                              early_stop=False, keep_best=False, evaluate_models=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the user's model changed"
+    assert sum(layer["changed"] for layer in report.layers) > 0, "nothing was learned"
+    assert [layer["mismatches"] for layer in report.layers] == [0] * len(report.layers)
+    ints = integer_weights(purified)
+    for name, layer in quantized_layers(purified):
+        w = ints[name]
+        assert w.qmin <= int(w.int_weight.min()) and int(w.int_weight.max()) <= w.qmax
+        if spec == SPEC:  # MSE range held: every hardened weight sits exactly on the grid
+            assert torch.equal(layer.weight.detach(), w.dequantize()), name
+
+
+def test_nearest_rounding_is_the_start_of_lac():
+    model = _random_resnet("small_cnn")
+    qmodel = quantize(model, SPEC)
+    layer = dict(qmodel.named_modules())["features.3"]
+    grid = WeightGrid.of(layer, qmodel.qcb_spec)
+    assert torch.equal(OffsetRounding(layer.weight, grid).integers(),
+                       NearestRounding(layer.weight, grid).integers())
+    assert torch.equal(NearestRounding(layer.weight, grid).integers().to(torch.int32),
+                       layer.quant_weight().int().to(torch.int32))
+
+
+# ---- every method, options, errors -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", DEFENSES.names())
+def test_every_method_runs_on_a_tiny_model(method, shapes16):
+    model = create_model("small_cnn", mean=shapes16.mean, std=shapes16.std)
+    options = {} if method == "nearest" else {"steps": 6, "check_every": 3}
+    if method == "lac-pda":
+        options["pda_steps"] = 3
+    purified, report = purify(model, shapes16, method=method, spec=SPEC, calib=32, trigger="patch", **options)
+    assert report.method == method and report.purified is not None and report.purified.asr is not None
+    assert len(report.layers) == (0 if method == "nearest" else 6)
+    assert all(layer["mismatches"] == 0 for layer in report.layers)
+    assert purified(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_cli_lists_every_registered_method():
+    assert list(PURIFY_METHODS) == DEFENSES.names()
+
+
+def test_unknown_option_and_method_are_input_errors(shapes16):
+    model = create_model("small_cnn")
+    with pytest.raises(InputError, match="no option"):
+        purify(model, shapes16, method="lac", steps_per_layer=3)
+    with pytest.raises(InputError, match="no option"):
+        purify(model, shapes16, method="nearest", steps=3)
+    with pytest.raises(InputError, match="unknown defense"):
+        purify(model, shapes16, method="lac-plus")
+    with pytest.raises(InputError, match="steps"):
+        purify(model, shapes16, method="lac", steps=0)
+    with pytest.raises(InputError, match="classes"):
+        purify(create_model("small_cnn", num_classes=3), shapes16, method="nearest")
+
+
+def test_wrong_architecture_is_refused(tmp_path, capsys):
+    ckpt = save_model(create_model("small_cnn"), tmp_path / "small.pt")
+    with pytest.raises(InputError, match="does not fit resnet20"):
+        load_model("resnet20", ckpt)
+    code = main(["purify", "--model", "resnet20", "--ckpt", str(ckpt), "--data", "builtin", "--method", "lac",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "does not fit resnet20" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ---- saving ----------------------------------------------------------------------------------------------
+
+def test_save_and_load_purified_gives_identical_outputs(shapes16, tmp_path):
+    model = create_model("small_cnn", mean=shapes16.mean, std=shapes16.std)
+    purified, report = purify(model, shapes16, method="lac", spec=SPEC, calib=64, steps=20, check_every=10,
+                              trigger="patch")
+    save_purified(purified, tmp_path / "run", report=report)
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"purified.pt", "spec.json", "report.json"}
+    loaded = load_purified("small_cnn", tmp_path / "run")
+    images = torch.rand(8, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(purified(images), loaded(images))
+    same = load_purified("small_cnn", tmp_path / "run" / "purified.pt")
+    assert all(torch.equal(a.int_weight, b.int_weight)
+               for a, b in zip(integer_weights(loaded).values(), integer_weights(same).values()))
+    again = read_report(tmp_path / "run")
+    assert again.to_dict() == json.loads((tmp_path / "run" / "report.json").read_text())
+    assert again.spec == purified.qcb_spec and again.seed == 0 and again.options["steps"] == 20
+    with pytest.raises(InputError, match="does not fit"):
+        load_purified("resnet20", tmp_path / "run")
+    with pytest.raises(InputError, match="version"):
+        PurifyReport.from_dict({**report.to_dict(), "version": 99})
+    with pytest.raises(InputError, match="unknown"):
+        PurifyReport.from_dict({**report.to_dict(), "extra": 1})
+
+
+def test_cli_purify_writes_a_reloadable_model(tmp_path, capsys):
+    model = create_model("small_cnn")
+    ckpt = save_model(model, tmp_path / "small.pt")
+    out = tmp_path / "out"
+    code = main(["purify", "--model", "small_cnn", "--ckpt", str(ckpt), "--data", "builtin", "--method", "lac",
+                 "--spec", SPEC, "--calib", "32", "--steps", "4", "--trigger", "patch", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "| nearest" in printed and "| lac" in printed and "ASR %" in printed
+    report = read_report(out)
+    assert report.method == "lac" and report.options["steps"] == 4 and report.calib == 32
+    loaded = load_purified("small_cnn", out)
+    assert loaded(torch.rand(1, 3, 32, 32)).shape == (1, 10)
