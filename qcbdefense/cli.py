@@ -20,7 +20,6 @@ from qcbdefense.errors import InputError, QcbError
 PLANNED = {
     "scan": "look for a dormant QCB in an FP/quantized pair, with evidence",
     "bench": "attacks x specs x defences, as Markdown/CSV/JSON",
-    "demo": "the whole story on the built-in data, in minutes",
 }
 
 
@@ -340,6 +339,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qcbdefense.demo import run_demo
+    from qcbdefense.runinfo import resolve_device
+
+    result = run_demo(args.out, device=resolve_device(args.device))
+    print(result.table())
+    print(f"report: {args.out / 'report.md'}  ({result.seconds['total']:.0f} s)")
+    return 0
+
+
 def _planned(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         print(f"qcbdefense {name}: not implemented yet ({PLANNED[name]}); see the open issues.", file=sys.stderr)
@@ -478,6 +487,11 @@ def build_parser() -> Parser:
                    help="test images for the transfer table (2000)")
     _add_common(p)
     p.set_defaults(run=cmd_attack)
+
+    p = sub.add_parser("demo", help="the whole story on the built-in data: train, attack, purify, export, verify")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="report folder (default runs/demo)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(run=cmd_demo)
 
     for name, help_text in PLANNED.items():
         p = sub.add_parser(name, help=f"{help_text} (not implemented yet)")
