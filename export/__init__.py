@@ -3,7 +3,7 @@
 `export_onnx` writes a quantized (nearest or purified) model as QCDQ ONNX with provenance metadata,
 `evaluate_onnx` / `verify` run the file in onnxruntime (CA, ASR, agreement, thresholds), `crosscheck`
 quantizes the FP model with onnxruntime's own quantizer, and `harden` does purify -> export -> verify.
-Beside the core as brevitas_examples beside brevitas: the core never imports this package.
+Beside the core as brevitas_examples beside brevitas: the core library never imports it (the CLI and the demo do).
 """
 
 from export.onnx import export_float_onnx, export_onnx, read_metadata
