@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -163,7 +164,10 @@ def _read_torch(path: Path) -> object:
         raise InputError(f"checkpoint {path} is not a torch.save file: "
                          f"it is neither a zip archive nor a pickle")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of files it then rejects: the error below says it all.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         message = str(err)
         if "Weights only load failed" not in message:

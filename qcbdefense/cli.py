@@ -151,6 +151,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 PURIFY_METHODS = ("adaround", "efrap", "lac", "lac-pda", "nearest")
 
 
+def _schedule_options(args: argparse.Namespace) -> dict:
+    """--released / --steps as purify options (shared by purify and harden)."""
+    options: dict = {}
+    if args.released:
+        options.update(steps=10000, early_stop=False, keep_best=False)
+    if args.steps is not None:
+        options["steps"] = args.steps
+    return options
+
+
 def cmd_purify(args: argparse.Namespace) -> int:
     from qcbdefense.data import load_dataset
     from qcbdefense.defenses import purify, save_purified
@@ -161,11 +171,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
     trigger = None if args.trigger is None else parse_trigger(args.trigger)
     model = _load_arch(args)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
-    options: dict = {}
-    if args.released:
-        options.update(steps=10000, early_stop=False, keep_best=False)
-    if args.steps is not None:
-        options["steps"] = args.steps
+    options = _schedule_options(args)
     purified, report = purify(model, data, method=args.method, spec=args.spec, calib=args.calib, trigger=trigger,
                               target=args.target, seed=args.seed, device=device, arch=args.model, progress=True,
                               **options)
@@ -275,11 +281,7 @@ def cmd_harden(args: argparse.Namespace) -> int:
     trigger = None if args.trigger is None else parse_trigger(args.trigger)
     model = _load_arch(args)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
-    options: dict = {}
-    if args.released:
-        options.update(steps=10000, early_stop=False, keep_best=False)
-    if args.steps is not None:
-        options["steps"] = args.steps
+    options = _schedule_options(args)
     report = harden(model, data, out=args.out, arch=args.model, spec=args.spec, method=args.method,
                     trigger=trigger, target=args.target, calib=args.calib, seed=args.seed, device=device,
                     source_sha256=sha256_file(args.ckpt), threads=args.threads, progress=True,
