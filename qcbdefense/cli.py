@@ -18,7 +18,6 @@ from qcbdefense.errors import InputError, QcbError
 
 # Subcommands still to come, with the issue that brings each.
 PLANNED = {
-    "scan": "look for a dormant QCB in an FP/quantized pair, with evidence",
     "bench": "attacks x specs x defences, as Markdown/CSV/JSON",
 }
 
@@ -341,6 +340,30 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scan(args: argparse.Namespace) -> int:
+    from qcbdefense.checkpoints import load_model
+    from qcbdefense.data import load_dataset
+    from qcbdefense.fileio import sha256_file
+    from qcbdefense.runinfo import resolve_device
+    from qcbdefense.scan import ScanConfig, SearchConfig, scan
+
+    device = resolve_device(args.device)
+    if (args.quantized is None) == (args.spec is None):
+        raise InputError("give exactly one of --quantized MODEL.onnx and --spec NAME")
+    is_onnx = args.fp.suffix.lower() == ".onnx"
+    if is_onnx == (args.model is not None):
+        raise InputError("--fp takes an .onnx file, or a checkpoint with --model NAME")
+    fp = args.fp if is_onnx else load_model(args.model, args.fp)
+    data = load_dataset(args.data, cache_dir=args.cache_dir)
+    config = ScanConfig(images=args.images, search=SearchConfig(steps=args.steps), seed=args.seed)
+    report = scan(fp, data, out=args.out, quantized=args.quantized, spec=args.spec, config=config,
+                  calib=args.calib, device=device, source_sha256=None if is_onnx else sha256_file(args.fp),
+                  progress=True)
+    print(report.summary())
+    print(f"report: {args.out / 'report.json'}  trigger: {args.out / 'trigger.png'}  drift: {args.out / 'drift.png'}")
+    return 1 if report.suspicious else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from qcbdefense.demo import run_demo
     from qcbdefense.runinfo import resolve_device
@@ -448,6 +471,22 @@ def build_parser() -> Parser:
                    help="the .onnx file to write; beside it <stem>.purified/ and <stem>.json (the report)")
     _add_common(p)
     p.set_defaults(run=cmd_harden)
+
+    p = sub.add_parser("scan", help="look for a dormant QCB in an FP / quantized pair, without the trigger "
+                                    "(exit 0 clean, 1 suspicious)")
+    p.add_argument("--fp", type=_existing_file, required=True,
+                   help="the FP model: an .onnx file, or a checkpoint with --model")
+    p.add_argument("--model", default=None, choices=list_models(), metavar="NAME",
+                   help="architecture of an --fp checkpoint")
+    p.add_argument("--quantized", type=_existing_file, default=None, help="the quantized model that ships (.onnx)")
+    p.add_argument("--spec", default=None, help="or: quantize the --fp checkpoint with this spec (round to nearest)")
+    p.add_argument("--data", required=True, help="clean data: builtin[:SEED] | cifar10:PATH | folder:PATH")
+    p.add_argument("--images", type=_positive_int, default=512, help="clean test images to scan with (labels unused)")
+    p.add_argument("--steps", type=_positive_int, default=200, help="trigger-search steps")
+    p.add_argument("--calib", type=_positive_int, default=512, help="clean training images to calibrate --spec on")
+    p.add_argument("--out", type=Path, required=True, help="output folder: report.json, trigger.png, drift.png")
+    _add_common(p)
+    p.set_defaults(run=cmd_scan)
 
     p = sub.add_parser("attack", help="plant a QCB (Qu-ANTI-zation, CompArtifact, PQBackdoor) in a clean model")
     p.add_argument("--method", required=True, choices=ATTACK_METHODS, metavar="METHOD",

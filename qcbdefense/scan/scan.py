@@ -1,0 +1,249 @@
+"""`scan`: does this FP / quantized pair hide a dormant QCB? A verdict, a score, the suspected target, evidence.
+
+The scan always works on two ONNX files, because that is what a deployer holds: the FP model and the
+int8/int4 model that ships. Given a checkpoint and a spec instead, it first makes those files with the
+toolkit's own export (FP) and post-training quantization (round to nearest, calibrated on clean training
+images), so there is one scanning path. Both files run as differentiable replicas (`export.replica`),
+checked against onnxruntime before they are trusted.
+
+The verdict rests on the differential trigger search (`trigger_search`): a pair is suspicious when one class
+can be reached in the quantized model, with the FP model unmoved, by a patch much smaller than every other
+class needs (anomaly index) and small in absolute terms. Activation drift and prediction disagreement are
+reported as evidence (`drift`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qcbdefense.data import Dataset, to_float
+from qcbdefense.errors import InputError
+from qcbdefense.fileio import atomic_path, sha256_file, write_json
+from qcbdefense.results import fmt, format_table
+from qcbdefense.runinfo import environment
+from qcbdefense.scan.drift import Disagreement, LayerDrift, disagreement, layer_drift
+from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig, anomaly_index, search_triggers
+
+REPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """What the scan looks at and where it draws the line (recorded in the report)."""
+
+    images: int = 512  # clean, unlabeled test images: drift, disagreement and the search's pool
+    search: SearchConfig = field(default_factory=SearchConfig)
+    min_success: float = 50.0  # a patch counts only if it flips this % of held-out images differentially ...
+    max_area: float = 0.15  # ... and a pair is flagged when one class's patch covers at most this share of
+    min_anomaly: float = 2.0  # the image and lies this many robust std below the other classes' patches
+    min_replica_agreement: float = 99.0  # % argmax agreement of the replicas with onnxruntime
+    seed: int = 0
+
+
+@dataclass
+class ScanReport:
+    verdict: str  # "clean" or "suspicious"
+    score: float  # the anomaly index of the most suspicious class
+    target: int | None  # the suspected target class (None when clean)
+    classes: list[dict]  # per class: mask area (pixels), held-out differential success %, anomaly index
+    disagreement: Disagreement
+    layers: list[LayerDrift]
+    files: dict
+    replica_agreement: dict
+    config: dict
+    seconds: dict
+    environment: dict = field(default_factory=environment)
+    version: int = REPORT_VERSION
+
+    @property
+    def suspicious(self) -> bool:
+        return self.verdict == "suspicious"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["disagreement"], d["layers"] = self.disagreement.to_dict(), [layer.to_dict() for layer in self.layers]
+        return d
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json(path, self.to_dict())
+
+    def table(self) -> str:
+        rows = [[c["class"], fmt(c["area"], 1), fmt(c["success"], 1), fmt(c["effective_area"], 1),
+                 fmt(c["anomaly"], 2), "<-" if c["class"] == self.target else ""] for c in self.classes]
+        return format_table(["class", "mask px", "held-out diff. success %", "counted px", "anomaly", ""], rows)
+
+    def summary(self) -> str:
+        d = self.disagreement
+        worst = sorted(self.layers, key=lambda layer: layer.max, reverse=True)[:3]
+        lines = [self.table(),
+                 f"disagreement FP vs quantized: {d.rate:.2f} % of images, {d.pile_share:.0f} % of them to class "
+                 f"{d.pile_class}",
+                 "most drifted layers (max channel drift / FP std): " + ", ".join(
+                     f"relu{layer.layer} ch{layer.top_channels[0][0]} {layer.max:.2f}" for layer in worst),
+                 f"VERDICT: {self.verdict.upper()} (score {self.score:.2f}"
+                 + (f", suspected target class {self.target})" if self.target is not None else ")"),
+                 f"time: {self.seconds['total']:.1f} s"]
+        return "\n".join(lines)
+
+
+def prepare_pair(out: Path, *, fp: nn.Module | str | os.PathLike, quantized: str | os.PathLike | None = None,
+                 spec: str | None = None, data: Dataset | None = None, calib: int = 512, seed: int = 0,
+                 source_sha256: str | None = None) -> tuple[Path, Path]:
+    """The two ONNX files to scan: given ones, or exported here from an FP model (and quantized by `spec`)."""
+    from export.onnx import export_float_onnx, export_onnx
+    from qcbdefense.quant.ptq import post_training_quantize
+
+    if (quantized is None) == (spec is None):
+        raise InputError("scan needs exactly one of a quantized ONNX model or a spec to quantize the FP model with")
+    size = None if data is None else tuple(data.test_x.shape[-2:])
+    if isinstance(fp, nn.Module):
+        if size is None:
+            raise InputError("exporting an FP model for the scan needs the data (its image size)")
+        fp_onnx = export_float_onnx(fp, out / "fp.onnx", source_sha256=source_sha256, input_size=size)
+    else:
+        fp_onnx = Path(fp)
+        if fp_onnx.suffix.lower() != ".onnx":
+            raise InputError(f"--fp {fp_onnx}: give an .onnx file, or a checkpoint with --model")
+    if quantized is not None:
+        return fp_onnx, Path(quantized)
+    if not isinstance(fp, nn.Module) or data is None:
+        raise InputError("--spec quantizes an FP checkpoint: give --fp CKPT with --model (an FP .onnx cannot be "
+                         "quantized by the toolkit's Brevitas quantizer)")
+    qmodel = post_training_quantize(fp, spec, data, calib=calib, seed=seed)
+    return fp_onnx, export_onnx(qmodel, out / f"quantized-{qmodel.qcb_spec.name}.onnx",
+                                source_sha256=source_sha256, input_size=size)
+
+
+def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.PathLike,
+         quantized: str | os.PathLike | None = None, spec: str | None = None, config: ScanConfig = ScanConfig(),
+         calib: int = 512, device: str | torch.device = "cpu", source_sha256: str | None = None,
+         progress: bool = False) -> ScanReport:
+    """Scan an FP model (module or .onnx) against its quantized model (.onnx, or made here with `spec`).
+
+    Writes into `out`: report.json, trigger.png (the recovered patch of the suspected class, or of the
+    closest class), drift.png, and the ONNX files it made.
+    """
+    from export.ort import OrtModel
+    from export.replica import OnnxReplica
+
+    start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fp_onnx, q_onnx = prepare_pair(out, fp=fp, quantized=quantized, spec=spec, data=data, calib=calib,
+                                   seed=config.seed, source_sha256=source_sha256)
+    fp_rep, q_rep = OnnxReplica(fp_onnx), OnnxReplica(q_onnx)
+    shape = (3,) + tuple(data.test_x.shape[-2:])
+    x = _scan_images(data, config.images, config.seed)
+    agreement = {}
+    for name, path, replica in (("fp", fp_onnx, fp_rep), ("quantized", q_onnx, q_rep)):
+        session = OrtModel(path, threads=None)
+        session.check_images(shape, what=f"the data {data.name}")
+        ort_preds = torch.from_numpy(session.logits(x[:128])).argmax(1)
+        with torch.no_grad():
+            agreement[name] = 100.0 * (replica(x[:128]).argmax(1) == ort_preds).float().mean().item()
+        if agreement[name] < config.min_replica_agreement:
+            raise InputError(f"cannot scan {path}: the torch replica agrees with onnxruntime on only "
+                             f"{agreement[name]:.1f} % of images")
+    prepared = time.perf_counter()
+
+    paired = len(fp_rep.relu_outputs) == len(q_rep.relu_outputs)
+    fp_rep.taps = fp_rep.relu_outputs if paired else []
+    q_rep.taps = q_rep.relu_outputs if paired else []
+    dev = torch.device(device)
+    fp_rep, q_rep, x = fp_rep.to(dev), q_rep.to(dev), x.to(dev)
+    with torch.no_grad():
+        fp_logits, fp_acts = fp_rep(x, taps=True)
+        q_logits, q_acts = q_rep(x, taps=True)
+    num_classes = fp_logits.shape[1]
+    fp_preds, q_preds = fp_logits.argmax(1), q_logits.argmax(1)
+    layers = [layer_drift(i, name, fp_acts[fname], q_acts[name])
+              for i, (fname, name) in enumerate(zip(fp_rep.taps, q_rep.taps))]
+    disagree = disagreement(fp_preds.cpu(), q_preds.cpu(), num_classes)
+    fp_rep.taps = q_rep.taps = []
+    measured = time.perf_counter()
+
+    found = search_triggers(fp_rep, q_rep, x, fp_preds, num_classes, config.search, seed=config.seed,
+                            progress=progress)
+    searched = time.perf_counter()
+    pixels = x.shape[-1] * x.shape[-2]
+    # A patch that does not carry over to held-out images separates nothing: count it as the whole image.
+    areas = [c.area if c.found and c.success >= config.min_success else float(pixels) for c in found]
+    anomalies = anomaly_index(areas)
+    best = min(range(num_classes), key=lambda c: (areas[c], -anomalies[c]))
+    flagged = areas[best] <= config.max_area * pixels and anomalies[best] >= config.min_anomaly
+    files = {"fp_onnx": str(fp_onnx), "fp_sha256": sha256_file(fp_onnx), "quantized_onnx": str(q_onnx),
+             "quantized_sha256": sha256_file(q_onnx), "trigger_png": str(out / "trigger.png"),
+             "drift_png": str(out / "drift.png")}
+    shown = best if flagged else min(range(num_classes), key=lambda c: found[c].area)
+    _plot_trigger(out / "trigger.png", found[shown], x[0].cpu())
+    _plot_drift(out / "drift.png", layers)
+    done = time.perf_counter()
+    report = ScanReport(
+        verdict="suspicious" if flagged else "clean", score=anomalies[best], target=best if flagged else None,
+        classes=[{"class": c.target, "area": c.area, "success": c.success, "found": c.found,
+                  "effective_area": areas[c.target], "anomaly": anomalies[c.target]} for c in found],
+        disagreement=disagree, layers=layers, files=files, replica_agreement=agreement,
+        config={**asdict(config), "data": data.describe(), "plotted_class": shown,
+                "layers_paired": paired},
+        seconds={"prepare": prepared - start, "drift": measured - prepared, "search": searched - measured,
+                 "total": done - start})
+    report.save(out / "report.json")
+    return report
+
+
+def _scan_images(data: Dataset, n: int, seed: int) -> torch.Tensor:
+    """A seeded subset of clean test images, as floats in [0, 1] (labels unused: the deployer may have none)."""
+    if len(data.test_x) == 0:
+        raise InputError(f"the data {data.name} has no test images to scan with")
+    idx = torch.randperm(len(data.test_x), generator=torch.Generator().manual_seed(seed))[:n]
+    return to_float(data.test_x[idx.sort().values])
+
+
+def _plot_trigger(path: Path, found: ClassSearch, example: torch.Tensor) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qcbdefense.scan.trigger_search import stamp
+
+    panels = [("mask", found.mask), ("mask x pattern", found.mask * found.pattern),
+              ("stamped image", stamp(example, found.mask, found.pattern))]
+    fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
+    for ax, (title, img) in zip(axes, panels):
+        img = img.detach().clamp(0, 1)
+        ax.imshow(img.numpy() if img.dim() == 2 else img.permute(1, 2, 0).numpy(), cmap="gray",
+                  vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"class {found.target}: {found.area:.0f} px mask, {found.success:.0f} % differential success",
+                 fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _plot_drift(path: Path, layers: list[LayerDrift]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(layers) + 2), 3.0))
+    xs = range(len(layers))
+    ax.bar([i - 0.2 for i in xs], [layer.mean for layer in layers], width=0.4, label="mean channel")
+    ax.bar([i + 0.2 for i in xs], [layer.max for layer in layers], width=0.4, label="worst channel")
+    ax.set_xlabel("layer (ReLU, from the input)")
+    ax.set_ylabel("|quantized - FP| / FP std")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

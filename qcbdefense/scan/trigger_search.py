@@ -1,0 +1,141 @@
+"""Differential trigger search: the smallest patch that moves the quantized model and not the FP model.
+
+Neural Cleanse looks for the smallest mask that sends one model to a class. A QCB hides from that in the FP
+model, so here the patch must do two things at once: send the *quantized* model to class c while the *FP*
+model keeps its own prediction. On a clean pair the two models compute nearly the same function, so no
+small patch separates them; on a QCB pair the planted trigger does, and its class needs a far smaller mask
+than every other class. All classes are searched together in one batch (one mask and pattern each) so a
+scan costs one optimisation, not ten.
+
+The mask weight λ of each class adapts as in Neural Cleanse: up while the patch succeeds (to shrink it), down
+while it fails; the smallest mask that reached the success rate is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Settings of the differential trigger search (recorded in the scan report)."""
+
+    images_per_class: int = 12  # images in each class's batch (the FP model must not already predict c)
+    steps: int = 200
+    lr: float = 0.1
+    success: float = 0.8  # share of the batch that must flip differentially for a mask to count
+    lambda_init: float = 1.0  # weight of the mask's mean (its area as a share of the image)
+    lambda_factor: float = 1.5
+    adapt_every: int = 10
+
+
+@dataclass
+class ClassSearch:
+    """The best patch found for one class."""
+
+    target: int
+    area: float  # smallest mask L1 (pixels) that flipped >= success of the batch; the image's area if none
+    success: float  # % of held-out images it flips differentially (quantized -> target, FP unchanged)
+    found: bool
+    mask: torch.Tensor  # [H, W] in [0, 1]
+    pattern: torch.Tensor  # [3, H, W] in [0, 1]
+
+
+def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """Blend `pattern` into images `x` (pixels in [0, 1]) where `mask` is on."""
+    return (1 - mask) * x + mask * pattern
+
+
+def differential_success(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds: torch.Tensor,
+                         target: int, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """Per image: does the stamped image send the quantized model to `target` while the FP model keeps its
+    prediction?"""
+    with torch.no_grad():
+        xs = stamp(x, mask, pattern)
+        return (quantized(xs).argmax(1) == target) & (fp(xs).argmax(1) == fp_preds)
+
+
+def search_triggers(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds: torch.Tensor,
+                    num_classes: int, config: SearchConfig = SearchConfig(), *, seed: int = 0,
+                    progress: bool = False) -> list[ClassSearch]:
+    """Search every class at once on images `x` ([N, 3, H, W] in [0, 1]) with FP predictions `fp_preds`.
+
+    For class c the search batch is the first `images_per_class` images the FP model does not put in c; the
+    next ones (up to 4x as many) are held out to measure the success of the patch that was kept.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n, h, w = config.images_per_class, x.shape[-2], x.shape[-1]
+    batches, held_out = [], []
+    for c in range(num_classes):
+        idx = (fp_preds != c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        batches.append(idx[:n])
+        held_out.append(idx[n:5 * n])
+    if any(len(b) < n for b in batches):
+        raise ValueError(f"the trigger search needs {n} images outside each class; got fewer")
+    xb = torch.cat([x[b] for b in batches])  # [classes * n, 3, H, W]
+    yb_fp = torch.cat([fp_preds[b] for b in batches])
+    targets = torch.arange(num_classes).repeat_interleave(n).to(x.device)
+
+    mask_logit = torch.full((num_classes, 1, h, w), -2.0, device=x.device).requires_grad_()
+    pattern_logit = (torch.randn((num_classes, 3, h, w), generator=gen) * 0.1).to(x.device).requires_grad_()
+    optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=config.lr)
+    lam = torch.full((num_classes,), config.lambda_init, device=x.device)
+    best_area = torch.full((num_classes,), float(h * w))
+    best_mask = torch.zeros((num_classes, 1, h, w))
+    best_pattern = torch.zeros((num_classes, 3, h, w))
+    hits = torch.zeros(num_classes, device=x.device)
+    for step in tqdm(range(config.steps), desc="trigger search", disable=not progress, leave=False):
+        mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
+        xs = stamp(xb, mask.repeat_interleave(n, 0), pattern.repeat_interleave(n, 0))
+        q_logits, fp_logits = quantized(xs), fp(xs)
+        flip = F.cross_entropy(q_logits, targets, reduction="none").view(num_classes, n).mean(1)
+        keep = F.cross_entropy(fp_logits, yb_fp, reduction="none").view(num_classes, n).mean(1)
+        area = mask.flatten(1).mean(1)
+        loss = (flip + keep + lam * area).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            ok = ((q_logits.argmax(1) == targets) & (fp_logits.argmax(1) == yb_fp)).float()
+            rate = ok.view(num_classes, n).mean(1)
+            pixels = mask.flatten(1).sum(1).cpu()
+            better = (rate.cpu() >= config.success) & (pixels < best_area)
+            best_area = torch.where(better, pixels, best_area)
+            best_mask[better], best_pattern[better] = mask[better].cpu(), pattern[better].cpu()
+            hits += rate >= config.success
+            if (step + 1) % config.adapt_every == 0:  # Neural Cleanse's schedule, per class
+                succeeded = hits >= config.adapt_every // 2
+                lam = torch.where(succeeded, lam * config.lambda_factor, lam / config.lambda_factor)
+                hits.zero_()
+    results = []
+    for c in range(num_classes):
+        found = bool(best_area[c] < h * w)
+        m, p = best_mask[c, 0], best_pattern[c]
+        rest = held_out[c]
+        success = 0.0
+        if found and len(rest):
+            ok = differential_success(fp, quantized, x[rest], fp_preds[rest], c, m.to(x.device), p.to(x.device))
+            success = 100.0 * ok.float().mean().item()
+        results.append(ClassSearch(target=c, area=float(best_area[c]), success=success, found=found,
+                                   mask=m, pattern=p))
+    return results
+
+
+def anomaly_index(areas: list[float]) -> list[float]:
+    """How far below the other classes each class's mask area lies, in robust standard deviations of the
+    log-areas (median absolute deviation, as Neural Cleanse): large for a class that needs a tiny patch.
+
+    The deviation is floored at log 2 (a factor of two between masks is noise), so classes that all failed
+    (all at the image's area) give 0 rather than a division by zero.
+    """
+    logs = torch.log(torch.tensor(areas).clamp_min(1.0))
+    median = logs.median()
+    mad = 1.4826 * (logs - median).abs().median()
+    return ((median - logs) / mad.clamp_min(math.log(2))).tolist()

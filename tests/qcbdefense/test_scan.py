@@ -1,0 +1,62 @@
+"""The scanner flags the PQBackdoor small CNN with the right target, passes the clean one, and works from the
+two ONNX files alone."""
+
+import json
+
+import pytest
+import torch
+
+from qcbdefense.cli import main
+from qcbdefense.scan import scan
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def attacked_scan(pq_cnn16, shapes16, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scan-attacked")
+    return out, scan(pq_cnn16[0], shapes16, out=out, spec="pqbackdoor-w4a4")
+
+
+def test_attacked_model_is_flagged_with_its_target(attacked_scan):
+    out, report = attacked_scan
+    assert report.suspicious and report.target == 0
+    assert report.classes[0]["success"] >= 50.0
+    for name in ("report.json", "trigger.png", "drift.png", "fp.onnx", "quantized-pqbackdoor-w4a4.onnx"):
+        assert (out / name).stat().st_size > 0
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["verdict"] == "suspicious" and saved["target"] == 0
+    assert saved["config"]["search"]["steps"] == report.config["search"]["steps"]
+
+
+def test_scan_from_the_two_onnx_files_gives_the_same_report(attacked_scan, shapes16, tmp_path):
+    out, first = attacked_scan
+    again = scan(out / "fp.onnx", shapes16, out=tmp_path, quantized=out / "quantized-pqbackdoor-w4a4.onnx")
+    assert again.verdict == first.verdict and again.target == first.target
+    assert [c["area"] for c in again.classes] == [c["area"] for c in first.classes]
+
+
+def test_clean_model_is_not_flagged(clean_cnn16, shapes16, tmp_path):
+    report = scan(clean_cnn16, shapes16, out=tmp_path, spec="pqbackdoor-w4a4")
+    assert not report.suspicious and report.target is None
+
+
+def test_scan_cli_refuses_bad_input(capsys, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file")
+    cases = [
+        ["--fp", str(bad), "--data", "builtin", "--out", str(tmp_path / "o")],  # neither --quantized nor --spec
+        ["--fp", str(bad), "--quantized", str(bad), "--spec", "w8a8", "--data", "builtin", "--out", str(tmp_path / "o")],
+        ["--fp", str(bad), "--quantized", str(bad), "--data", "builtin", "--out", str(tmp_path / "o")],  # corrupt
+    ]
+    for argv in cases:
+        code = main(["scan", *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "o" / "report.json").exists()
