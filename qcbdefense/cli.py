@@ -10,17 +10,11 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 import torch
 
 from qcbdefense.errors import InputError, QcbError
-
-# Subcommands still to come, with the issue that brings each.
-PLANNED = {
-    "bench": "attacks x specs x defences, as Markdown/CSV/JSON",
-}
-
 
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad option in one line (no usage dump) and exits 2."""
@@ -151,12 +145,14 @@ PURIFY_METHODS = ("adaround", "efrap", "lac", "lac-pda", "nearest")
 
 
 def _schedule_options(args: argparse.Namespace) -> dict:
-    """--released / --steps as purify options (shared by purify and harden)."""
+    """--released / --steps / --pda-steps as purify options (shared by purify and harden)."""
     options: dict = {}
     if args.released:
         options.update(steps=10000, early_stop=False, keep_best=False)
     if args.steps is not None:
         options["steps"] = args.steps
+    if args.pda_steps is not None:
+        options["pda_steps"] = args.pda_steps
     return options
 
 
@@ -263,6 +259,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
                     crosscheck_model=reference if args.crosscheck else None, calib=args.calib, seed=args.seed,
                     threads=args.threads, **_gate(args, trigger, reference is not None))
     print(report.summary())
+    if args.throughput:
+        from export.ort import measure_throughput, throughput_table
+
+        if not (isinstance(reference, Path) and reference.suffix.lower() == ".onnx"):
+            raise InputError("--throughput compares with the FP32 ONNX file: give it as --reference FP.onnx")
+        rows = measure_throughput({"fp32": reference, "this model": args.onnx}, threads=args.threads or 2)
+        print(throughput_table(rows, baseline="fp32"))
     if args.out is not None:
         report.save(args.out)
         print(f"report: {args.out}")
@@ -374,12 +377,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _planned(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"qcbdefense {name}: not implemented yet ({PLANNED[name]}); see the open issues.", file=sys.stderr)
-        return 2
+def cmd_bench(args: argparse.Namespace) -> int:
+    from qcbdefense.bench import BenchConfig, results_table, run_bench
+    from qcbdefense.runinfo import resolve_device
 
-    return run
+    config = BenchConfig.load(args.config)
+    out = args.out if args.out is not None else Path("runs/bench") / config.name
+    rows = run_bench(config, out, device=resolve_device(args.device))
+    print(results_table(config, rows))
+    print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.json'}")
+    return 0
 
 
 def build_parser() -> Parser:
@@ -419,6 +426,8 @@ def build_parser() -> Parser:
                    help="reconstruction steps per layer, at most (default: the method's)")
     p.add_argument("--released", action="store_true",
                    help="the authors' schedule: 10,000 steps a layer, no early stopping, last iterate kept")
+    p.add_argument("--pda-steps", type=_positive_int, default=None,
+                   help="lac-pda: PDA steps per layer (default 500, the release's; 50 is ten times faster)")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder: purified.pt, spec.json (load with load_purified), report.json")
     _add_common(p)
@@ -451,6 +460,8 @@ def build_parser() -> Parser:
     p.add_argument("--crosscheck", action="store_true",
                    help="also quantize the FP --reference with onnxruntime's quantize_static (int8, int4 weights)")
     p.add_argument("--calib", type=_positive_int, default=512, help="clean training images for the cross-check")
+    p.add_argument("--throughput", action="store_true",
+                   help="also time this file against the FP32 --reference .onnx, side by side (batch 1 and 64)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     _add_common(p)
     p.set_defaults(run=cmd_verify)
@@ -466,6 +477,8 @@ def build_parser() -> Parser:
                    help="reconstruction steps per layer, at most (default: the method's)")
     p.add_argument("--released", action="store_true",
                    help="the authors' schedule: 10,000 steps a layer, no early stopping, last iterate kept")
+    p.add_argument("--pda-steps", type=_positive_int, default=None,
+                   help="lac-pda: PDA steps per layer (default 500, the release's; 50 is ten times faster)")
     _add_gate_args(p)
     p.add_argument("--out", type=Path, required=True,
                    help="the .onnx file to write; beside it <stem>.purified/ and <stem>.json (the report)")
@@ -534,9 +547,13 @@ def build_parser() -> Parser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(run=cmd_demo)
 
-    for name, help_text in PLANNED.items():
-        p = sub.add_parser(name, help=f"{help_text} (not implemented yet)")
-        p.set_defaults(run=_planned(name))
+    p = sub.add_parser("bench", help="attacks x quantizers x defences (+ scan) from a YAML config, as Markdown, "
+                                     "CSV and JSON; cached and resumable")
+    p.add_argument("--config", type=_existing_file, required=True, help="a bench YAML (see benchmarks/*.yaml)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench/<config name>)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(run=cmd_bench)
+
     return parser
 
 

@@ -18,9 +18,13 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from export.replica import OnnxReplica
 
 from qcbdefense.data import Dataset, to_float
 from qcbdefense.errors import InputError
@@ -139,7 +143,7 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
                                    seed=config.seed, source_sha256=source_sha256)
     fp_rep, q_rep = OnnxReplica(fp_onnx), OnnxReplica(q_onnx)
     shape = (3,) + tuple(data.test_x.shape[-2:])
-    x = _scan_images(data, config.images, config.seed)
+    x = scan_images(data, config.images, config.seed)
     agreement = {}
     for name, path, replica in (("fp", fp_onnx, fp_rep), ("quantized", q_onnx, q_rep)):
         session = OrtModel(path, threads=None)
@@ -152,20 +156,12 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
                              f"{agreement[name]:.1f} % of images")
     prepared = time.perf_counter()
 
-    paired = len(fp_rep.relu_outputs) == len(q_rep.relu_outputs)
-    fp_rep.taps = fp_rep.relu_outputs if paired else []
-    q_rep.taps = q_rep.relu_outputs if paired else []
     dev = torch.device(device)
     fp_rep, q_rep, x = fp_rep.to(dev), q_rep.to(dev), x.to(dev)
-    with torch.no_grad():
-        fp_logits, fp_acts = fp_rep(x, taps=True)
-        q_logits, q_acts = q_rep(x, taps=True)
+    layers, fp_logits, q_logits = measure_drift(fp_rep, q_rep, x)
     num_classes = fp_logits.shape[1]
     fp_preds, q_preds = fp_logits.argmax(1), q_logits.argmax(1)
-    layers = [layer_drift(i, name, fp_acts[fname], q_acts[name])
-              for i, (fname, name) in enumerate(zip(fp_rep.taps, q_rep.taps))]
     disagree = disagreement(fp_preds.cpu(), q_preds.cpu(), num_classes)
-    fp_rep.taps = q_rep.taps = []
     measured = time.perf_counter()
 
     found = search_triggers(fp_rep, q_rep, x, fp_preds, num_classes, config.search, seed=config.seed,
@@ -182,22 +178,41 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
              "drift_png": str(out / "drift.png")}
     shown = best if flagged else min(range(num_classes), key=lambda c: found[c].area)
     _plot_trigger(out / "trigger.png", found[shown], x[0].cpu())
-    _plot_drift(out / "drift.png", layers)
+    plot_drift(out / "drift.png", {"quantized": layers})
     done = time.perf_counter()
     report = ScanReport(
         verdict="suspicious" if flagged else "clean", score=anomalies[best], target=best if flagged else None,
         classes=[{"class": c.target, "area": c.area, "success": c.success, "found": c.found,
                   "effective_area": areas[c.target], "anomaly": anomalies[c.target]} for c in found],
         disagreement=disagree, layers=layers, files=files, replica_agreement=agreement,
-        config={**asdict(config), "data": data.describe(), "plotted_class": shown,
-                "layers_paired": paired},
+        config={**asdict(config), "data": data.describe(), "plotted_class": shown},
         seconds={"prepare": prepared - start, "drift": measured - prepared, "search": searched - measured,
                  "total": done - start})
     report.save(out / "report.json")
     return report
 
 
-def _scan_images(data: Dataset, n: int, seed: int) -> torch.Tensor:
+def measure_drift(fp: "OnnxReplica", quantized: "OnnxReplica", x: torch.Tensor
+                  ) -> tuple[list[LayerDrift], torch.Tensor, torch.Tensor]:
+    """Per-layer drift of `quantized` from `fp` on images `x`, and both models' logits.
+
+    Layers are paired by order of their ReLUs; when the two graphs have different numbers of ReLUs (not one
+    network), no layer is paired and only the logits are compared.
+    """
+    paired = len(fp.relu_outputs) == len(quantized.relu_outputs)
+    fp.taps, quantized.taps = (fp.relu_outputs, quantized.relu_outputs) if paired else ([], [])
+    try:
+        with torch.no_grad():
+            fp_logits, fp_acts = fp(x, taps=True)
+            q_logits, q_acts = quantized(x, taps=True)
+    finally:
+        fp.taps, quantized.taps = [], []
+    names = zip(fp.relu_outputs, quantized.relu_outputs) if paired else []
+    layers = [layer_drift(i, q_name, fp_acts[f_name], q_acts[q_name]) for i, (f_name, q_name) in enumerate(names)]
+    return layers, fp_logits, q_logits
+
+
+def scan_images(data: Dataset, n: int, seed: int) -> torch.Tensor:
     """A seeded subset of clean test images, as floats in [0, 1] (labels unused: the deployer may have none)."""
     if len(data.test_x) == 0:
         raise InputError(f"the data {data.name} has no test images to scan with")
@@ -230,18 +245,21 @@ def _plot_trigger(path: Path, found: ClassSearch, example: torch.Tensor) -> None
     plt.close(fig)
 
 
-def _plot_drift(path: Path, layers: list[LayerDrift]) -> None:
+def plot_drift(path: Path, series: dict[str, list[LayerDrift]]) -> None:
+    """Bars of each layer's worst-channel drift, one series per quantized model (e.g. nearest, purified)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(layers) + 2), 3.0))
-    xs = range(len(layers))
-    ax.bar([i - 0.2 for i in xs], [layer.mean for layer in layers], width=0.4, label="mean channel")
-    ax.bar([i + 0.2 for i in xs], [layer.max for layer in layers], width=0.4, label="worst channel")
+    layers = max((len(v) for v in series.values()), default=0)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * layers * len(series) + 2), 3.0))
+    width = 0.8 / max(len(series), 1)
+    for k, (label, drifts) in enumerate(series.items()):
+        ax.bar([d.layer + (k - (len(series) - 1) / 2) * width for d in drifts], [d.max for d in drifts],
+               width=width, label=label)
     ax.set_xlabel("layer (ReLU, from the input)")
-    ax.set_ylabel("|quantized - FP| / FP std")
+    ax.set_ylabel("worst channel |q - FP| / FP std")
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:

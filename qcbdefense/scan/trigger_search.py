@@ -108,7 +108,8 @@ def search_triggers(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_pre
             pixels = mask.flatten(1).sum(1).cpu()
             better = (rate.cpu() >= config.success) & (pixels < best_area)
             best_area = torch.where(better, pixels, best_area)
-            best_mask[better], best_pattern[better] = mask[better].cpu(), pattern[better].cpu()
+            best_mask[better] = mask.detach().cpu()[better]
+            best_pattern[better] = pattern.detach().cpu()[better]
             hits += rate >= config.success
             if (step + 1) % config.adapt_every == 0:  # Neural Cleanse's schedule, per class
                 succeeded = hits >= config.adapt_every // 2

@@ -1,4 +1,5 @@
-"""The README's main job tells its story: dormant in FP, alive after nearest, dead after LAC+PDA and in ONNX."""
+"""The README's main job tells its story: dormant in FP, alive after nearest and flagged by the scan, dead after
+LAC+PDA and in ONNX."""
 
 from __future__ import annotations
 
@@ -14,4 +15,6 @@ def test_demo_story(tmp_path):
         assert row["fp"]["asr"] <= 20.0 and row["nearest"]["asr"] >= 80.0, result.table()
         assert row["purified"]["asr"] <= 10.0 and row["onnx"]["asr"] <= 10.0, result.table()
         assert abs(row["onnx"]["ca"] - row["purified"]["ca"]) <= 1.0, result.table()
-    assert (tmp_path / "report.md").is_file() and (tmp_path / "bars.png").is_file()
+        assert row["scan"]["verdict"] == "suspicious" and row["scan"]["target"] == 0, result.table()
+    for name in ("report.md", "bars.png", "drift-w8.png", "scan-w4/trigger.png", "backdoored/model.pt"):
+        assert (tmp_path / name).is_file(), name

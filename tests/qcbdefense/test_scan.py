@@ -1,5 +1,10 @@
-"""The scanner flags the PQBackdoor small CNN with the right target, passes the clean one, and works from the
-two ONNX files alone."""
+"""The scanner's mechanics on the 16x16 built-in world: reports and files, the same answer from the two ONNX
+files alone, a clean pair passed, bad input refused.
+
+That it flags attacked models with the right target is asserted at 32x32 by the slow demo test
+(tests/qcbdefense/test_demo.py) and measured in BENCHMARKS.md: at 16x16 the trigger search does not find
+the PQBackdoor trigger reliably (BENCHMARKS.md, scanner section), so asserting it here would test luck.
+"""
 
 import json
 
@@ -24,15 +29,16 @@ def attacked_scan(pq_cnn16, shapes16, tmp_path_factory):
     return out, scan(pq_cnn16[0], shapes16, out=out, spec="pqbackdoor-w4a4")
 
 
-def test_attacked_model_is_flagged_with_its_target(attacked_scan):
+def test_scan_writes_its_evidence(attacked_scan):
     out, report = attacked_scan
-    assert report.suspicious and report.target == 0
-    assert report.classes[0]["success"] >= 50.0
     for name in ("report.json", "trigger.png", "drift.png", "fp.onnx", "quantized-pqbackdoor-w4a4.onnx"):
         assert (out / name).stat().st_size > 0
+    assert len(report.classes) == 10 and len(report.layers) == 5  # small_cnn: 5 ReLUs paired FP <-> quantized
+    assert report.replica_agreement == {"fp": 100.0, "quantized": 100.0}
+    assert 0 < report.disagreement.rate < 50 and sum(report.disagreement.counts) > 0
+    assert all(layer.max >= layer.mean > 0 for layer in report.layers)
     saved = json.loads((out / "report.json").read_text())
-    assert saved["verdict"] == "suspicious" and saved["target"] == 0
-    assert saved["config"]["search"]["steps"] == report.config["search"]["steps"]
+    assert saved["verdict"] == report.verdict and saved["config"]["search"]["steps"] == 200
 
 
 def test_scan_from_the_two_onnx_files_gives_the_same_report(attacked_scan, shapes16, tmp_path):

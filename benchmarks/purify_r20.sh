@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The purifier table on ResNet-20 (shared JPEG CIFAR-10): the PQBackdoor models of BENCHMARKS.md (issue 4),
+# each under the quantizer it targets, and the clean fine-tuned model under w4a4.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+JPG=folder:../shared/datasets/cifar10-jpg.tar.gz
+run() {  # name ckpt spec method [options...]
+  local name=$1 ckpt=$2 spec=$3 method=$4; shift 4
+  [ -f runs/purify/$name-$method/report.json ] && return 0
+  /usr/bin/time -f "%e s wall, %M KB peak RSS" .venv/bin/qcbdefense purify --method $method --model resnet20 \
+    --ckpt $ckpt --data $JPG --spec $spec --calib 1024 --trigger patch "$@" --out runs/purify/$name-$method 2>&1 \
+    | tr '\r' '\n' | grep -v "it/s" > runs/purify/$name-$method.log
+}
+for b in 4 8; do
+  run r20-pq-w$b runs/attacks/pq-r20-w$b/model.pt pqbackdoor-w${b}a${b} lac
+  run r20-pq-w$b runs/attacks/pq-r20-w$b/model.pt pqbackdoor-w${b}a${b} lac-pda --pda-steps 50
+done
+run r20-clean runs/resnet20-ft/model.pt w4a4 lac
+for b in 4 8; do
+  run r20-pq-w$b runs/attacks/pq-r20-w$b/model.pt pqbackdoor-w${b}a${b} efrap
+done

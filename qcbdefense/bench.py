@@ -1,0 +1,312 @@
+"""`bench`: the paper's table from one YAML file: attacks x quantizers x defences, scan verdicts, timings.
+
+One config names the model, the data, how to get the clean model, the attacks (each at the bit widths it
+targets), the defences and the scan. Every step writes its outputs into its own folder under the bench's
+output folder and a `done.json` marker last; a rerun skips every step whose marker exists and resumes an
+interrupted training from its checkpoint, so an interrupted bench picks up where it stopped and a finished
+one only re-renders its tables. Results: results.md (the table), results.csv (one line per model and
+defence), results.json (everything, with the config).
+
+The steps call the same functions as the subcommands (`train`, `attack`, `purify`, `scan`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from qcbdefense.errors import InputError
+from qcbdefense.fileio import atomic_path, write_json
+from qcbdefense.results import format_table
+from qcbdefense.runinfo import environment
+
+DONE = "done.json"
+DEFENSE_LABELS = {"nearest": "nearest", "efrap": "EFRAP", "lac": "LAC", "lac-pda": "LAC+PDA", "adaround": "AdaRound"}
+
+
+@dataclass(frozen=True)
+class AttackEntry:
+    """One attacked model: `method` at `bits` against the victim quantizer `spec` (see `qcbdefense.attack`)."""
+
+    name: str
+    method: str
+    bits: tuple[int, ...]
+    spec: str | None = None
+    train: dict = field(default_factory=dict)  # TrainConfig fields changed from the method's defaults
+    options: dict = field(default_factory=dict)  # the method's options (c1, poison_rate, ...)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A bench, as read from YAML (see benchmarks/*.yaml)."""
+
+    name: str
+    model: str
+    data: str
+    clean: dict  # "init": a checkpoint to start from (optional), the rest TrainConfig fields
+    attacks: tuple[AttackEntry, ...]
+    clean_specs: tuple[str, ...] = ("w8a8", "w4a4")  # the clean model is purified and scanned under these
+    defenses: tuple[str, ...] = ("nearest", "efrap", "lac", "lac-pda")
+    defense_options: dict = field(default_factory=dict)  # per defence, purify options (e.g. pda_steps)
+    calib: int = 1024
+    trigger: str = "patch"
+    target: int = 0
+    scan: dict | None = field(default_factory=dict)  # ScanConfig / SearchConfig fields; None: no scan
+    seed: int = 0
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "BenchConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"bench config {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise InputError(f"bench config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Any, *, source: str = "the bench config") -> "BenchConfig":
+        if not isinstance(raw, dict):
+            raise InputError(f"{source} must be a mapping")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise InputError(f"{source}: unknown key(s) {', '.join(unknown)}")
+        missing = sorted({"name", "model", "data", "clean", "attacks"} - set(raw))
+        if missing:
+            raise InputError(f"{source}: missing key(s) {', '.join(missing)}")
+        values = dict(raw)
+        try:
+            values["attacks"] = tuple(AttackEntry(**{**a, "bits": _bits(a.get("bits"))}) for a in raw["attacks"])
+        except TypeError as err:
+            raise InputError(f"{source}: bad attack entry ({err})") from None
+        for key in ("clean_specs", "defenses"):
+            if key in values:
+                values[key] = tuple(values[key])
+        names = [a.name for a in values["attacks"]] + ["clean"]
+        if len(set(names)) != len(names):
+            raise InputError(f"{source}: attack names must be unique and not 'clean'")
+        config = cls(**values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Refuse names that would fail hours into a run, before anything starts."""
+        from models import list_models
+        from qcbdefense.attacks import ATTACKS
+        from qcbdefense.defenses import DEFENSES
+        from qcbdefense.quant.spec import get_spec
+
+        if self.model not in list_models():
+            raise InputError(f"bench {self.name}: unknown model {self.model!r} (known: {', '.join(list_models())})")
+        for attack in self.attacks:
+            ATTACKS.get(attack.method)
+        for defense in self.defenses:
+            DEFENSES.get(defense)
+        for spec in self.clean_specs:
+            get_spec(spec)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class BenchRow:
+    """One attacked (or the clean) model under one quantizer: every defence's score, the scan's verdict."""
+
+    model: str
+    spec: str
+    fp: dict
+    defenses: dict = field(default_factory=dict)  # defence -> {"ca", "asr", "agreement", "seconds"}
+    scan: dict | None = None
+
+
+def _bits(value: Any) -> tuple[int, ...]:
+    from qcbdefense.attacks.base import parse_bits
+
+    return parse_bits(value if value is not None else "")
+
+
+def run_bench(config: BenchConfig, out: str | os.PathLike, *, device: str | torch.device = "cpu",
+              log: Callable[[str], None] = print) -> list[BenchRow]:
+    """Run (or resume) the bench into `out`; returns its rows and writes results.{md,csv,json}."""
+    from qcbdefense.attacks import ATTACKS
+    from qcbdefense.attacks.base import spec_at
+    from qcbdefense.data import load_dataset
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config.to_dict())
+    data = load_dataset(config.data)
+    start = time.perf_counter()
+    clean = _clean_model(config, data, out / "clean", device, log)
+    models = [("clean", clean, config.clean_specs)]
+    for entry in config.attacks:
+        backdoored = _attacked_model(config, entry, clean, data, out / "attacks" / entry.name, device, log)
+        base = entry.spec if entry.spec is not None else ATTACKS.get(entry.method).spec
+        models.append((entry.name, backdoored, tuple(spec_at(base, b).name for b in entry.bits)))
+    rows = []
+    for name, model, specs in models:
+        for spec in specs:
+            rows.append(_evaluate(config, name, model, spec, data, out, device, log))
+            _write_results(out, config, rows, time.perf_counter() - start)
+    return rows
+
+
+def _cached(folder: Path, what: str, log: Callable[[str], None], compute: Callable[[], None]) -> None:
+    """Run `compute` unless `folder` holds a done marker; write the marker after it succeeds."""
+    if (folder / DONE).is_file():
+        log(f"[cached] {what}")
+        return
+    log(f"[run] {what}")
+    folder.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    compute()
+    write_json(folder / DONE, {"what": what, "seconds": time.perf_counter() - began})
+
+
+def _clean_model(config: BenchConfig, data, folder: Path, device, log):
+    from models import create_model
+    from qcbdefense.checkpoints import load_model
+    from qcbdefense.train import MODEL_FILE, train
+    from qcbdefense.training import STATE_FILE, TrainConfig
+
+    settings = dict(config.clean)
+    init = settings.pop("init", None)
+    train_config = TrainConfig(**{"seed": config.seed, **settings})
+
+    def compute() -> None:
+        torch.manual_seed(config.seed)
+        model = (load_model(config.model, init) if init else
+                 create_model(config.model, num_classes=data.num_classes, mean=data.mean, std=data.std))
+        train(model, data, train_config, arch=config.model, out_dir=folder, device=device, init=init,
+              resume=(folder / STATE_FILE).is_file())
+
+    _cached(folder, f"clean {config.model}", log, compute)
+    return load_model(config.model, folder / MODEL_FILE)
+
+
+def _attacked_model(config: BenchConfig, entry: AttackEntry, clean, data, folder: Path, device, log):
+    from qcbdefense.attacks import ATTACKS, attack
+    from qcbdefense.attacks.base import MODEL_FILE, REPORT_FILE
+    from qcbdefense.checkpoints import load_model, save_model
+    from qcbdefense.training import STATE_FILE
+
+    def compute() -> None:
+        train = dataclasses.replace(ATTACKS.get(entry.method).train, **{"seed": config.seed, **entry.train})
+        model, report = attack(clean, data, method=entry.method, bits=entry.bits, spec=entry.spec,
+                               trigger=config.trigger, target=config.target, config=train, out_dir=folder,
+                               resume=any(folder.rglob(STATE_FILE)), device=device, arch=config.model,
+                               **entry.options)
+        save_model(model, folder / MODEL_FILE)
+        report.save(folder / REPORT_FILE)
+        log(report.table())
+
+    _cached(folder, f"attack {entry.name} ({entry.method}, bits {','.join(map(str, entry.bits))})", log, compute)
+    return load_model(config.model, folder / MODEL_FILE)
+
+
+def _evaluate(config: BenchConfig, name: str, model, spec: str, data, out: Path, device, log) -> BenchRow:
+    from qcbdefense.defenses import purify, save_purified
+    from qcbdefense.defenses.base import PurifyReport
+
+    row = None
+    for defense in config.defenses:
+        folder = out / "purify" / f"{name}-{spec}-{defense}"
+
+        def compute(defense=defense, folder=folder) -> None:
+            purified, report = purify(model, data, method=defense, spec=spec, calib=config.calib,
+                                      trigger=config.trigger, target=config.target, seed=config.seed,
+                                      device=device, arch=config.model, progress=True,
+                                      **config.defense_options.get(defense, {}))
+            save_purified(purified, folder, report=report)
+            log(report.summary())
+
+        _cached(folder, f"{DEFENSE_LABELS.get(defense, defense)} on {name} under {spec}", log, compute)
+        report = PurifyReport.from_dict(json.loads((folder / "report.json").read_text()))
+        if row is None:
+            row = BenchRow(model=name, spec=spec, fp=dataclasses.asdict(report.fp))
+        row.defenses[defense] = {**dataclasses.asdict(report.purified), "seconds": report.seconds.get("defense", 0.0)}
+    if row is None:
+        raise InputError(f"bench {config.name}: no defences to run")
+    if config.scan is not None:
+        row.scan = _scan(config, name, model, spec, data, out / "scan" / f"{name}-{spec}", device, log)
+    return row
+
+
+def _scan(config: BenchConfig, name: str, model, spec: str, data, folder: Path, device, log) -> dict:
+    from qcbdefense.scan import ScanConfig, SearchConfig, scan
+
+    search_keys = {f.name for f in dataclasses.fields(SearchConfig)}
+    search = SearchConfig(**{k: v for k, v in config.scan.items() if k in search_keys})
+    scan_config = ScanConfig(**{k: v for k, v in config.scan.items() if k not in search_keys}, search=search,
+                             seed=config.seed)
+
+    def compute() -> None:
+        log(scan(model, data, out=folder, spec=spec, config=scan_config, device=device).summary())
+
+    _cached(folder, f"scan {name} under {spec}", log, compute)
+    report = json.loads((folder / "report.json").read_text())
+    return {"verdict": report["verdict"], "target": report["target"], "score": report["score"],
+            "seconds": report["seconds"]["total"]}
+
+
+def _cell(score: dict | None) -> str:
+    return "-" if score is None else f"{score['ca']:.2f} / {score['asr']:.2f}"
+
+
+def results_table(config: BenchConfig, rows: list[BenchRow]) -> str:
+    """The paper's table: CA / ASR % of FP and each defence, the scan's verdict (Markdown)."""
+    headers = ["model", "quantizer", "FP"] + [DEFENSE_LABELS.get(d, d) for d in config.defenses] + ["scan"]
+    cells = []
+    for row in rows:
+        scan = "-" if row.scan is None else row.scan["verdict"] + (
+            f" (target {row.scan['target']})" if row.scan["target"] is not None else "")
+        cells.append([row.model, row.spec, _cell(row.fp)] + [_cell(row.defenses.get(d)) for d in config.defenses]
+                     + [scan])
+    return format_table(headers, cells)
+
+
+def timing_table(config: BenchConfig, rows: list[BenchRow]) -> str:
+    headers = ["model", "quantizer"] + [f"{DEFENSE_LABELS.get(d, d)} s" for d in config.defenses] + ["scan s"]
+    cells = [[row.model, row.spec] + [f"{row.defenses[d]['seconds']:.1f}" if d in row.defenses else "-"
+                                      for d in config.defenses]
+             + ["-" if row.scan is None else f"{row.scan['seconds']:.1f}"] for row in rows]
+    return format_table(headers, cells)
+
+
+def _write_results(out: Path, config: BenchConfig, rows: list[BenchRow], seconds: float) -> None:
+    write_json(out / "results.json", {"command": "bench", "config": config.to_dict(),
+                                      "rows": [dataclasses.asdict(r) for r in rows], "seconds": seconds,
+                                      "environment": environment()})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["model", "quantizer", "defense", "ca", "asr", "agreement", "seconds", "scan_verdict",
+                     "scan_target"])
+    for row in rows:
+        scan = row.scan or {}
+        writer.writerow([row.model, row.spec, "fp", row.fp["ca"], row.fp["asr"], row.fp["agreement"], "",
+                         scan.get("verdict", ""), scan.get("target", "")])
+        for defense, score in row.defenses.items():
+            writer.writerow([row.model, row.spec, defense, score["ca"], score["asr"], score["agreement"],
+                             round(score["seconds"], 2), "", ""])
+    with atomic_path(out / "results.csv") as tmp:
+        tmp.write_text(buffer.getvalue())
+    text = "\n".join([f"# bench {config.name}: {config.model} on {config.data}", "",
+                      "CA / ASR % (ASR on non-target test images; the clean model's is its natural error toward "
+                      f"class {config.target}).", "", results_table(config, rows), "",
+                      "Defence and scan times:", "", timing_table(config, rows), "",
+                      f"Total time of this invocation: {seconds:.0f} s (cached steps are not re-timed).", ""])
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(text)
