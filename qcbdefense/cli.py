@@ -177,15 +177,20 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
 
 def _reference_model(args: argparse.Namespace):
-    """--reference: an ONNX file as is, else a checkpoint loaded into --model's architecture."""
+    """--reference: an ONNX file as is; a purified folder (the fake-quant model the file was exported from) or
+    a checkpoint, loaded into --model's architecture."""
     from qcbdefense.checkpoints import load_model
+    from qcbdefense.defenses import load_purified
 
     if args.reference is None:
         return None
     if args.reference.suffix.lower() == ".onnx":
         return args.reference
     if args.model is None:
-        raise InputError(f"--reference {args.reference} is a checkpoint: give its architecture with --model NAME")
+        raise InputError(f"--reference {args.reference} is a checkpoint or a purified folder: give its "
+                         f"architecture with --model NAME")
+    if args.reference.is_dir():
+        return load_purified(args.model, args.reference)
     return load_model(args.model, args.reference)
 
 
@@ -252,7 +257,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     trigger = None if args.trigger is None else parse_trigger(args.trigger)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
     reference = _reference_model(args)
-    if args.crosscheck and reference is None:
+    if args.crosscheck and (reference is None or args.reference.is_dir()):
         raise InputError("--crosscheck quantizes the FP model with onnxruntime's quantizer: give the FP model as "
                          "--reference CKPT --model NAME, or --reference FP.onnx")
     report = verify(args.onnx, data, trigger=trigger, target=args.target, reference=reference,
@@ -453,9 +458,10 @@ def build_parser() -> Parser:
     p.add_argument("--data", required=True, help="builtin[:SEED] | cifar10:PATH | folder:PATH (dir or .tar.gz)")
     _add_trigger_args(p)
     p.add_argument("--reference", type=Path, default=None,
-                   help="what to agree with: an .onnx file, or a checkpoint (with --model)")
+                   help="what to agree with: an .onnx file, or (with --model) an FP checkpoint or the "
+                        "folder of a purified model")
     p.add_argument("--model", default=None, choices=list_models(), metavar="NAME",
-                   help="architecture of a --reference checkpoint")
+                   help="architecture of a --reference checkpoint or purified folder")
     _add_gate_args(p)
     p.add_argument("--crosscheck", action="store_true",
                    help="also quantize the FP --reference with onnxruntime's quantize_static (int8, int4 weights)")

@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
 from models import create_model
 from qcbdefense.checkpoints import save_model
 from qcbdefense.data import Dataset, batches, load_dataset
@@ -79,3 +83,20 @@ def nearest_w8a8(trained: Trained) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def nearest_w4a4(trained: Trained) -> torch.nn.Module:
     return post_training_quantize(trained.model, "w4a4", trained.data, calib=256)
+
+
+@pytest.fixture
+def tiny_onnx():
+    """A writer of valid ONNX models whose only input has a given shape (for wrong-shape tests)."""
+
+    def _tiny_onnx(path: Path, shape: list) -> Path:
+        """A valid ONNX model whose only input has `shape` (a Flatten + Gemm to 10 classes)."""
+        features = int(np.prod([d for d in shape[1:]]))
+        weight = numpy_helper.from_array(np.zeros((10, features), np.float32), "w")
+        nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)]
+        graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], [weight])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+        return path
+
+    return _tiny_onnx

@@ -128,20 +128,7 @@ def test_export_refuses_bad_input(trained, nearest_w8a8, tmp_path):
     assert not list(tmp_path.iterdir()), "a refused export writes nothing"
 
 
-def _tiny_onnx(path, shape):
-    """A valid ONNX model whose only input has `shape` (a Flatten + Gemm to 10 classes)."""
-    from onnx import TensorProto, helper
-
-    features = int(np.prod([d for d in shape[1:]]))
-    weight = numpy_helper.from_array(np.zeros((10, features), np.float32), "w")
-    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], [weight])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
-    return path
-
-
-def test_ort_model_refuses_bad_files(nearest_w8a8, builtin, tmp_path):
+def test_ort_model_refuses_bad_files(nearest_w8a8, builtin, tiny_onnx, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         OrtModel(tmp_path / "absent.onnx")
     (tmp_path / "empty.onnx").write_bytes(b"")
@@ -156,7 +143,7 @@ def test_ort_model_refuses_bad_files(nearest_w8a8, builtin, tmp_path):
         OrtModel(tmp_path / "cut.onnx")
 
     with pytest.raises(InputError, match=r"\[N, C, H, W\]"):
-        OrtModel(_tiny_onnx(tmp_path / "flat.onnx", ["N", 3072]))
-    gray = OrtModel(_tiny_onnx(tmp_path / "gray.onnx", ["N", 1, 28, 28]))
+        OrtModel(tiny_onnx(tmp_path / "flat.onnx", ["N", 3072]))
+    gray = OrtModel(tiny_onnx(tmp_path / "gray.onnx", ["N", 1, 28, 28]))
     with pytest.raises(InputError, match=r"\[3, 32, 32\]"):
         gray.check_images(builtin.test_x.shape[1:])

@@ -1,18 +1,25 @@
-"""The scanner's mechanics on the 16x16 built-in world: reports and files, the same answer from the two ONNX
-files alone, a clean pair passed, bad input refused.
+"""The scanner on the built-in data: an attacked small CNN flagged with its target, a clean one passed, the
+same answer from the two ONNX files alone, its evidence written, bad input refused.
 
-That it flags attacked models with the right target is asserted at 32x32 by the slow demo test
-(tests/qcbdefense/test_demo.py) and measured in BENCHMARKS.md: at 16x16 the trigger search does not find
-the PQBackdoor trigger reliably (BENCHMARKS.md, scanner section), so asserting it here would test luck.
+Detection is asserted at the built-in data's own 32x32 on a shipped attacked model: at the 16x16 of the
+fast fixtures the trigger search does not find the PQBackdoor trigger reliably (BENCHMARKS.md, scanner
+section), so asserting it there would test luck. The mechanics are checked on the fast 16x16 fixtures.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from qcbdefense.checkpoints import load_model
 from qcbdefense.cli import main
+from qcbdefense.data import load_dataset
 from qcbdefense.scan import scan
+
+# Made by `qcbdefense demo` (seed 0), step 2: small_cnn on builtin, PQBackdoor for int8 and int4, the default
+# 4x4 white patch, target 0. FP ASR 11.9 %, pqbackdoor-w8a8 ASR 95.4 % (BENCHMARKS.md, demo section).
+ATTACKED_32 = Path(__file__).parents[1] / "fixtures" / "pq-small-cnn-builtin.safetensors"
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +34,12 @@ def _one_thread():
 def attacked_scan(pq_cnn16, shapes16, tmp_path_factory):
     out = tmp_path_factory.mktemp("scan-attacked")
     return out, scan(pq_cnn16[0], shapes16, out=out, spec="pqbackdoor-w4a4")
+
+
+def test_attacked_model_is_flagged_with_its_target(tmp_path):
+    report = scan(load_model("small_cnn", ATTACKED_32), load_dataset("builtin"), out=tmp_path, spec="pqbackdoor-w8a8")
+    assert report.suspicious and report.target == 0
+    assert report.disagreement.pile_class == 0
 
 
 def test_scan_writes_its_evidence(attacked_scan):

@@ -1,0 +1,92 @@
+"""verify and harden: the ONNX file scored in onnxruntime against its thresholds, usable as a deployment gate
+(exit 0 pass, 1 a threshold failed, 2 bad input), and purify -> export -> verify in one command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from export.onnx import export_float_onnx, export_onnx
+from export.verify import verify
+from qcbdefense.cli import main
+from qcbdefense.errors import InputError
+from qcbdefense.evaluate import evaluate
+from qcbdefense.triggers import parse_trigger
+
+PATCH = parse_trigger("patch")
+
+
+@pytest.fixture(scope="module")
+def files(trained, nearest_w8a8, tmp_path_factory):
+    """The w8a8 round-to-nearest model and the FP model as ONNX files."""
+    folder = tmp_path_factory.mktemp("verify")
+    return export_onnx(nearest_w8a8, folder / "q.onnx"), export_float_onnx(trained.model, folder / "fp.onnx")
+
+
+def test_verify_matches_the_fake_quant_model(trained, nearest_w8a8, files):
+    report = verify(files[0], trained.data, trigger=PATCH, reference=nearest_w8a8, min_agreement=99.5,
+                    max_asr=100.0, min_ca=0.0)
+    torch_metrics = evaluate(nearest_w8a8, trained.data, trigger=PATCH)
+    assert report.passed and [c.passed for c in report.checks] == [True, True, True]
+    assert report.agreement >= 99.5
+    assert abs(report.ca - torch_metrics.ca) <= 0.5 and abs(report.asr - torch_metrics.asr) <= 0.5
+    assert report.n_clean == len(trained.data.test_y) and report.n_poisoned == int((trained.data.test_y != 0).sum())
+
+
+def test_verify_fails_a_threshold_it_cannot_meet(trained, files):
+    report = verify(files[0], trained.data, reference=files[1], min_ca=99.9, min_agreement=0.0)
+    assert not report.passed and [c.passed for c in report.checks] == [False, True]
+    with pytest.raises(InputError, match="trigger"):
+        verify(files[0], trained.data, max_asr=5.0)  # an ASR gate without a trigger is nonsense
+
+
+def test_crosscheck_scores_onnxruntime_quantizers(trained, files):
+    report = verify(files[0], trained.data, trigger=PATCH, crosscheck_model=files[1], calib=64)
+    assert report.crosscheck and all(0 <= row["ca"] <= 100 for row in report.crosscheck)
+    assert all(row["asr"] is not None and row["agreement"] > 50 for row in report.crosscheck)
+
+
+def test_verify_cli_is_a_gate(files, tmp_path, capsys):
+    q, fp = files
+    out = tmp_path / "ok.json"
+    assert main(["verify", str(q), "--data", "builtin", "--reference", str(fp), "--min-agreement", "80",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["agreement"] >= 80
+    failed = tmp_path / "failed.json"
+    assert main(["verify", str(q), "--data", "builtin", "--min-ca", "99.9", "--out", str(failed)]) == 1
+    assert json.loads(failed.read_text())["checks"][0]["passed"] is False
+    capsys.readouterr()
+
+
+def test_verify_cli_refuses_bad_input(files, tiny_onnx, tmp_path, capsys):
+    good = files[0].read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(good[: len(good) // 2])
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x07 not a protobuf \xff" * 10)
+    gray = tiny_onnx(tmp_path / "gray.onnx", ["N", 1, 28, 28])
+    out = tmp_path / "r.json"
+    cases = [
+        [str(tmp_path / "cut.onnx"), "--data", "builtin"],  # truncated
+        [str(tmp_path / "junk.onnx"), "--data", "builtin"],  # corrupt
+        [str(gray), "--data", "builtin"],  # wrong input shape for the data
+        [str(files[0]), "--data", f"folder:{tmp_path / 'no-such-folder'}"],  # missing data folder
+        [str(files[0]), "--data", "builtin", "--reference", str(tmp_path / "fp.pt")],  # checkpoint without --model
+    ]
+    for argv in cases:
+        code = main(["verify", *argv, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
+        assert not out.exists()
+
+
+def test_harden_purifies_exports_and_verifies(trained, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    code = main(["harden", "--model", "small_cnn", "--ckpt", str(trained.ckpt), "--data", "builtin",
+                 "--spec", "w8a8", "--method", "lac", "--steps", "20", "--calib", "128", "--trigger", "patch",
+                 "--max-asr", "100", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["verify"]["agreement"] >= 99.5  # the file is the model that was purified
+    # the purified folder beside the file is a valid --reference for a later verify
+    assert main(["verify", str(out), "--data", "builtin", "--reference", str(tmp_path / "model.purified"),
+                 "--model", "small_cnn", "--min-agreement", "99.5"]) == 0
