@@ -18,7 +18,7 @@ from qcbdefense.data import load_dataset
 from qcbdefense.scan import scan
 
 # Made by `qcbdefense demo` (seed 0), step 2: small_cnn on builtin, PQBackdoor for int8 and int4, the default
-# 4x4 white patch, target 0. FP ASR 11.9 %, pqbackdoor-w8a8 ASR 95.4 % (BENCHMARKS.md, demo section).
+# 4x4 white patch, target 0. FP ASR 11.92 %, pqbackdoor-w8a8 ASR 95.55 % (BENCHMARKS.md, demo section).
 ATTACKED_32 = Path(__file__).parents[1] / "fixtures" / "pq-small-cnn-builtin.safetensors"
 
 
