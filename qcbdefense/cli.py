@@ -202,6 +202,12 @@ def _gate(args: argparse.Namespace, trigger, has_reference: bool) -> dict:
     return {"max_asr": max_asr, "min_agreement": min_agreement, "min_ca": args.min_ca}
 
 
+def _graph_rewrites(args: argparse.Namespace) -> dict:
+    """--keep-bn turns export.onnx's two rewrites off: BN stays a node and biases stay float, computed in the
+    fake-quant model's order (agreement over speed: onnxruntime then runs no integer kernels)."""
+    return {"fold_bn": False, "int_bias": False} if args.keep_bn else {}
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from export.onnx import export_float_onnx, export_onnx, read_metadata
     from qcbdefense.fileio import sha256_file
@@ -212,8 +218,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     source = sha256_file(args.ckpt)
     model = _load_arch(args)
     if args.float:
-        if args.purified is not None or args.spec is not None:
-            raise InputError("--float exports the FP checkpoint: it takes no --purified or --spec")
+        if args.purified is not None or args.spec is not None or args.keep_bn:
+            raise InputError("--float exports the FP checkpoint: it takes no --purified, --spec or --keep-bn")
         export_float_onnx(model, args.out, source_sha256=source)
     elif args.purified is not None:
         from qcbdefense.defenses import load_purified, read_report
@@ -225,7 +231,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         folder = args.purified if args.purified.is_dir() else args.purified.parent
         if not (folder / "report.json").is_file():
             raise InputError(f"{folder} holds no report.json naming the purification method")
-        export_onnx(qmodel, args.out, defense=read_report(folder).method, source_sha256=source)
+        export_onnx(qmodel, args.out, defense=read_report(folder).method, source_sha256=source,
+                    **_graph_rewrites(args))
     else:
         from qcbdefense.data import load_dataset
         from qcbdefense.quant.ptq import post_training_quantize
@@ -236,7 +243,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         data = load_dataset(args.data, cache_dir=args.cache_dir)
         torch.manual_seed(args.seed)
         qmodel = post_training_quantize(model, spec, data, calib=args.calib, seed=args.seed)
-        export_onnx(qmodel, args.out, spec=spec, defense="nearest", source_sha256=source)
+        export_onnx(qmodel, args.out, spec=spec, defense="nearest", source_sha256=source, **_graph_rewrites(args))
     meta = read_metadata(args.out)
     size = args.out.stat().st_size / 1024
     if meta.get("qcbdefense.kind") == "float":
@@ -447,6 +454,9 @@ def build_parser() -> Parser:
     p.add_argument("--spec", default=None, help="the deployment quantizer (default w8a8; with --purified: its own)")
     p.add_argument("--purified", type=Path, default=None, help="a folder written by `qcbdefense purify`: export it")
     p.add_argument("--float", action="store_true", help="export the FP checkpoint itself (the reference)")
+    p.add_argument("--keep-bn", action="store_true",
+                   help="int8: keep BN and float biases; closer argmax agreement with PyTorch, but onnxruntime "
+                        "cannot use integer kernels (BENCHMARKS.md, export)")
     p.add_argument("--calib", type=_positive_int, default=512, help="clean training images for calibration")
     p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     _add_common(p)

@@ -90,3 +90,21 @@ def test_harden_purifies_exports_and_verifies(trained, tmp_path, capsys):
     # the purified folder beside the file is a valid --reference for a later verify
     assert main(["verify", str(out), "--data", "builtin", "--reference", str(tmp_path / "model.purified"),
                  "--model", "small_cnn", "--min-agreement", "99.5"]) == 0
+
+
+def test_export_cli_folds_bn_for_integer_kernels_unless_told_to_keep_it(trained, tmp_path, capsys):
+    import onnx
+
+    def ops(path):
+        return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+    common = ["export", "--model", "small_cnn", "--ckpt", str(trained.ckpt), "--data", "builtin", "--spec", "w8a8",
+              "--calib", "128"]
+    assert main([*common, "--out", str(tmp_path / "folded.onnx")]) == 0
+    assert main([*common, "--keep-bn", "--out", str(tmp_path / "kept.onnx")]) == 0
+    assert "BatchNormalization" not in ops(tmp_path / "folded.onnx")
+    assert "BatchNormalization" in ops(tmp_path / "kept.onnx")
+    capsys.readouterr()
+    assert main(["export", "--model", "small_cnn", "--ckpt", str(trained.ckpt), "--float", "--keep-bn",
+                 "--out", str(tmp_path / "fp.onnx")]) == 2
+    assert "--keep-bn" in capsys.readouterr().err and not (tmp_path / "fp.onnx").exists()

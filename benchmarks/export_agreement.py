@@ -1,0 +1,40 @@
+"""Where the 8-bit ONNX files lose argmax agreement with PyTorch: the purified W8 ResNet-20 exported with each
+of export.onnx's two rewrites on or off, and the default file under onnxruntime's optimisation levels.
+Usage: python benchmarks/export_agreement.py [PURIFIED_DIR]   (after benchmarks/purify_r20.sh)"""
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from export.onnx import export_onnx
+from export.ort import OrtModel
+from qcbdefense.data import load_dataset, to_float
+from qcbdefense.defenses import load_purified
+from qcbdefense.evaluate import agreement, predict
+
+folder = sys.argv[1] if len(sys.argv) > 1 else "runs/purify/r20-pq-w8-lac"
+x = load_dataset("folder:../shared/datasets/cifar10-jpg.tar.gz").test_x
+model = load_purified("resnet20", folder)
+reference = predict(model, x)
+pixels = to_float(x).numpy().astype(np.float32)
+
+
+def argmax(run) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([run(pixels[i:i + 500]).argmax(1) for i in range(0, len(pixels), 500)]))
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    for fold_bn, int_bias in ((False, False), (False, True), (True, False), (True, True)):
+        path = export_onnx(model, Path(tmp) / f"{fold_bn}-{int_bias}.onnx", fold_bn=fold_bn, int_bias=int_bias)
+        preds = argmax(OrtModel(path, threads=2).logits)
+        print(f"fold_bn={fold_bn!s:5} int_bias={int_bias!s:5} agreement {agreement(preds, reference):.2f} %")
+    for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        preds = argmax(lambda batch: session.run(None, {name: batch})[0])
+        print(f"default file, {level}: agreement {agreement(preds, reference):.2f} %")
