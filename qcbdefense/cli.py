@@ -144,6 +144,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 PURIFY_METHODS = ("adaround", "efrap", "lac", "lac-pda", "nearest")
 
 
+def _add_schedule_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="reconstruction steps per layer, at most (default: the method's)")
+    p.add_argument("--released", action="store_true",
+                   help="the authors' schedule: 10,000 steps a layer, no early stopping, last iterate kept")
+    p.add_argument("--pda-steps", type=_positive_int, default=None,
+                   help="lac-pda: PDA steps per layer (default 500, the release's; 50 is ten times faster)")
+
+
 def _schedule_options(args: argparse.Namespace) -> dict:
     """--released / --steps / --pda-steps as purify options (shared by purify and harden)."""
     options: dict = {}
@@ -264,6 +273,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     trigger = None if args.trigger is None else parse_trigger(args.trigger)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
     reference = _reference_model(args)
+    if args.throughput and not (isinstance(reference, Path) and reference.suffix.lower() == ".onnx"):
+        raise InputError("--throughput compares with the FP32 ONNX file: give it as --reference FP.onnx")
     if args.crosscheck and (reference is None or args.reference.is_dir()):
         raise InputError("--crosscheck quantizes the FP model with onnxruntime's quantizer: give the FP model as "
                          "--reference CKPT --model NAME, or --reference FP.onnx")
@@ -274,10 +285,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.throughput:
         from export.ort import measure_throughput, throughput_table
 
-        if not (isinstance(reference, Path) and reference.suffix.lower() == ".onnx"):
-            raise InputError("--throughput compares with the FP32 ONNX file: give it as --reference FP.onnx")
-        rows = measure_throughput({"fp32": reference, "this model": args.onnx}, threads=args.threads or 2)
-        print(throughput_table(rows, baseline="fp32"))
+        report.throughput = measure_throughput({"fp32": reference, "this model": args.onnx},
+                                               threads=args.threads or 2)
+        print(throughput_table(report.throughput, baseline="fp32"))
     if args.out is not None:
         report.save(args.out)
         print(f"report: {args.out}")
@@ -434,12 +444,7 @@ def build_parser() -> Parser:
     p.add_argument("--spec", default="w4a4", help="the deployment quantizer: a preset name or a spec .json/.yaml")
     p.add_argument("--calib", type=_positive_int, default=1024, help="the defender's clean training images")
     _add_trigger_args(p)
-    p.add_argument("--steps", type=_positive_int, default=None,
-                   help="reconstruction steps per layer, at most (default: the method's)")
-    p.add_argument("--released", action="store_true",
-                   help="the authors' schedule: 10,000 steps a layer, no early stopping, last iterate kept")
-    p.add_argument("--pda-steps", type=_positive_int, default=None,
-                   help="lac-pda: PDA steps per layer (default 500, the release's; 50 is ten times faster)")
+    _add_schedule_args(p)
     p.add_argument("--out", type=Path, required=True,
                    help="output folder: purified.pt, spec.json (load with load_purified), report.json")
     _add_common(p)
@@ -489,12 +494,7 @@ def build_parser() -> Parser:
                    help=f"{', '.join(PURIFY_METHODS)} (default lac-pda)")
     p.add_argument("--calib", type=_positive_int, default=1024, help="the defender's clean training images")
     _add_trigger_args(p)
-    p.add_argument("--steps", type=_positive_int, default=None,
-                   help="reconstruction steps per layer, at most (default: the method's)")
-    p.add_argument("--released", action="store_true",
-                   help="the authors' schedule: 10,000 steps a layer, no early stopping, last iterate kept")
-    p.add_argument("--pda-steps", type=_positive_int, default=None,
-                   help="lac-pda: PDA steps per layer (default 500, the release's; 50 is ten times faster)")
+    _add_schedule_args(p)
     _add_gate_args(p)
     p.add_argument("--out", type=Path, required=True,
                    help="the .onnx file to write; beside it <stem>.purified/ and <stem>.json (the report)")

@@ -23,9 +23,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from export.replica import OnnxReplica
-
 from qcbdefense.data import Dataset, to_float
 from qcbdefense.errors import InputError
 from qcbdefense.fileio import atomic_path, sha256_file, write_json
@@ -33,6 +30,9 @@ from qcbdefense.results import fmt, format_table
 from qcbdefense.runinfo import environment
 from qcbdefense.scan.drift import Disagreement, LayerDrift, disagreement, layer_drift
 from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig, anomaly_index, search_triggers
+
+if TYPE_CHECKING:  # export stands beside the core and imports it: only the type is needed here
+    from export.replica import OnnxReplica
 
 REPORT_VERSION = 1
 

@@ -71,6 +71,7 @@ def test_verify_cli_refuses_bad_input(files, tiny_onnx, tmp_path, capsys):
         [str(gray), "--data", "builtin"],  # wrong input shape for the data
         [str(files[0]), "--data", f"folder:{tmp_path / 'no-such-folder'}"],  # missing data folder
         [str(files[0]), "--data", "builtin", "--reference", str(tmp_path / "fp.pt")],  # checkpoint without --model
+        [str(files[0]), "--data", "builtin", "--throughput"],  # throughput needs the FP32 ONNX as --reference
     ]
     for argv in cases:
         code = main(["verify", *argv, "--out", str(out)])
@@ -108,3 +109,13 @@ def test_export_cli_folds_bn_for_integer_kernels_unless_told_to_keep_it(trained,
     assert main(["export", "--model", "small_cnn", "--ckpt", str(trained.ckpt), "--float", "--keep-bn",
                  "--out", str(tmp_path / "fp.onnx")]) == 2
     assert "--keep-bn" in capsys.readouterr().err and not (tmp_path / "fp.onnx").exists()
+
+
+def test_throughput_is_measured_side_by_side(files):
+    from export.ort import measure_throughput, throughput_table
+
+    rows = measure_throughput({"fp32": files[1], "int8": files[0]}, batch_sizes=(1, 8), threads=1, rounds=2,
+                              seconds=0.05)
+    assert [(r["model"], r["batch"]) for r in rows] == [("fp32", 1), ("int8", 1), ("fp32", 8), ("int8", 8)]
+    assert all(r["best"] >= r["median"] > 0 and r["rounds"] == 2 for r in rows)
+    assert "x median" in throughput_table(rows, baseline="fp32")
