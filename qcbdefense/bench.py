@@ -112,6 +112,8 @@ class BenchConfig:
             raise InputError(f"bench {self.name}: unknown model {self.model!r} (known: {', '.join(list_models())})")
         for attack in self.attacks:
             ATTACKS.get(attack.method)
+        if not self.defenses:
+            raise InputError(f"bench {self.name}: no defences to run")
         for defense in self.defenses:
             DEFENSES.get(defense)
         for spec in self.clean_specs:
@@ -218,8 +220,7 @@ def _attacked_model(config: BenchConfig, entry: AttackEntry, clean, data, folder
 
 
 def _evaluate(config: BenchConfig, name: str, model, spec: str, data, out: Path, device, log) -> BenchRow:
-    from qcbdefense.defenses import purify, save_purified
-    from qcbdefense.defenses.base import PurifyReport
+    from qcbdefense.defenses import purify, read_report, save_purified
 
     row = None
     for defense in config.defenses:
@@ -234,12 +235,10 @@ def _evaluate(config: BenchConfig, name: str, model, spec: str, data, out: Path,
             log(report.summary())
 
         _cached(folder, f"{DEFENSE_LABELS.get(defense, defense)} on {name} under {spec}", log, compute)
-        report = PurifyReport.from_dict(json.loads((folder / "report.json").read_text()))
+        report = read_report(folder)
         if row is None:
             row = BenchRow(model=name, spec=spec, fp=dataclasses.asdict(report.fp))
         row.defenses[defense] = {**dataclasses.asdict(report.purified), "seconds": report.seconds.get("defense", 0.0)}
-    if row is None:
-        raise InputError(f"bench {config.name}: no defences to run")
     if config.scan is not None:
         row.scan = _scan(config, name, model, spec, data, out / "scan" / f"{name}-{spec}", device, log)
     return row
@@ -268,11 +267,12 @@ def _cell(score: dict | None) -> str:
 
 def results_table(config: BenchConfig, rows: list[BenchRow]) -> str:
     """The paper's table: CA / ASR % of FP and each defence, the scan's verdict (Markdown)."""
+    from qcbdefense.scan import verdict_label
+
     headers = ["model", "quantizer", "FP"] + [DEFENSE_LABELS.get(d, d) for d in config.defenses] + ["scan"]
     cells = []
     for row in rows:
-        scan = "-" if row.scan is None else row.scan["verdict"] + (
-            f" (target {row.scan['target']})" if row.scan["target"] is not None else "")
+        scan = "-" if row.scan is None else verdict_label(row.scan["verdict"], row.scan["target"])
         cells.append([row.model, row.spec, _cell(row.fp)] + [_cell(row.defenses.get(d)) for d in config.defenses]
                      + [scan])
     return format_table(headers, cells)

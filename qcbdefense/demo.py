@@ -28,7 +28,7 @@ from qcbdefense.data import load_dataset
 from qcbdefense.fileio import atomic_path, write_json
 from qcbdefense.results import format_table
 from qcbdefense.runinfo import environment
-from qcbdefense.scan import ScanConfig, scan
+from qcbdefense.scan import ScanConfig, scan, verdict_label
 from qcbdefense.scan.scan import measure_drift, plot_drift, scan_images
 from qcbdefense.train import train
 from qcbdefense.training import TrainConfig
@@ -62,13 +62,10 @@ class DemoResult:
         header = ["quantizer", "FP CA/ASR %", "nearest CA/ASR %", "scan of nearest", "LAC+PDA CA/ASR %",
                   "ONNX CA/ASR %"]
         cells = [[r["spec"]] + [f"{r[k]['ca']:.2f} / {r[k]['asr']:.2f}" for k in ("fp", "nearest")]
-                 + [_verdict(r["scan"])] + [f"{r[k]['ca']:.2f} / {r[k]['asr']:.2f}" for k in ("purified", "onnx")]
+                 + [verdict_label(r["scan"]["verdict"], r["scan"]["target"])]
+                 + [f"{r[k]['ca']:.2f} / {r[k]['asr']:.2f}" for k in ("purified", "onnx")]
                  for r in self.rows]
         return format_table(header, cells)
-
-
-def _verdict(scan: dict) -> str:
-    return scan["verdict"] + (f" (target {scan['target']})" if scan["target"] is not None else "")
 
 
 def run_demo(out_dir: str | Path = "runs/demo", config: DemoConfig = DemoConfig(), device: str = "cpu",
@@ -161,7 +158,8 @@ def _write_report(out: Path, config: DemoConfig, result: DemoResult, attack_summ
     plt.close(fig)
     write_json(out / "report.json", {"command": "demo", "config": config.__dict__, "rows": result.rows,
                                      "seconds": result.seconds, "environment": environment()})
-    scans = [f"- int{row['bits']}: {_verdict(row['scan'])}, score {row['scan']['score']:.2f}; worst drift "
+    scans = [f"- int{row['bits']}: {verdict_label(row['scan']['verdict'], row['scan']['target'])}, "
+             f"score {row['scan']['score']:.2f}; worst drift "
              f"{row['worst_drift']['nearest']:.2f} (nearest) -> {row['worst_drift']['LAC+PDA']:.2f} (LAC+PDA). "
              f"![trigger](scan-w{row['bits']}/trigger.png) ![drift](drift-w{row['bits']}.png)"
              for row in result.rows]

@@ -96,6 +96,11 @@ class ScanReport:
         return "\n".join(lines)
 
 
+def verdict_label(verdict: str, target: int | None) -> str:
+    """A scan's verdict for a table cell: "clean", or "suspicious (target 3)"."""
+    return verdict + (f" (target {target})" if target is not None else "")
+
+
 def prepare_pair(out: Path, *, fp: nn.Module | str | os.PathLike, quantized: str | os.PathLike | None = None,
                  spec: str | None = None, data: Dataset | None = None, calib: int = 512, seed: int = 0,
                  source_sha256: str | None = None) -> tuple[Path, Path]:

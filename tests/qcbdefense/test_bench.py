@@ -46,6 +46,7 @@ def test_bench_writes_its_tables_and_resumes_from_its_cache(tmp_path):
     ({"model": "nope"}, "unknown model"),
     ({"colour": "red"}, "unknown key"),
     ({"defenses": ["magic"]}, "magic"),
+    ({"defenses": []}, "no defences"),
     ({"attacks": [{"name": "clean", "method": "pqbackdoor", "bits": 4}]}, "unique"),
 ])
 def test_bad_configs_are_refused_before_anything_runs(change, message):
