@@ -30,12 +30,8 @@ class Trained:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The machines are shared: keep torch on one thread inside these tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread_here(one_thread):
+    """Every test in this folder runs on one thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(scope="session")

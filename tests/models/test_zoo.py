@@ -33,13 +33,7 @@ PARAMETERS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny batches on a shared 2-core machine: a second OpenMP thread only spins (measured 100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=list_models())

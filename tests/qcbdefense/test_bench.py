@@ -5,7 +5,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 from qcbdefense.bench import BenchConfig, run_bench
 from qcbdefense.errors import InputError
@@ -21,8 +20,7 @@ TINY = {
 }
 
 
-def test_bench_writes_its_tables_and_resumes_from_its_cache(tmp_path):
-    torch.set_num_threads(1)
+def test_bench_writes_its_tables_and_resumes_from_its_cache(one_thread, tmp_path):
     config = BenchConfig.from_dict(TINY)
     lines: list[str] = []
     rows = run_bench(config, tmp_path, log=lines.append)

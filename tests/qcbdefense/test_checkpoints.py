@@ -16,13 +16,7 @@ SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 RESNET20_CHECKPOINT = SHARED / "checkpoints" / "resnet20-cifar10-12fca82f.th"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny batches on a shared 2-core machine: a second OpenMP thread only spins (measured 100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained_looking(name: str, num_classes: int = 10) -> torch.nn.Module:

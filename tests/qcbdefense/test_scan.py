@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from qcbdefense.checkpoints import load_model
 from qcbdefense.cli import main
@@ -22,12 +21,7 @@ from qcbdefense.scan import scan
 ATTACKED_32 = Path(__file__).parents[1] / "fixtures" / "pq-small-cnn-builtin.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

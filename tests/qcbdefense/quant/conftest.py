@@ -80,14 +80,8 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Run the quant tests on one intra-op thread, restored afterwards. The two cores are shared with other
-    jobs: with two OpenMP threads a small forward waited ~100x longer (3.4 s vs 0.035 s for MobileNetV2 on
-    two images) than with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread_here(one_thread):
+    """Every test in this folder runs on one thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture
