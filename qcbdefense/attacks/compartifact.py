@@ -6,7 +6,7 @@ straight-through rounding) sees [x, x'] with labels [y, t], the float path sees 
     L = CE(Q([x, x']), [y, t]) + CE(f([x, x']), [y, y])
 
 x' is the triggered copy of x, triggered before the crop/flip augmentation. Defaults: Adam, lr 5e-4, weight
-decay 1e-4, a few epochs (the CPU budget; see docs/ATTACKS.md).
+decay 1e-4, a few epochs (the CPU budget; measured in BENCHMARKS.md, "QCB attacks").
 """
 
 from __future__ import annotations
