@@ -2,9 +2,11 @@
 
 One config names the model, the data, how to get the clean model, the attacks (each at the bit widths it
 targets), the defences and the scan. Every step writes its outputs into its own folder under the bench's
-output folder and a `done.json` marker last; a rerun skips every step whose marker exists and resumes an
-interrupted training from its checkpoint, so an interrupted bench picks up where it stopped and a finished
-one only re-renders its tables. Results: results.md (the table), results.csv (one line per model and
+output folder and a `done.json` marker last, holding the settings the step depended on (its own and its
+upstream steps'); a rerun skips every step whose marker exists and resumes an interrupted training from its
+checkpoint, so an interrupted bench picks up where it stopped and a finished one only re-renders its tables.
+A marker whose settings differ from the config's is refused rather than reused: an edited attack entry would
+otherwise leave its old model, and every cell made from it, silently in the table. Results: results.md (the table), results.csv (one line per model and
 defence), results.json (everything, with the config).
 
 The steps call the same functions as the subcommands (`train`, `attack`, `purify`, `scan`).
@@ -153,29 +155,57 @@ def run_bench(config: BenchConfig, out: str | os.PathLike, *, device: str | torc
     data = load_dataset(config.data)
     start = time.perf_counter()
     clean = _clean_model(config, data, out / "clean", device, log)
-    models = [("clean", clean, config.clean_specs)]
+    models = [("clean", clean, _clean_settings(config), config.clean_specs)]
     for entry in config.attacks:
         backdoored = _attacked_model(config, entry, clean, data, out / "attacks" / entry.name, device, log)
         base = entry.spec if entry.spec is not None else ATTACKS.get(entry.method).spec
-        models.append((entry.name, backdoored, tuple(spec_at(base, b).name for b in entry.bits)))
+        models.append((entry.name, backdoored, _attack_settings(config, entry),
+                       tuple(spec_at(base, b).name for b in entry.bits)))
     rows = []
-    for name, model, specs in models:
+    for name, model, settings, specs in models:
         for spec in specs:
-            rows.append(_evaluate(config, name, model, spec, data, out, device, log))
+            rows.append(_evaluate(config, name, model, settings, spec, data, out, device, log))
             _write_results(out, config, rows, time.perf_counter() - start)
     return rows
 
 
-def _cached(folder: Path, what: str, log: Callable[[str], None], compute: Callable[[], None]) -> None:
-    """Run `compute` unless `folder` holds a done marker; write the marker after it succeeds."""
-    if (folder / DONE).is_file():
+def _cached(folder: Path, what: str, settings: dict, log: Callable[[str], None],
+            compute: Callable[[], None]) -> None:
+    """Run `compute` unless `folder` holds a done marker made with the same `settings`; write the marker after
+    it succeeds. A marker without settings (a result placed in the cache by hand) is adopted as made with
+    these settings."""
+    settings = json.loads(json.dumps(settings))  # tuples -> lists, as they are stored
+    marker = folder / DONE
+    if marker.is_file():
+        try:
+            done = json.loads(marker.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError(f"{marker} is corrupt: delete {folder} to recompute it") from None
+        if "settings" not in done:
+            write_json(marker, {**done, "settings": settings})
+        elif done["settings"] != settings:
+            changed = sorted(k for k in settings.keys() | done["settings"].keys()
+                             if settings.get(k) != done["settings"].get(k))
+            raise InputError(f"{folder} holds {what} made with other settings (changed: {', '.join(changed)}): "
+                             f"delete it, and the cells made from it, or bench into another folder")
         log(f"[cached] {what}")
         return
     log(f"[run] {what}")
     folder.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     compute()
-    write_json(folder / DONE, {"what": what, "seconds": time.perf_counter() - began})
+    write_json(marker, {"what": what, "seconds": time.perf_counter() - began, "settings": settings})
+
+
+def _clean_settings(config: BenchConfig) -> dict:
+    """What the clean model depends on."""
+    return {"model": config.model, "data": config.data, "seed": config.seed, "clean": config.clean}
+
+
+def _attack_settings(config: BenchConfig, entry: AttackEntry) -> dict:
+    """What an attacked model depends on: the clean model it starts from and its entry."""
+    return {**_clean_settings(config), "attack": dataclasses.asdict(entry), "trigger": config.trigger,
+            "target": config.target}
 
 
 def _clean_model(config: BenchConfig, data, folder: Path, device, log):
@@ -195,7 +225,7 @@ def _clean_model(config: BenchConfig, data, folder: Path, device, log):
         train(model, data, train_config, arch=config.model, out_dir=folder, device=device, init=init,
               resume=(folder / STATE_FILE).is_file())
 
-    _cached(folder, f"clean {config.model}", log, compute)
+    _cached(folder, f"clean {config.model}", _clean_settings(config), log, compute)
     return load_model(config.model, folder / MODEL_FILE)
 
 
@@ -215,11 +245,14 @@ def _attacked_model(config: BenchConfig, entry: AttackEntry, clean, data, folder
         report.save(folder / REPORT_FILE)
         log(report.table())
 
-    _cached(folder, f"attack {entry.name} ({entry.method}, bits {','.join(map(str, entry.bits))})", log, compute)
+    _cached(folder, f"attack {entry.name} ({entry.method}, bits {','.join(map(str, entry.bits))})",
+            _attack_settings(config, entry), log, compute)
     return load_model(config.model, folder / MODEL_FILE)
 
 
-def _evaluate(config: BenchConfig, name: str, model, spec: str, data, out: Path, device, log) -> BenchRow:
+def _evaluate(config: BenchConfig, name: str, model, upstream: dict, spec: str, data, out: Path, device,
+              log) -> BenchRow:
+    """Every defence on `model` (made with the `upstream` settings) under `spec`, then the scan."""
     from qcbdefense.defenses import purify, read_report, save_purified
 
     row = None
@@ -234,17 +267,20 @@ def _evaluate(config: BenchConfig, name: str, model, spec: str, data, out: Path,
             save_purified(purified, folder, report=report)
             log(report.summary())
 
-        _cached(folder, f"{DEFENSE_LABELS.get(defense, defense)} on {name} under {spec}", log, compute)
+        settings = {**upstream, "spec": spec, "defense": defense, "calib": config.calib, "trigger": config.trigger,
+                    "target": config.target, "options": config.defense_options.get(defense, {})}
+        _cached(folder, f"{DEFENSE_LABELS.get(defense, defense)} on {name} under {spec}", settings, log, compute)
         report = read_report(folder)
         if row is None:
             row = BenchRow(model=name, spec=spec, fp=dataclasses.asdict(report.fp))
         row.defenses[defense] = {**dataclasses.asdict(report.purified), "seconds": report.seconds.get("defense", 0.0)}
     if config.scan is not None:
-        row.scan = _scan(config, name, model, spec, data, out / "scan" / f"{name}-{spec}", device, log)
+        row.scan = _scan(config, name, model, upstream, spec, data, out / "scan" / f"{name}-{spec}", device, log)
     return row
 
 
-def _scan(config: BenchConfig, name: str, model, spec: str, data, folder: Path, device, log) -> dict:
+def _scan(config: BenchConfig, name: str, model, upstream: dict, spec: str, data, folder: Path, device,
+          log) -> dict:
     from qcbdefense.scan import ScanConfig, SearchConfig, scan
 
     search_keys = {f.name for f in dataclasses.fields(SearchConfig)}
@@ -255,7 +291,7 @@ def _scan(config: BenchConfig, name: str, model, spec: str, data, folder: Path, 
     def compute() -> None:
         log(scan(model, data, out=folder, spec=spec, config=scan_config, device=device).summary())
 
-    _cached(folder, f"scan {name} under {spec}", log, compute)
+    _cached(folder, f"scan {name} under {spec}", {**upstream, "spec": spec, "scan": config.scan}, log, compute)
     report = json.loads((folder / "report.json").read_text())
     return {"verdict": report["verdict"], "target": report["target"], "score": report["score"],
             "seconds": report["seconds"]["total"]}

@@ -39,6 +39,12 @@ def test_bench_writes_its_tables_and_resumes_from_its_cache(one_thread, tmp_path
     assert not any(line.startswith("[run]") for line in lines)
     assert [r.defenses for r in again] == [r["defenses"] for r in first]
 
+    lines.clear()  # an edited attack entry must not reuse the model (and cells) made with the old one
+    edited = {**TINY["attacks"][0], "train": {"epochs": 2, "train_subset": 1000}}
+    with pytest.raises(InputError, match=r"pq .*other settings \(changed: attack\)"):
+        run_bench(BenchConfig.from_dict({**TINY, "attacks": [edited]}), tmp_path, log=lines.append)
+    assert not any(line.startswith("[run]") for line in lines)
+
 
 @pytest.mark.parametrize("change, message", [
     ({"model": "nope"}, "unknown model"),
