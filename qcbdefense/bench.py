@@ -6,8 +6,8 @@ output folder and a `done.json` marker last, holding the settings the step depen
 upstream steps'); a rerun skips every step whose marker exists and resumes an interrupted training from its
 checkpoint, so an interrupted bench picks up where it stopped and a finished one only re-renders its tables.
 A marker whose settings differ from the config's is refused rather than reused: an edited attack entry would
-otherwise leave its old model, and every cell made from it, silently in the table. Results: results.md (the table), results.csv (one line per model and
-defence), results.json (everything, with the config).
+otherwise leave its old model, and every cell made from it, silently in the table. Results: results.md (the
+table), results.csv (one line per model and defence), results.json (everything, with the config).
 
 The steps call the same functions as the subcommands (`train`, `attack`, `purify`, `scan`).
 """
@@ -180,7 +180,9 @@ def _cached(folder: Path, what: str, settings: dict, log: Callable[[str], None],
         try:
             done = json.loads(marker.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InputError(f"{marker} is corrupt: delete {folder} to recompute it") from None
+            done = None
+        if not isinstance(done, dict):
+            raise InputError(f"{marker} is corrupt: delete {folder} to recompute it")
         if "settings" not in done:
             write_json(marker, {**done, "settings": settings})
         elif done["settings"] != settings:
