@@ -154,13 +154,14 @@ def run_bench(config: BenchConfig, out: str | os.PathLike, *, device: str | torc
     write_json(out / "config.json", config.to_dict())
     data = load_dataset(config.data)
     start = time.perf_counter()
-    clean = _clean_model(config, data, out / "clean", device, log)
-    models = [("clean", clean, _clean_settings(config), config.clean_specs)]
+    clean_settings = _clean_settings(config)
+    clean = _clean_model(config, clean_settings, data, out / "clean", device, log)
+    models = [("clean", clean, clean_settings, config.clean_specs)]
     for entry in config.attacks:
-        backdoored = _attacked_model(config, entry, clean, data, out / "attacks" / entry.name, device, log)
+        settings = _attack_settings(config, entry)
+        backdoored = _attacked_model(config, entry, settings, clean, data, out / "attacks" / entry.name, device, log)
         base = entry.spec if entry.spec is not None else ATTACKS.get(entry.method).spec
-        models.append((entry.name, backdoored, _attack_settings(config, entry),
-                       tuple(spec_at(base, b).name for b in entry.bits)))
+        models.append((entry.name, backdoored, settings, tuple(spec_at(base, b).name for b in entry.bits)))
     rows = []
     for name, model, settings, specs in models:
         for spec in specs:
@@ -210,15 +211,15 @@ def _attack_settings(config: BenchConfig, entry: AttackEntry) -> dict:
             "target": config.target}
 
 
-def _clean_model(config: BenchConfig, data, folder: Path, device, log):
+def _clean_model(config: BenchConfig, settings: dict, data, folder: Path, device, log):
     from models import create_model
     from qcbdefense.checkpoints import load_model
     from qcbdefense.train import MODEL_FILE, train
     from qcbdefense.training import STATE_FILE, TrainConfig
 
-    settings = dict(config.clean)
-    init = settings.pop("init", None)
-    train_config = TrainConfig(**{"seed": config.seed, **settings})
+    train_fields = dict(config.clean)
+    init = train_fields.pop("init", None)
+    train_config = TrainConfig(**{"seed": config.seed, **train_fields})
 
     def compute() -> None:
         torch.manual_seed(config.seed)
@@ -227,11 +228,12 @@ def _clean_model(config: BenchConfig, data, folder: Path, device, log):
         train(model, data, train_config, arch=config.model, out_dir=folder, device=device, init=init,
               resume=(folder / STATE_FILE).is_file())
 
-    _cached(folder, f"clean {config.model}", _clean_settings(config), log, compute)
+    _cached(folder, f"clean {config.model}", settings, log, compute)
     return load_model(config.model, folder / MODEL_FILE)
 
 
-def _attacked_model(config: BenchConfig, entry: AttackEntry, clean, data, folder: Path, device, log):
+def _attacked_model(config: BenchConfig, entry: AttackEntry, settings: dict, clean, data, folder: Path, device,
+                    log):
     from qcbdefense.attacks import ATTACKS, attack
     from qcbdefense.attacks.base import MODEL_FILE, REPORT_FILE
     from qcbdefense.checkpoints import load_model, save_model
@@ -247,8 +249,8 @@ def _attacked_model(config: BenchConfig, entry: AttackEntry, clean, data, folder
         report.save(folder / REPORT_FILE)
         log(report.table())
 
-    _cached(folder, f"attack {entry.name} ({entry.method}, bits {','.join(map(str, entry.bits))})",
-            _attack_settings(config, entry), log, compute)
+    _cached(folder, f"attack {entry.name} ({entry.method}, bits {','.join(map(str, entry.bits))})", settings,
+            log, compute)
     return load_model(config.model, folder / MODEL_FILE)
 
 

@@ -43,6 +43,9 @@ def test_bench_writes_its_tables_and_resumes_from_its_cache(one_thread, tmp_path
     edited = {**TINY["attacks"][0], "train": {"epochs": 2, "train_subset": 1000}}
     with pytest.raises(InputError, match=r"pq .*other settings \(changed: attack\)"):
         run_bench(BenchConfig.from_dict({**TINY, "attacks": [edited]}), tmp_path, log=lines.append)
+    with pytest.raises(InputError, match=r"clean small_cnn made with other settings \(changed: clean\)"):
+        run_bench(BenchConfig.from_dict({**TINY, "clean": {**TINY["clean"], "epochs": 2}}), tmp_path,
+                  log=lines.append)
     assert not any(line.startswith("[run]") for line in lines)
 
 
