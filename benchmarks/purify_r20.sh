@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The purifier table on ResNet-20 (shared JPEG CIFAR-10): the PQBackdoor models of BENCHMARKS.md (issue 4),
-# each under the quantizer it targets, and the clean fine-tuned model under w4a4.
+# each under the quantizer it targets, and the clean fine-tuned model under w4a4. The -full models (the whole
+# training set, stage-1 lr 0.005) get every defence.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JPG=folder:../shared/datasets/cifar10-jpg.tar.gz
@@ -18,4 +19,10 @@ done
 run r20-clean runs/resnet20-ft/model.pt w4a4 lac
 for b in 4 8; do
   run r20-pq-w$b runs/attacks/pq-r20-w$b/model.pt pqbackdoor-w${b}a${b} efrap
+done
+for b in 4 8; do
+  for m in lac lac-pda efrap; do
+    opts=(); [ $m = lac-pda ] && opts=(--pda-steps 50)
+    run r20-pq-w$b-full runs/attacks/pq-r20-w$b-full/model.pt pqbackdoor-w${b}a${b} $m "${opts[@]}"
+  done
 done
