@@ -9,6 +9,8 @@ mkdir -p runs/export
 checkpoint() {  # the FP checkpoint a purified folder came from (runs/purify/r20-MODEL-...)
   case $(basename "$1") in
     r20-clean-*) echo runs/resnet20-ft/model.pt;;
+    r20-pq-w4-full-*) echo runs/attacks/pq-r20-w4-full/model.pt;;
+    r20-pq-w8-full-*) echo runs/attacks/pq-r20-w8-full/model.pt;;
     r20-pq-w4-*) echo runs/attacks/pq-r20-w4/model.pt;;
     r20-pq-w8-*) echo runs/attacks/pq-r20-w8/model.pt;;
     r20-compartifact-e5-*) echo runs/attacks/compartifact-r20-e5/model.pt;;
