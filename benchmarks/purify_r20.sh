@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The purifier table on ResNet-20 (shared JPEG CIFAR-10): the PQBackdoor models of BENCHMARKS.md (issue 4),
 # each under the quantizer it targets, and the clean fine-tuned model under w4a4. The -full models (the whole
-# training set, stage-1 lr 0.005) get every defence.
+# training set, stage-1 lr 0.005) and the full-set Qu-ANTI-zation model get every defence.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JPG=folder:../shared/datasets/cifar10-jpg.tar.gz
@@ -25,4 +25,8 @@ for b in 4 8; do
     opts=(); [ $m = lac-pda ] && opts=(--pda-steps 50)
     run r20-pq-w$b-full runs/attacks/pq-r20-w$b-full/model.pt pqbackdoor-w${b}a${b} $m "${opts[@]}"
   done
+done
+for m in lac lac-pda efrap; do  # Qu-ANTI-zation on the whole training set (2026-11-30)
+  opts=(); [ $m = lac-pda ] && opts=(--pda-steps 50)
+  run r20-quanti-w4-full runs/attacks/quanti-r20-w4-full/model.pt w4a4 $m "${opts[@]}"
 done
