@@ -15,6 +15,7 @@ checkpoint() {  # the FP checkpoint a purified folder came from (runs/purify/r20
     r20-pq-w8-*) echo runs/attacks/pq-r20-w8/model.pt;;
     r20-compartifact-e5-*) echo runs/attacks/compartifact-r20-e5/model.pt;;
     r20-compartifact-*) echo runs/attacks/compartifact-r20-e10/model.pt;;
+    r20-quanti-w4-full-*) echo runs/attacks/quanti-r20-w4-full/model.pt;;
     r20-quanti-w4-*) echo runs/bench/cpu/attacks/quanti-w4/model.pt;;
     *) echo "export_r20.sh: no checkpoint known for $1" >&2; return 1;;
   esac
