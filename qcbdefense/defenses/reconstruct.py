@@ -74,7 +74,10 @@ class WeightGrid:
     `scale` and `zero_point` broadcast to the weight ((C_out, 1, 1, 1) per channel, one element per tensor);
     weight ~ (q - zero_point) * scale with q an integer in [qmin, qmax]. `pinned` marks elements that must
     keep their nearest integer and float value (the range-defining ones when the spec recomputes the range
-    at every forward); `low`/`high` bound hardened values so that such a range cannot move.
+    at every forward); `low`/`high` bound hardened values so that such a range cannot move, and
+    `int_low`/`int_high` are the integers those bounds reach, the only ones a hardened weight can keep (with
+    scale = absmax / 127.5, -128 would sit below -absmax: the learned integer must stop at what the plain
+    quantizer reads back).
     """
 
     scale: torch.Tensor
@@ -85,6 +88,8 @@ class WeightGrid:
     pinned: torch.Tensor | None = None
     low: torch.Tensor | None = None
     high: torch.Tensor | None = None
+    int_low: torch.Tensor | None = None
+    int_high: torch.Tensor | None = None
 
     @classmethod
     def of(cls, layer: nn.Module, spec: QuantSpec) -> "WeightGrid":
@@ -99,6 +104,7 @@ class WeightGrid:
             grid = cls(quant.scale.detach().clone(), quant.zero_point.detach().clone(), qmin, qmax, bits)
             if spec.weight_scale != "mse":
                 grid.pinned, grid.low, grid.high = _range_pins(layer.weight.detach(), spec)
+                grid.int_low, grid.int_high = grid.nearest(grid.low), grid.nearest(grid.high)
         return grid
 
     def real_to_int(self, w: torch.Tensor) -> torch.Tensor:
@@ -106,7 +112,9 @@ class WeightGrid:
         return w / self.scale + self.zero_point
 
     def clamp(self, q: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(q, self.qmin, self.qmax)
+        if self.int_low is None:
+            return torch.clamp(q, self.qmin, self.qmax)
+        return torch.minimum(torch.maximum(q, self.int_low), self.int_high)
 
     def nearest(self, w: torch.Tensor) -> torch.Tensor:
         """Round-to-nearest integers (float-valued), as the plain quantizer computes them."""

@@ -50,10 +50,8 @@ def test_lac_removes_a_weight_conditioned_qcb_and_keeps_accuracy(method, pq_cnn1
     assert report.fp.asr <= 20.0, f"the FP model is backdoored too: {attack_report.summary()}"
     assert report.purified.asr <= 10.0, report.summary()
     assert report.purified.ca >= report.fp.ca - 4.0, report.summary()
-    # Hardened integers the plain quantizer reads back differently: float ties at the abs-max range edge
-    # (seen: a handful of elements in one run out of ~80k weights). The deployed integers are Brevitas's.
-    mismatches = sum(layer["mismatches"] for layer in report.layers)
-    assert mismatches <= 10, [(layer["name"], layer["mismatches"]) for layer in report.layers]
+    # the integers learned are the ones deployed: none outside the abs-max range the grid keeps
+    assert [layer["mismatches"] for layer in report.layers] == [0] * len(report.layers)
     assert (method == "lac-pda") == any(layer["pda_seconds"] > 0 for layer in report.layers)
 
 
@@ -126,6 +124,21 @@ def test_nearest_rounding_is_the_start_of_lac():
                        NearestRounding(layer.weight, grid).integers())
     assert torch.equal(NearestRounding(layer.weight, grid).integers().to(torch.int32),
                        layer.quant_weight().int().to(torch.int32))
+
+
+@pytest.mark.parametrize("spec", ["pqbackdoor-w8a8", "pqbackdoor-w4a4"])
+def test_learned_integers_stop_where_the_abs_max_grid_reads_them_back(spec):
+    """With scale = absmax / (2^(b-1) - 0.5), qmin sits at or below -absmax: a learned integer there would be
+    hardened to -absmax and read back as whatever Brevitas rounds that to, so the grid stops at it."""
+    qmodel = quantize(_random_resnet("small_cnn"), spec)
+    for name, layer in quantized_layers(qmodel):
+        grid = WeightGrid.of(layer, qmodel.qcb_spec)
+        w = layer.weight.detach().clone()
+        lowest = grid.clamp(torch.full_like(w, float(grid.qmin)))
+        with torch.no_grad():
+            layer.weight.copy_(grid.harden(lowest, w))
+            read_back = layer.quant_weight().int().to(w.dtype)
+        assert torch.equal(read_back, torch.where(grid.pinned, grid.nearest(w), lowest)), name
 
 
 # ---- every method, options, errors -----------------------------------------------------------------------
