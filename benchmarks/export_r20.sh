@@ -10,6 +10,7 @@ checkpoint() {  # the FP checkpoint a purified folder came from (runs/purify/r20
   case $(basename "$1") in
     r20-clean-*) echo runs/resnet20-ft/model.pt;;
     r20-pq-w4-full-*) echo runs/attacks/pq-r20-w4-full/model.pt;;
+    r20-pq-w8-full-p10e4-*) echo runs/attacks/pq-r20-w8-full-p10e4/model.pt;;
     r20-pq-w8-full-*) echo runs/attacks/pq-r20-w8-full/model.pt;;
     r20-pq-w4-*) echo runs/attacks/pq-r20-w4/model.pt;;
     r20-pq-w8-*) echo runs/attacks/pq-r20-w8/model.pt;;

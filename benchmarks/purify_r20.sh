@@ -20,13 +20,14 @@ run r20-clean runs/resnet20-ft/model.pt w4a4 lac
 for b in 4 8; do
   run r20-pq-w$b runs/attacks/pq-r20-w$b/model.pt pqbackdoor-w${b}a${b} efrap
 done
+every_defence() {  # name ckpt spec: LAC, LAC+PDA (50 PDA steps), EFRAP
+  run "$1" "$2" "$3" lac
+  run "$1" "$2" "$3" lac-pda --pda-steps 50
+  run "$1" "$2" "$3" efrap
+}
 for b in 4 8; do
-  for m in lac lac-pda efrap; do
-    opts=(); [ $m = lac-pda ] && opts=(--pda-steps 50)
-    run r20-pq-w$b-full runs/attacks/pq-r20-w$b-full/model.pt pqbackdoor-w${b}a${b} $m "${opts[@]}"
-  done
+  every_defence r20-pq-w$b-full runs/attacks/pq-r20-w$b-full/model.pt pqbackdoor-w${b}a${b}
 done
-for m in lac lac-pda efrap; do  # Qu-ANTI-zation on the whole training set (2026-11-30)
-  opts=(); [ $m = lac-pda ] && opts=(--pda-steps 50)
-  run r20-quanti-w4-full runs/attacks/quanti-r20-w4-full/model.pt w4a4 $m "${opts[@]}"
-done
+every_defence r20-quanti-w4-full runs/attacks/quanti-r20-w4-full/model.pt w4a4  # Qu-ANTI-zation, whole training set
+# PQBackdoor W8 with 10 % poison and 4 stage-1 epochs, after the integer-bounds fix (2026-11-30)
+run r20-pq-w8-full-p10e4 runs/attacks/pq-r20-w8-full-p10e4/model.pt pqbackdoor-w8a8 lac

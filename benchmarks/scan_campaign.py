@@ -13,6 +13,7 @@ CASES = [  # name, arch, checkpoint, data, spec, attacked (target 0) or clean
     ("pq-r20-w8", "resnet20", "runs/attacks/pq-r20-w8/model.pt", JPG, "pqbackdoor-w8a8", True),
     ("pq-r20-w4-full", "resnet20", "runs/attacks/pq-r20-w4-full/model.pt", JPG, "pqbackdoor-w4a4", True),
     ("pq-r20-w8-full", "resnet20", "runs/attacks/pq-r20-w8-full/model.pt", JPG, "pqbackdoor-w8a8", True),
+    ("pq-r20-w8-full-p10e4", "resnet20", "runs/attacks/pq-r20-w8-full-p10e4/model.pt", JPG, "pqbackdoor-w8a8", True),
     ("quanti-r20-w4-full", "resnet20", "runs/attacks/quanti-r20-w4-full/model.pt", JPG, "w4a4", True),
     ("compartifact-16-w4", "small_cnn", "runs/attacks/small16/compartifact-w4.pt", "shapes16", "w4a4", True),
     ("quanti-16-w4", "small_cnn", "runs/attacks/small16/quanti-w4.pt", "shapes16", "w4a4", True),
