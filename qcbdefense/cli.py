@@ -328,7 +328,7 @@ def _add_gate_args(p: argparse.ArgumentParser) -> None:
 # tests/qcbdefense/attacks/test_attacks.py checks that this list is ATTACKS.names().
 ATTACK_METHODS = ("compartifact", "pqbackdoor", "quanti")
 # Flags that are options of one attack (None: the method's default; another method's flag is refused).
-_ATTACK_OPTIONS = ("c1", "c2", "poison_rate", "stage1_epochs", "stage1_lr", "bin_margin")
+_ATTACK_OPTIONS = ("c1", "c2", "poison_rate", "stage1_epochs", "stage1_lr", "bin_margin", "stage1_qat")
 _ATTACK_SHARED = ("calib", "sync_every", "monitor", "victim_calib", "transfer_images")
 
 
@@ -542,6 +542,8 @@ def build_parser() -> Parser:
     p.add_argument("--stage1-lr", type=float, default=None, help="pqbackdoor: stage-1 SGD learning rate (0.01)")
     p.add_argument("--bin-margin", type=float, default=None,
                    help="pqbackdoor: share of a step kept from a bin's edges (0.02)")
+    p.add_argument("--stage1-qat", action="store_true", default=None,
+                   help="pqbackdoor: train stage 1 through the victim's quantizers (straight-through)")
     p.add_argument("--calib", type=_positive_int, default=None,
                    help="clean images the attacker calibrates its quantizers on while training (256)")
     p.add_argument("--sync-every", type=int, default=None,

@@ -22,6 +22,12 @@ box around the weights keeps it: such specs are refused, and the default is the 
 at once intersect their bins. Activation ranges are not weights: the victim calibrates them on the final
 float model, so they are not held (their effect is part of the reported figures).
 
+Beyond the paper, `stage1_qat`: stage 1 trains through the victim's quantizers (straight-through rounding,
+re-quantized as the victim would, as Qu-ANTI-zation and CompArtifact do) on the same poisoned batches, so the
+integer weights that stage 2 keeps are those of a quantization-aware backdoor. Plain stage 1 leaves the
+deployed model to round-to-nearest of a float model; at 4 bits that alone costs several points of clean
+accuracy (BENCHMARKS.md), which the attacker, who knows the quantizer, need not pay.
+
 Defaults, and why: the paper poisons about 1.5 % of each batch over a full training; our stage 1 is a short
 fine-tune of a clean model (2 epochs), so it poisons 10 % to plant the backdoor in that time. Stage 2 uses
 Adam (sign-like steps reach the bin edges in a few steps) for a few epochs.
@@ -36,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcbdefense.attacks.base import ATTACKS, Attack, AttackContext, AttackRun, set_frozen_bn, stage_dir
+from qcbdefense.attacks.base import (ATTACKS, Attack, AttackContext, AttackRun, VictimQuantizers, attacker_images,
+                                     set_frozen_bn, stage_dir)
 from qcbdefense.errors import InputError
 from qcbdefense.quant.inspect import IntWeights, integer_weights
 from qcbdefense.quant.quantize import quantize, quantized_layers
@@ -48,12 +55,14 @@ from qcbdefense.training import STATE_FILE, Batch, TrainConfig, fit
 class PQBackdoorOptions:
     """poison_rate: share of each stage-1 batch triggered and relabelled; stage1_epochs, stage1_lr: the
     stage-1 fine-tune (SGD, momentum 0.9, weight decay 5e-4); bin_margin: fraction of a quantization
-    step kept between a weight and its bin's edges, so float rounding cannot tip it over."""
+    step kept between a weight and its bin's edges, so float rounding cannot tip it over; stage1_qat: train
+    stage 1 through the victim's quantizers instead of in float (see the module docstring)."""
 
     poison_rate: float = 0.1
     stage1_epochs: int = 2
     stage1_lr: float = 0.01
     bin_margin: float = 0.02
+    stage1_qat: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.poison_rate <= 1.0:
@@ -64,6 +73,8 @@ class PQBackdoorOptions:
             raise InputError(f"pqbackdoor: stage1_lr must be > 0, got {self.stage1_lr!r}")
         if not 0.0 <= self.bin_margin < 0.5:
             raise InputError(f"pqbackdoor: bin_margin must be in [0, 0.5), got {self.bin_margin!r}")
+        if not isinstance(self.stage1_qat, bool):
+            raise InputError(f"pqbackdoor: stage1_qat must be true or false, got {self.stage1_qat!r}")
 
 
 @dataclass
@@ -140,18 +151,33 @@ def run(ctx: AttackContext) -> AttackRun:
     for spec in cfg.specs:
         check_projectable(spec)
 
-    def poisoned_loss(m: nn.Module, batch: Batch) -> torch.Tensor:
+    def poisoned(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         k = round(options.poison_rate * len(batch.y))  # batches are shuffled: the first k are a random draw
         x = torch.cat([trigger.apply(batch.x[:k]), batch.x[k:]])
         y = torch.cat([torch.full_like(batch.y[:k], target), batch.y[k:]])
-        return F.cross_entropy(m(batch.augment(x)), y)
+        return batch.augment(x), y
+
+    def poisoned_loss(m: nn.Module, batch: Batch) -> torch.Tensor:
+        x, y = poisoned(batch)
+        return F.cross_entropy(m(x), y)
+
+    def poisoned_quantized_loss(views: VictimQuantizers, batch: Batch) -> torch.Tensor:
+        x, y = poisoned(batch)
+        return sum(F.cross_entropy(qmodel(x), y) for qmodel in views.quantized)
 
     # Stage 1 is ordinary training: SGD with momentum 0.9 and weight decay 5e-4; batch, subset, augmentation
     # and seed follow the main config.
     stage1 = dataclasses.replace(cfg.train, epochs=options.stage1_epochs, optimizer="sgd", lr=options.stage1_lr,
                                  momentum=0.9, weight_decay=5e-4, warmup_epochs=0.0)
-    history1 = fit(model, ctx.data, stage1, loss_fn=poisoned_loss, evaluate_fn=ctx.monitor(),
-                   out_dir=stage_dir(ctx, "stage1"), resume=ctx.resume, device=ctx.device, desc="pq stage 1")
+    stage1_args = dict(out_dir=stage_dir(ctx, "stage1"), resume=ctx.resume, device=ctx.device, desc="pq stage 1")
+    if options.stage1_qat:
+        views = VictimQuantizers(model, cfg.specs, attacker_images(ctx.data, cfg.calib, seed=cfg.train.seed),
+                                 freeze_bn=cfg.freeze_bn, sync_every=cfg.sync_every, device=ctx.device)
+        history1 = fit(model, ctx.data, stage1, loss_fn=poisoned_quantized_loss, evaluate_fn=ctx.monitor(views),
+                       train_module=views, before_epoch=views.before_epoch, after_step=views.after_step,
+                       **stage1_args)
+    else:
+        history1 = fit(model, ctx.data, stage1, loss_fn=poisoned_loss, evaluate_fn=ctx.monitor(), **stage1_args)
 
     model.eval()
     boxes, recorded = weight_boxes(model, cfg.specs, options.bin_margin)

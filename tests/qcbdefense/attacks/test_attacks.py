@@ -48,6 +48,15 @@ def test_pqbackdoor_keeps_the_backdoored_integers(pq_cnn16):
     assert list(report.history) == ["stage1", "stage2"]
 
 
+def test_pqbackdoor_with_a_quantization_aware_stage1_keeps_its_integers(clean_cnn16, shapes16):
+    _, report = attack(clean_cnn16, shapes16, method="pqbackdoor", bits=4, spec="pqbackdoor-w4a4",
+                       config=TrainConfig(epochs=3, optimizer="adam", lr=1e-4, weight_decay=0.0, augment=False),
+                       stage1_qat=True, stage1_lr=0.002, sync_every=8, **QUIET)
+    _assert_dormant_then_alive(report)
+    assert report.checks["int_weights_unchanged_w4"] == 1.0
+    assert report.config.options.stage1_qat is True
+
+
 def test_attack_leaves_the_clean_model_untouched(clean_cnn16, shapes16):
     before = {k: v.clone() for k, v in clean_cnn16.state_dict().items()}
     attack(clean_cnn16, shapes16, method="compartifact", bits=4, config=TrainConfig(epochs=1, train_subset=256),
