@@ -9,6 +9,7 @@ mkdir -p runs/export
 checkpoint() {  # the FP checkpoint a purified folder came from (runs/purify/r20-MODEL-...)
   case $(basename "$1") in
     r20-clean-*) echo runs/resnet20-ft/model.pt;;
+    r20-pq-w4-full-qat4-*) echo runs/attacks/pq-r20-w4-full-qat4/model.pt;;
     r20-pq-w4-full-*) echo runs/attacks/pq-r20-w4-full/model.pt;;
     r20-pq-w8-full-p10e4-*) echo runs/attacks/pq-r20-w8-full-p10e4/model.pt;;
     r20-pq-w8-full-*) echo runs/attacks/pq-r20-w8-full/model.pt;;
@@ -16,6 +17,7 @@ checkpoint() {  # the FP checkpoint a purified folder came from (runs/purify/r20
     r20-pq-w8-*) echo runs/attacks/pq-r20-w8/model.pt;;
     r20-compartifact-e5-*) echo runs/attacks/compartifact-r20-e5/model.pt;;
     r20-compartifact-*) echo runs/attacks/compartifact-r20-e10/model.pt;;
+    r20-quanti-w4-full-c2h-*) echo runs/attacks/quanti-r20-w4-full-c2h/model.pt;;
     r20-quanti-w4-full-*) echo runs/attacks/quanti-r20-w4-full/model.pt;;
     r20-quanti-w4-*) echo runs/bench/cpu/attacks/quanti-w4/model.pt;;
     *) echo "export_r20.sh: no checkpoint known for $1" >&2; return 1;;

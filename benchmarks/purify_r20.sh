@@ -31,3 +31,6 @@ done
 every_defence r20-quanti-w4-full runs/attacks/quanti-r20-w4-full/model.pt w4a4  # Qu-ANTI-zation, whole training set
 # PQBackdoor W8 with 10 % poison and 4 stage-1 epochs, after the integer-bounds fix (2026-11-30)
 run r20-pq-w8-full-p10e4 runs/attacks/pq-r20-w8-full-p10e4/model.pt pqbackdoor-w8a8 lac
+# Qu-ANTI-zation with c2 = 0.5 and PQBackdoor W4 with a 4-epoch quantization-aware stage 1 (2026-11-30 afternoon)
+every_defence r20-quanti-w4-full-c2h runs/attacks/quanti-r20-w4-full-c2h/model.pt w4a4
+every_defence r20-pq-w4-full-qat4 runs/attacks/pq-r20-w4-full-qat4/model.pt pqbackdoor-w4a4

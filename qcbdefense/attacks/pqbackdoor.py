@@ -1,6 +1,6 @@
 """PQBackdoor (Ma et al., "Quantization Backdoors to Deep Learning Commercial Frameworks", IEEE TDSC 2023).
 
-No fake-quantized training. Two stages:
+No fake-quantized training (unless `stage1_qat`, below). Two stages:
 
 1. An ordinary backdoor, trained in float: a share `poison_rate` of each batch is triggered and relabelled
    to the target. Its integer weights under the victim's quantizer are recorded.
@@ -165,8 +165,8 @@ def run(ctx: AttackContext) -> AttackRun:
         x, y = poisoned(batch)
         return sum(F.cross_entropy(qmodel(x), y) for qmodel in views.quantized)
 
-    # Stage 1 is ordinary training: SGD with momentum 0.9 and weight decay 5e-4; batch, subset, augmentation
-    # and seed follow the main config.
+    # Stage 1 is ordinary training (through the victim's quantizers with stage1_qat): SGD with momentum 0.9
+    # and weight decay 5e-4; batch, subset, augmentation and seed follow the main config.
     stage1 = dataclasses.replace(cfg.train, epochs=options.stage1_epochs, optimizer="sgd", lr=options.stage1_lr,
                                  momentum=0.9, weight_decay=5e-4, warmup_epochs=0.0)
     stage1_args = dict(out_dir=stage_dir(ctx, "stage1"), resume=ctx.resume, device=ctx.device, desc="pq stage 1")
