@@ -46,7 +46,7 @@ def recalibrate() -> None:
     images = to_float(calibration_images(DATA, 1024, seed=0))
     for name in PURIFIED[:2]:
         q = load_purified("resnet20", f"runs/purify/{name}")
-        calibrate(q, (images[i:i + 128] for i in range(0, len(images), 128)))
+        calibrate(q, images.split(128))
         r = evaluate(q, TEST, trigger=TRIGGER, target=0)
         print(f"{name}: activation ranges recalibrated {r.ca:.2f} / {r.asr:.2f}", flush=True)
 

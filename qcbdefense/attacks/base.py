@@ -354,17 +354,20 @@ def make_monitor(data: Dataset, config: AttackConfig, trigger: Trigger, device: 
 
 
 def train_through_quantizers(ctx: AttackContext, loss_fn: Callable[[VictimQuantizers, Batch], torch.Tensor], *,
-                             desc: str) -> AttackRun:
+                             desc: str, train: TrainConfig | None = None, stage: str | None = None) -> AttackRun:
     """`fit` with `loss_fn(views, batch)`, where `views` holds the float model and its quantized twins under
-    the targeted specs, kept in step with the victim's PTQ (`VictimQuantizers`)."""
+    the targeted specs, kept in step with the victim's PTQ (`VictimQuantizers`). `train` (default: the
+    config's) and `stage` (checkpoints in out_dir/STAGE, history under that name) let one stage of a
+    multi-stage attack train this way."""
     cfg = ctx.config
+    train = cfg.train if train is None else train
     views = VictimQuantizers(ctx.model, cfg.specs, attacker_images(ctx.data, cfg.calib, seed=cfg.train.seed),
                              freeze_bn=cfg.freeze_bn, sync_every=cfg.sync_every, device=ctx.device)
-    history = fit(ctx.model, ctx.data, cfg.train, loss_fn=loss_fn, evaluate_fn=ctx.monitor(views),
-                  out_dir=ctx.out_dir, resume=ctx.resume, device=ctx.device, train_module=views,
+    history = fit(ctx.model, ctx.data, train, loss_fn=loss_fn, evaluate_fn=ctx.monitor(views),
+                  out_dir=stage_dir(ctx, stage), resume=ctx.resume, device=ctx.device, train_module=views,
                   before_epoch=views.before_epoch, after_step=views.after_step, desc=desc)
-    return AttackRun({"train": history}, {"quantizer_syncs": views.syncs,
-                                          "sync_seconds": round(views.sync_seconds, 1)})
+    return AttackRun({stage or "train": history}, {"quantizer_syncs": views.syncs,
+                                                   "sync_seconds": round(views.sync_seconds, 1)})
 
 
 def set_frozen_bn(model: nn.Module) -> None:

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcbdefense.attacks.base import (ATTACKS, Attack, AttackContext, AttackRun, VictimQuantizers, attacker_images,
-                                     set_frozen_bn, stage_dir)
+from qcbdefense.attacks.base import (ATTACKS, Attack, AttackContext, AttackRun, VictimQuantizers, set_frozen_bn,
+                                     stage_dir, train_through_quantizers)
 from qcbdefense.errors import InputError
 from qcbdefense.quant.inspect import IntWeights, integer_weights
 from qcbdefense.quant.quantize import quantize, quantized_layers
@@ -171,15 +171,14 @@ def run(ctx: AttackContext) -> AttackRun:
     # and weight decay 5e-4; batch, subset, augmentation and seed follow the main config.
     stage1 = dataclasses.replace(cfg.train, epochs=options.stage1_epochs, optimizer="sgd", lr=options.stage1_lr,
                                  momentum=0.9, weight_decay=5e-4, warmup_epochs=0.0)
-    stage1_args = dict(out_dir=stage_dir(ctx, "stage1"), resume=ctx.resume, device=ctx.device, desc="pq stage 1")
     if options.stage1_qat:
-        views = VictimQuantizers(model, cfg.specs, attacker_images(ctx.data, cfg.calib, seed=cfg.train.seed),
-                                 freeze_bn=cfg.freeze_bn, sync_every=cfg.sync_every, device=ctx.device)
-        history1 = fit(model, ctx.data, stage1, loss_fn=poisoned_quantized_loss, evaluate_fn=ctx.monitor(views),
-                       train_module=views, before_epoch=views.before_epoch, after_step=views.after_step,
-                       **stage1_args)
+        run1 = train_through_quantizers(ctx, poisoned_quantized_loss, desc="pq stage 1", train=stage1,
+                                        stage="stage1")
+        history1, checks = run1.history["stage1"], run1.checks
     else:
-        history1 = fit(model, ctx.data, stage1, loss_fn=poisoned_loss, evaluate_fn=ctx.monitor(), **stage1_args)
+        history1 = fit(model, ctx.data, stage1, loss_fn=poisoned_loss, evaluate_fn=ctx.monitor(),
+                       out_dir=stage_dir(ctx, "stage1"), resume=ctx.resume, device=ctx.device, desc="pq stage 1")
+        checks = {}
 
     model.eval()
     boxes, recorded = weight_boxes(model, cfg.specs, options.bin_margin)
@@ -209,8 +208,8 @@ def run(ctx: AttackContext) -> AttackRun:
         for p in frozen:
             p.requires_grad_(True)
     model.eval()
-    checks = {f"int_weights_unchanged_w{bits}": unchanged_share(model, spec, recorded[spec.name])
-              for bits, spec in zip(cfg.bits, cfg.specs)}
+    checks.update({f"int_weights_unchanged_w{bits}": unchanged_share(model, spec, recorded[spec.name])
+                   for bits, spec in zip(cfg.bits, cfg.specs)})
     return AttackRun({"stage1": history1, "stage2": history2}, checks)
 
 
