@@ -4,6 +4,7 @@ Usage: python benchmarks/lac_activation_residual.py [schedule|split|recalibrate 
   schedule     LAC with 1,000 steps a layer and no early stopping, and with 2,048 calibration images
   split        the purified models (benchmarks/purify_r20.sh) with and without their activation quantizers
   recalibrate  the purified models with activation ranges recalibrated on the purified weights
+  ablate       the LAC+PDA-purified c2 = 0.5 model with one layer's input quantizer switched off at a time
 """
 import sys
 
@@ -16,6 +17,7 @@ from qcbdefense.defenses import load_purified, purify
 from qcbdefense.evaluate import evaluate
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.ptq import calibration_images
+from qcbdefense.quant.quantize import quantized_layers
 from qcbdefense.triggers import parse_trigger
 
 DATA = load_dataset("folder:../shared/datasets/cifar10-jpg.tar.gz")
@@ -51,6 +53,16 @@ def recalibrate() -> None:
         print(f"{name}: activation ranges recalibrated {r.ca:.2f} / {r.asr:.2f}", flush=True)
 
 
+def ablate() -> None:
+    q = load_purified("resnet20", f"runs/purify/{PURIFIED[1]}")
+    for name, layer in quantized_layers(q):
+        layer.input_quant.disable_quant = True
+        r = evaluate(q, TEST, trigger=TRIGGER, target=0)
+        layer.input_quant.disable_quant = False
+        print(f"{PURIFIED[1]}, {name} input in float: {r.ca:.2f} / {r.asr:.2f}", flush=True)
+
+
 if __name__ == "__main__":
-    for step in sys.argv[1:] or ["schedule", "split", "recalibrate"]:
-        {"schedule": schedule, "split": split, "recalibrate": recalibrate}[step]()
+    steps = {"schedule": schedule, "split": split, "recalibrate": recalibrate, "ablate": ablate}
+    for step in sys.argv[1:] or list(steps):
+        steps[step]()

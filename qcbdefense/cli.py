@@ -151,10 +151,12 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
                    help="the authors' schedule: 10,000 steps a layer, no early stopping, last iterate kept")
     p.add_argument("--pda-steps", type=_positive_int, default=None,
                    help="lac-pda: PDA steps per layer (default 500, the release's; 50 is ten times faster)")
+    p.add_argument("--learn-act-range", action="store_true",
+                   help="also learn each layer's output activation range with its weights (beyond the release)")
 
 
 def _schedule_options(args: argparse.Namespace) -> dict:
-    """--released / --steps / --pda-steps as purify options (shared by purify and harden)."""
+    """--released / --steps / --pda-steps / --learn-act-range as purify options (shared by purify and harden)."""
     options: dict = {}
     if args.released:
         options.update(steps=10000, early_stop=False, keep_best=False)
@@ -162,6 +164,8 @@ def _schedule_options(args: argparse.Namespace) -> dict:
         options["steps"] = args.steps
     if args.pda_steps is not None:
         options["pda_steps"] = args.pda_steps
+    if args.learn_act_range:
+        options["learn_act_range"] = True
     return options
 
 

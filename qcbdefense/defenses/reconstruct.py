@@ -27,6 +27,9 @@ The weight. The offset (LAC) or rounding variables (EFRAP, AdaRound) live in a `
     start, with Brevitas's order of operations, so at zero offset it equals Brevitas's weight bit for bit),
     and the conv/linear of the Brevitas layer computes with it. Brevitas's quantizer itself is not touched:
     a purified model has exactly the state_dict keys of a plain `quantize` model.
+Activation ranges. As released, LAC leaves them at their calibrated values. With `learn_act_range` the
+    range of the quantizer the unit's output feeds (Brevitas's own scale and zero-point parameters, trained
+    straight-through) is learned with the weights and kept with the best integers.
 Hardening. When a layer is done its float weight is overwritten with (q - z) * s for the learned integers
     q. Re-quantizing gives back exactly q because the range does not move: MSE ranges are held by Brevitas
     after their first search, and for ranges recomputed at every forward (abs-max, min-max) the elements
@@ -371,7 +374,9 @@ class ReconOptions:
     Both apply only to roundings whose training forward is already hard (LAC): a soft rounding (EFRAP,
     AdaRound) is only meaningful once its schedule has driven it to 0/1, so it runs all its steps.
     `match_act_quant`: pass the unit's output through the next layer's input quantizer (when one follows
-    directly) before comparing with the FP output.
+    directly) before comparing with the FP output. `learn_act_range` (beyond the release): learn that
+    quantizer's range (Brevitas's calibrated scale and zero point, straight-through) jointly with the
+    weights, Adam at `act_lr` relative to the range (a step of 1e-2 moves it by about 1 %).
     """
 
     steps: int = 2000
@@ -383,13 +388,15 @@ class ReconOptions:
     tol: float = 0.01
     keep_best: bool = True
     match_act_quant: bool = True
+    learn_act_range: bool = False
+    act_lr: float = 1e-2
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "check_every", "patience"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{key} must be a positive integer, got {value!r}")
-        for key in ("lr",):
+        for key in ("lr", "act_lr"):
             if not (isinstance(getattr(self, key), (int, float)) and getattr(self, key) > 0):
                 raise InputError(f"{key} must be a positive number, got {getattr(self, key)!r}")
         if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
@@ -490,13 +497,17 @@ def reconstruct_(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor,
             pda_seconds = time.perf_counter() - pda_start
 
         keep_best = options.keep_best and rounding.hard_forward
+        act_params = list(next_quant.parameters()) if options.learn_act_range and next_quant is not None else []
         curve: list[tuple[int, float]] = []
-        steps, best_q = _optimise(run, data, rounding, options, options.early_stop and rounding.hard_forward,
-                                  keep_best, generator, chunk, desc=f"[{index + 1}/{len(units)}] {unit.name}"
-                                  if progress else None, curve=curve)
+        steps, best = _optimise(run, data, rounding, act_params, options,
+                                options.early_stop and rounding.hard_forward, keep_best, generator, chunk,
+                                desc=f"[{index + 1}/{len(units)}] {unit.name}" if progress else None, curve=curve)
 
         with torch.no_grad():
-            q = rounding.integers() if best_q is None else best_q
+            q = rounding.integers() if best is None else best[0]
+            if best is not None:
+                for param, value in zip(act_params, best[1]):
+                    param.copy_(value)
             layer.weight.copy_(grid.harden(q, layer.weight))
             brevitas_int = layer.quant_weight().int().to(q.dtype)
         mismatches = int((brevitas_int != q).sum().item())
@@ -556,11 +567,12 @@ class _UnitRunner:
         return total / count
 
 
-def _optimise(run: _UnitRunner, data: _UnitData, rounding: Rounding, options: ReconOptions,
-              early_stop: bool, keep_best: bool, generator: torch.Generator, chunk: int,
-              desc: str | None, curve: list) -> tuple[int, torch.Tensor | None]:
-    """Adam on the rounding's parameters; returns the steps taken and, with `keep_best`, the integers with
-    the lowest reconstruction loss on the whole cached set among the checks (round-to-nearest included).
+def _optimise(run: _UnitRunner, data: _UnitData, rounding: Rounding, act_params: list[nn.Parameter],
+              options: ReconOptions, early_stop: bool, keep_best: bool, generator: torch.Generator, chunk: int,
+              desc: str | None, curve: list) -> tuple[int, tuple[torch.Tensor, list[torch.Tensor]] | None]:
+    """Adam on the rounding's parameters (and the activation range's, `act_params`); returns the steps
+    taken and, with `keep_best`, the integers and activation range with the lowest reconstruction loss on
+    the whole cached set among the checks (round-to-nearest and the calibrated range included).
 
     Every `check_every` steps the hard integers are scored on all cached inputs (forward only, about the
     cost of a tenth of the steps between checks). Early stopping ends the layer after `patience` checks
@@ -569,14 +581,20 @@ def _optimise(run: _UnitRunner, data: _UnitData, rounding: Rounding, options: Re
     params = [p for p in rounding.parameters() if p.requires_grad]
     if not params:
         return 0, None
-    optimizer = torch.optim.Adam(params, lr=options.lr)
+    groups = [{"params": params, "lr": options.lr}]
+    groups += [{"params": [p], "lr": options.act_lr * max(p.detach().abs().max().item(), 1e-3)}
+               for p in act_params]
+    for param in act_params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.Adam(groups)
     n = len(data.x)
     order, cursor = torch.randperm(n, generator=generator), 0
     bar = tqdm(total=options.steps, desc=desc, leave=True, dynamic_ncols=True, disable=desc is None,
                mininterval=1.0)
     checking = rounding.hard_forward  # the hard integers are what the loss is computed with: worth tracking
-    best_q = rounding.integers().clone() if checking else None
-    best = run.loss(data, rounding.grid.dequantize(best_q), chunk) if checking else math.inf
+    snapshot = lambda q: (q.clone(), [p.detach().clone() for p in act_params])  # noqa: E731
+    best_state = snapshot(rounding.integers()) if checking else None
+    best = run.loss(data, rounding.grid.dequantize(best_state[0]), chunk) if checking else math.inf
     if checking:
         curve.append((0, best))
     stale, step, window = 0, 0, 0.0
@@ -611,10 +629,12 @@ def _optimise(run: _UnitRunner, data: _UnitData, rounding: Rounding, options: Re
                 if score < best:
                     best = score
                     if keep_best:
-                        best_q = q.clone()
+                        best_state = snapshot(q)
             bar.set_postfix(postfix, refresh=False)
             if early_stop and stale >= options.patience:
                 break
     finally:
         bar.close()
-    return step, best_q if keep_best else None
+        for param in act_params:
+            param.requires_grad_(False)
+    return step, best_state if keep_best else None

@@ -22,7 +22,7 @@ from qcbdefense.defenses.lac import OffsetRounding
 from qcbdefense.defenses.reconstruct import (NearestRounding, Stream, WeightGrid, _UnitRunner, _value,
                                              build_units, trace)
 from qcbdefense.errors import InputError
-from qcbdefense.quant import calibrate, integer_weights, quantize, quantized_layers
+from qcbdefense.quant import calibrate, integer_weights, quantize, quantized_layers, quantizer_parameters
 
 SPEC = "w4a4"
 
@@ -185,6 +185,28 @@ def test_wrong_architecture_is_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_learned_activation_ranges_move_only_when_asked_and_reload(shapes16, tmp_path):
+    """--learn-act-range moves the input ranges of the layers a unit feeds (not the image's), each layer
+    ends no worse than round-to-nearest, and the learned ranges are what a reloaded model computes with."""
+    model = create_model("small_cnn", mean=shapes16.mean, std=shapes16.std)
+    settings = dict(spec=SPEC, calib=64, steps=60, check_every=20, evaluate_models=False)
+    plain, _ = purify(model, shapes16, method="lac", **settings)
+    learned, report = purify(model, shapes16, method="lac", learn_act_range=True, **settings)
+    assert report.options["learn_act_range"] is True
+    (first, *later) = [layer.input_quant for _, layer in quantized_layers(learned)]
+    (plain_first, *plain_later) = [layer.input_quant for _, layer in quantized_layers(plain)]
+    scale = lambda proxy: float(proxy.scale())  # noqa: E731
+    assert scale(first) == scale(plain_first), "the image's range is not any unit's output"
+    assert any(scale(a) != scale(b) for a, b in zip(later, plain_later)), "no activation range was learned"
+    assert all(layer["loss_final"] <= layer["loss_nearest"] * (1 + 1e-6) for layer in report.layers)
+    assert [layer["mismatches"] for layer in report.layers] == [0] * len(report.layers)
+    assert not any(p.requires_grad for p in quantizer_parameters(learned))
+    save_purified(learned, tmp_path / "run", report=report)
+    images = torch.rand(8, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(learned(images), load_purified("small_cnn", tmp_path / "run")(images))
+
+
 # ---- saving ----------------------------------------------------------------------------------------------
 
 def test_save_and_load_purified_gives_identical_outputs(shapes16, tmp_path):
@@ -216,11 +238,13 @@ def test_cli_purify_writes_a_reloadable_model(tmp_path, capsys):
     ckpt = save_model(model, tmp_path / "small.pt")
     out = tmp_path / "out"
     code = main(["purify", "--model", "small_cnn", "--ckpt", str(ckpt), "--data", "builtin", "--method", "lac",
-                 "--spec", SPEC, "--calib", "32", "--steps", "4", "--trigger", "patch", "--out", str(out)])
+                 "--spec", SPEC, "--calib", "32", "--steps", "4", "--learn-act-range", "--trigger", "patch",
+                 "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "| nearest" in printed and "| lac" in printed and "ASR %" in printed
     report = read_report(out)
     assert report.method == "lac" and report.options["steps"] == 4 and report.calib == 32
+    assert report.options["learn_act_range"] is True
     loaded = load_purified("small_cnn", out)
     assert loaded(torch.rand(1, 3, 32, 32)).shape == (1, 10)
