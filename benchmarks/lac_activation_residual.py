@@ -1,33 +1,40 @@
 """Where the residual backdoor of the LAC-purified c2 = 0.5 Qu-ANTI-zation model lives (BENCHMARKS.md, purifier).
 
-Usage: python benchmarks/lac_activation_residual.py [schedule|split|recalibrate ...]
+Usage: python benchmarks/lac_activation_residual.py [schedule|split|recalibrate|ablate|acts-only|scale|widen|learned ...]
   schedule     LAC with 1,000 steps a layer and no early stopping, and with 2,048 calibration images
   split        the purified models (benchmarks/purify_r20.sh) with and without their activation quantizers
   recalibrate  the purified models with activation ranges recalibrated on the purified weights
   ablate       the LAC+PDA-purified c2 = 0.5 model with one layer's input quantizer switched off at a time
+  acts-only    the attacked and the clean FP models with float weights and the w4a4 activation quantizers
+  scale        the LAC+PDA-purified c2 = 0.5 model with every activation range (but the image's) scaled
+  widen        LAC on the c2 = 0.5 model with its activation ranges widened 1.25x before the reconstruction
+  learned      LAC (and LAC+PDA) learning the activation ranges too (`--learn-act-range`) on three models
 """
 import sys
+
+import torch
 
 from brevitas.graph.calibrate import quantization_status_manager
 
 from qcbdefense.attacks.base import with_test_subset
 from qcbdefense.checkpoints import load_model
 from qcbdefense.data import load_dataset, to_float
-from qcbdefense.defenses import load_purified, purify
+from qcbdefense.defenses import lac, load_purified, purify
 from qcbdefense.evaluate import evaluate
 from qcbdefense.quant.calibrate import calibrate
-from qcbdefense.quant.ptq import calibration_images
+from qcbdefense.quant.ptq import calibration_images, post_training_quantize
 from qcbdefense.quant.quantize import quantized_layers
 from qcbdefense.triggers import parse_trigger
 
 DATA = load_dataset("folder:../shared/datasets/cifar10-jpg.tar.gz")
 TEST = with_test_subset(DATA, 3000, seed=0)
 TRIGGER = parse_trigger("patch")
+ATTACKED = "runs/attacks/quanti-r20-w4-full-c2h/model.pt"
 PURIFIED = ("r20-quanti-w4-full-c2h-lac", "r20-quanti-w4-full-c2h-lac-pda", "r20-quanti-w4-full-lac-pda")
 
 
 def schedule() -> None:
-    model = load_model("resnet20", "runs/attacks/quanti-r20-w4-full-c2h/model.pt")
+    model = load_model("resnet20", ATTACKED)
     for name, options in (("1,000 steps, no early stop", dict(steps=1000, early_stop=False)),
                           ("2,048 calibration images", dict(calib=2048))):
         _, report = purify(model, DATA, method="lac", spec="w4a4", trigger=TRIGGER, arch="resnet20", **options)
@@ -62,7 +69,64 @@ def ablate() -> None:
         print(f"{PURIFIED[1]}, {name} input in float: {r.ca:.2f} / {r.asr:.2f}", flush=True)
 
 
+def acts_only() -> None:
+    for path in (ATTACKED, "runs/resnet20-ft/model.pt"):
+        q = post_training_quantize(load_model("resnet20", path), "w4a4", DATA, calib=1024)
+        for _, layer in quantized_layers(q):
+            layer.weight_quant.disable_quant = True
+        r = evaluate(q, TEST, trigger=TRIGGER, target=0)
+        print(f"{path}: float weights, w4a4 activations {r.ca:.2f} / {r.asr:.2f}", flush=True)
+
+
+def _act_ranges(q) -> list[torch.Tensor]:
+    """The calibrated range parameter of every input quantizer after the image's."""
+    return [layer.input_quant.fused_activation_quant_proxy.tensor_quant.scaling_impl.value
+            for _, layer in quantized_layers(q)[1:]]
+
+
+@torch.no_grad()
+def scale() -> None:
+    q = load_purified("resnet20", f"runs/purify/{PURIFIED[1]}")
+    ranges = _act_ranges(q)
+    calibrated = [r.clone() for r in ranges]
+    for factor in (0.7, 0.85, 1.2, 1.5, 2.0):
+        for value, start in zip(ranges, calibrated):
+            value.copy_(start * factor)
+        r = evaluate(q, TEST, trigger=TRIGGER, target=0)
+        print(f"{PURIFIED[1]}, activation ranges x{factor}: {r.ca:.2f} / {r.asr:.2f}", flush=True)
+
+
+def widen(factor: float = 1.25) -> None:
+    reconstruct = lac.reconstruct_
+
+    def widened(fp_model, qmodel, *args, **kwargs):  # the ranges as calibrated, times `factor`
+        with torch.no_grad():
+            for value in _act_ranges(qmodel):
+                value.mul_(factor)
+        return reconstruct(fp_model, qmodel, *args, **kwargs)
+
+    lac.reconstruct_ = widened
+    try:
+        _, report = purify(load_model("resnet20", ATTACKED), DATA, method="lac", spec="w4a4", trigger=TRIGGER,
+                           arch="resnet20")
+    finally:
+        lac.reconstruct_ = reconstruct
+    print(f"LAC, activation ranges widened x{factor} first (full test set):\n{report.table()}", flush=True)
+
+
+def learned() -> None:
+    runs = ((ATTACKED, "w4a4", "lac", {}), (ATTACKED, "w4a4", "lac-pda", {"pda_steps": 50}),
+            ("runs/attacks/pq-r20-w4-full-qat4/model.pt", "pqbackdoor-w4a4", "lac", {}),
+            ("runs/resnet20-ft/model.pt", "w4a4", "lac", {}))
+    for path, spec, method, options in runs:
+        _, report = purify(load_model("resnet20", path), DATA, method=method, spec=spec, trigger=TRIGGER,
+                           arch="resnet20", learn_act_range=True, **options)
+        print(f"{path}, {spec}, {method} with learned activation ranges (full test set):\n{report.table()}",
+              flush=True)
+
+
 if __name__ == "__main__":
-    steps = {"schedule": schedule, "split": split, "recalibrate": recalibrate, "ablate": ablate}
+    steps = {"schedule": schedule, "split": split, "recalibrate": recalibrate, "ablate": ablate,
+             "acts-only": acts_only, "scale": scale, "widen": widen, "learned": learned}
     for step in sys.argv[1:] or list(steps):
         steps[step]()
