@@ -592,7 +592,10 @@ def _optimise(run: _UnitRunner, data: _UnitData, rounding: Rounding, act_params:
     bar = tqdm(total=options.steps, desc=desc, leave=True, dynamic_ncols=True, disable=desc is None,
                mininterval=1.0)
     checking = rounding.hard_forward  # the hard integers are what the loss is computed with: worth tracking
-    snapshot = lambda q: (q.clone(), [p.detach().clone() for p in act_params])  # noqa: E731
+
+    def snapshot(q: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return q.clone(), [p.detach().clone() for p in act_params]
+
     best_state = snapshot(rounding.integers()) if checking else None
     best = run.loss(data, rounding.grid.dequantize(best_state[0]), chunk) if checking else math.inf
     if checking:
