@@ -34,3 +34,8 @@ run r20-pq-w8-full-p10e4 runs/attacks/pq-r20-w8-full-p10e4/model.pt pqbackdoor-w
 # Qu-ANTI-zation with c2 = 0.5 and PQBackdoor W4 with a 4-epoch quantization-aware stage 1 (2026-11-30 afternoon)
 every_defence r20-quanti-w4-full-c2h runs/attacks/quanti-r20-w4-full-c2h/model.pt w4a4
 every_defence r20-pq-w4-full-qat4 runs/attacks/pq-r20-w4-full-qat4/model.pt pqbackdoor-w4a4
+# Qu-ANTI-zation with c2 = 0.25 (2026-11-30 evening)
+every_defence r20-quanti-w4-full-c2q runs/attacks/quanti-r20-w4-full-c2q/model.pt w4a4
+# Two W4 models under LAC/EFRAP's W8A8 quantizer, where their backdoor stays dormant (2026-11-30 evening)
+run r20-quanti-w4-full-c2q-w8a8 runs/attacks/quanti-r20-w4-full-c2q/model.pt w8a8 lac-pda --pda-steps 50
+run r20-pq-w4-full-qat4-w8a8 runs/attacks/pq-r20-w4-full-qat4/model.pt w8a8 lac-pda --pda-steps 50
