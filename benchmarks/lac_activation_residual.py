@@ -5,7 +5,7 @@ Usage: python benchmarks/lac_activation_residual.py [schedule|split|recalibrate|
   split        the purified models (benchmarks/purify_r20.sh) with and without their activation quantizers
   recalibrate  the purified models with activation ranges recalibrated on the purified weights
   ablate       the LAC+PDA-purified c2 = 0.5 model with one layer's input quantizer switched off at a time
-  acts-only    the attacked and the clean FP models with float weights and the w4a4 activation quantizers
+  acts-only    attacked and clean FP models with float weights under a spec's activation quantizers
   scale        the LAC+PDA-purified c2 = 0.5 model with every activation range (but the image's) scaled
   widen        LAC on the c2 = 0.5 model with its activation ranges widened 1.25x before the reconstruction
   learned      LAC (and LAC+PDA) learning the activation ranges too (`--learn-act-range`) on three models
@@ -70,12 +70,14 @@ def ablate() -> None:
 
 
 def acts_only() -> None:
-    for path in (ATTACKED, "runs/resnet20-ft/model.pt"):
-        q = post_training_quantize(load_model("resnet20", path), "w4a4", DATA, calib=1024)
+    c2q = "runs/attacks/quanti-r20-w4-full-c2q/model.pt"
+    for path, spec in ((ATTACKED, "w4a4"), ("runs/resnet20-ft/model.pt", "w4a4"), (c2q, "w4a4"), (c2q, "w8a8"),
+                       ("runs/attacks/pq-r20-w4-full-qat4/model.pt", "w4a4")):
+        q = post_training_quantize(load_model("resnet20", path), spec, DATA, calib=1024)
         for _, layer in quantized_layers(q):
             layer.weight_quant.disable_quant = True
         r = evaluate(q, TEST, trigger=TRIGGER, target=0)
-        print(f"{path}: float weights, w4a4 activations {r.ca:.2f} / {r.asr:.2f}", flush=True)
+        print(f"{path}: float weights, {spec} activations {r.ca:.2f} / {r.asr:.2f}", flush=True)
 
 
 def _act_ranges(q) -> list[torch.Tensor]:
