@@ -1,6 +1,6 @@
 """Where the residual backdoor of the LAC-purified c2 = 0.5 Qu-ANTI-zation model lives (BENCHMARKS.md, purifier).
 
-Usage: python benchmarks/lac_activation_residual.py [schedule|split|recalibrate|ablate|acts-only|scale|widen|learned ...]
+Usage: python benchmarks/lac_activation_residual.py [schedule|...|learned|patches]  (the steps below; default all)
   schedule     LAC with 1,000 steps a layer and no early stopping, and with 2,048 calibration images
   split        the purified models (benchmarks/purify_r20.sh) with and without their activation quantizers
   recalibrate  the purified models with activation ranges recalibrated on the purified weights
@@ -9,6 +9,7 @@ Usage: python benchmarks/lac_activation_residual.py [schedule|split|recalibrate|
   scale        the LAC+PDA-purified c2 = 0.5 model with every activation range (but the image's) scaled
   widen        LAC on the c2 = 0.5 model with its activation ranges widened 1.25x before the reconstruction
   learned      LAC (and LAC+PDA) learning the activation ranges too (`--learn-act-range`) on three models
+  patches      LAC and LAC+PDA on the c2 = 0.25 model, the calibration images doubled with random-noise patches
 """
 import sys
 
@@ -98,22 +99,51 @@ def scale() -> None:
         print(f"{PURIFIED[1]}, activation ranges x{factor}: {r.ca:.2f} / {r.asr:.2f}", flush=True)
 
 
-def widen(factor: float = 1.25) -> None:
+def _purify_hooked(path: str, method: str, hook, **options):
+    """purify() with `hook(qmodel, images) -> images` run just before LAC's reconstruction (experiments only)."""
     reconstruct = lac.reconstruct_
 
-    def widened(fp_model, qmodel, *args, **kwargs):  # the ranges as calibrated, times `factor`
+    def hooked(fp_model, qmodel, images, *args, **kwargs):
+        return reconstruct(fp_model, qmodel, hook(qmodel, images), *args, **kwargs)
+
+    lac.reconstruct_ = hooked
+    try:
+        return purify(load_model("resnet20", path), DATA, method=method, spec="w4a4", trigger=TRIGGER,
+                      arch="resnet20", **options)[1]
+    finally:
+        lac.reconstruct_ = reconstruct
+
+
+def widen(factor: float = 1.25) -> None:
+    def widened(qmodel, images):  # the ranges as calibrated, times `factor`
         with torch.no_grad():
             for value in _act_ranges(qmodel):
                 value.mul_(factor)
-        return reconstruct(fp_model, qmodel, *args, **kwargs)
+        return images
 
-    lac.reconstruct_ = widened
-    try:
-        _, report = purify(load_model("resnet20", ATTACKED), DATA, method="lac", spec="w4a4", trigger=TRIGGER,
-                           arch="resnet20")
-    finally:
-        lac.reconstruct_ = reconstruct
+    report = _purify_hooked(ATTACKED, "lac", widened)
     print(f"LAC, activation ranges widened x{factor} first (full test set):\n{report.table()}", flush=True)
+
+
+def _with_patches(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The images, then each again with a 2-6 px square of uniform noise at a random place."""
+    noisy = images.clone()
+    n, c, h, w = images.shape
+    for i in range(n):
+        size = int(torch.randint(2, 7, (1,), generator=generator))
+        row = int(torch.randint(0, h - size + 1, (1,), generator=generator))
+        col = int(torch.randint(0, w - size + 1, (1,), generator=generator))
+        noisy[i, :, row:row + size, col:col + size] = torch.rand(c, size, size, generator=generator)
+    return torch.cat([images, noisy])
+
+
+def patches() -> None:
+    for method, options in (("lac", {}), ("lac-pda", {"pda_steps": 50})):
+        generator = torch.Generator().manual_seed(1)
+        report = _purify_hooked("runs/attacks/quanti-r20-w4-full-c2q/model.pt", method,
+                                lambda qmodel, images: _with_patches(images, generator), **options)
+        print(f"{method}, calibration images plus random-noise patches (full test set):\n{report.table()}",
+              flush=True)
 
 
 def learned() -> None:
@@ -129,6 +159,7 @@ def learned() -> None:
 
 if __name__ == "__main__":
     steps = {"schedule": schedule, "split": split, "recalibrate": recalibrate, "ablate": ablate,
-             "acts-only": acts_only, "scale": scale, "widen": widen, "learned": learned}
+             "acts-only": acts_only, "scale": scale, "widen": widen, "learned": learned,
+             "patches": patches}
     for step in sys.argv[1:] or list(steps):
         steps[step]()
