@@ -1,4 +1,5 @@
-"""Where the residual backdoor of the LAC-purified c2 = 0.5 Qu-ANTI-zation model lives (BENCHMARKS.md, purifier).
+"""Where the residual backdoor of the LAC-purified Qu-ANTI-zation models (c2 = 0.5, 0.25) lives
+(BENCHMARKS.md, purifier).
 
 Usage: python benchmarks/lac_activation_residual.py [schedule|...|learned|patches]  (the steps below; default all)
   schedule     LAC with 1,000 steps a layer and no early stopping, and with 2,048 calibration images
