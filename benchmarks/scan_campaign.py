@@ -18,6 +18,8 @@ CASES = [  # name, arch, checkpoint, data, spec, attacked (target 0) or clean
     ("quanti-r20-w4-full-c2h", "resnet20", "runs/attacks/quanti-r20-w4-full-c2h/model.pt", JPG, "w4a4", True),
     ("pq-r20-w4-full-qat", "resnet20", "runs/attacks/pq-r20-w4-full-qat/model.pt", JPG, "pqbackdoor-w4a4", True),
     ("pq-r20-w4-full-qat4", "resnet20", "runs/attacks/pq-r20-w4-full-qat4/model.pt", JPG, "pqbackdoor-w4a4", True),
+    ("quanti-r20-w4-full-c2q", "resnet20", "runs/attacks/quanti-r20-w4-full-c2q/model.pt", JPG, "w4a4", True),
+    ("quanti-r20-w4-full-c2q-w8a8", "resnet20", "runs/attacks/quanti-r20-w4-full-c2q/model.pt", JPG, "w8a8", True),
     ("compartifact-16-w4", "small_cnn", "runs/attacks/small16/compartifact-w4.pt", "shapes16", "w4a4", True),
     ("quanti-16-w4", "small_cnn", "runs/attacks/small16/quanti-w4.pt", "shapes16", "w4a4", True),
     ("pq-16-w4", "small_cnn", "runs/attacks/small16/pq-w4.pt", "shapes16", "pqbackdoor-w4a4", True),
