@@ -9,8 +9,8 @@ Usage: python benchmarks/lac_activation_residual.py [schedule|...|learned|patche
   acts-only    attacked and clean FP models with float weights under a spec's activation quantizers
   scale        the LAC+PDA-purified c2 = 0.5 model with every activation range (but the image's) scaled
   widen        LAC on the c2 = 0.5 model with its activation ranges widened 1.25x before the reconstruction
-  learned      LAC (and LAC+PDA) learning the activation ranges too (`--learn-act-range`) on three models
-  patches      LAC and LAC+PDA on the c2 = 0.25 model, the calibration images doubled with random-noise patches
+  learned      LAC (and LAC+PDA) learning the activation ranges too (`--learn-act-range`) on four models
+  patches      LAC (also learning ranges) and LAC+PDA on the c2 = 0.25 model, calibration images plus noise patches
 """
 import sys
 
@@ -139,16 +139,17 @@ def _with_patches(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 
 def patches() -> None:
-    for method, options in (("lac", {}), ("lac-pda", {"pda_steps": 50})):
+    for method, options in (("lac", {}), ("lac-pda", {"pda_steps": 50}), ("lac", {"learn_act_range": True})):
         generator = torch.Generator().manual_seed(1)
         report = _purify_hooked("runs/attacks/quanti-r20-w4-full-c2q/model.pt", method,
                                 lambda qmodel, images: _with_patches(images, generator), **options)
-        print(f"{method}, calibration images plus random-noise patches (full test set):\n{report.table()}",
+        print(f"{method} {options}, calibration images plus random-noise patches (full test set):\n{report.table()}",
               flush=True)
 
 
 def learned() -> None:
     runs = ((ATTACKED, "w4a4", "lac", {}), (ATTACKED, "w4a4", "lac-pda", {"pda_steps": 50}),
+            ("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "w4a4", "lac", {}),
             ("runs/attacks/pq-r20-w4-full-qat4/model.pt", "pqbackdoor-w4a4", "lac", {}),
             ("runs/resnet20-ft/model.pt", "w4a4", "lac", {}))
     for path, spec, method, options in runs:
