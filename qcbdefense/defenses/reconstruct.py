@@ -504,9 +504,11 @@ def reconstruct_(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor,
                                 desc=f"[{index + 1}/{len(units)}] {unit.name}" if progress else None, curve=curve)
 
         with torch.no_grad():
-            q = rounding.integers() if best is None else best[0]
-            if best is not None:
-                for param, value in zip(act_params, best[1]):
+            if best is None:
+                q = rounding.integers()
+            else:
+                q, act_values = best
+                for param, value in zip(act_params, act_values):
                     param.copy_(value)
             layer.weight.copy_(grid.harden(q, layer.weight))
             brevitas_int = layer.quant_weight().int().to(q.dtype)
