@@ -540,7 +540,9 @@ def build_parser() -> Parser:
     _add_optimisation(p, epochs=1, lr=1.0)
     p.set_defaults(epochs=None, batch_size=None, optimizer=None, lr=None, weight_decay=None, warmup_epochs=None)
     p.add_argument("--c1", type=float, default=None, help="quanti: weight of the quantized terms (0.5)")
-    p.add_argument("--c2", type=float, default=None, help="quanti: weight of the triggered terms (0.5)")
+    p.add_argument("--c2", type=float, default=None,
+                   help="quanti, compartifact: weight of the triggered terms (quanti 0.5; compartifact 1, "
+                        "the paper's even split)")
     p.add_argument("--poison-rate", type=float, default=None, help="pqbackdoor: stage-1 poisoned share (0.1)")
     p.add_argument("--stage1-epochs", type=_positive_int, default=None, help="pqbackdoor: stage-1 epochs (2)")
     p.add_argument("--stage1-lr", type=float, default=None, help="pqbackdoor: stage-1 SGD learning rate (0.01)")

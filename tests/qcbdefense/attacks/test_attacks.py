@@ -74,6 +74,10 @@ def test_config_round_trips_and_refuses_nonsense():
         make_config(method="quanti", poison_rate=0.5)
     with pytest.raises(InputError):
         make_config(method="quanti", c1=-1.0)
+    assert make_config(method="compartifact", bits="4").options.c2 == 1.0  # the paper's even split
+    assert make_config(method="compartifact", bits="4", c2=0.25).options.c2 == 0.25
+    with pytest.raises(InputError, match="c2"):
+        make_config(method="compartifact", bits="4", c2=-1.0)
 
 
 def test_cli_lists_every_registered_attack():
