@@ -11,6 +11,8 @@ Usage: python benchmarks/lac_activation_residual.py [schedule|...|learned|patche
   widen        LAC on the c2 = 0.5 model with its activation ranges widened 1.25x before the reconstruction
   learned      LAC (and LAC+PDA) learning the activation ranges too (`--learn-act-range`) on four models
   patches      LAC (also learning ranges) and LAC+PDA on the c2 = 0.25 model, calibration images plus noise patches
+  oracle       LAC on the c2 = 0.25 model, calibration images plus copies carrying the true trigger (an upper
+               bound for any purifier that finds the trigger first)
 """
 import sys
 
@@ -147,6 +149,14 @@ def patches() -> None:
               flush=True)
 
 
+def oracle() -> None:
+    for options in ({}, {"learn_act_range": True}):
+        report = _purify_hooked("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "lac",
+                                lambda qmodel, images: torch.cat([images, TRIGGER.apply(images)]), **options)
+        print(f"lac {options}, calibration images plus the same with the true trigger (full test set):\n"
+              f"{report.table()}", flush=True)
+
+
 def learned() -> None:
     runs = ((ATTACKED, "w4a4", "lac", {}), (ATTACKED, "w4a4", "lac-pda", {"pda_steps": 50}),
             ("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "w4a4", "lac", {}),
@@ -162,6 +172,6 @@ def learned() -> None:
 if __name__ == "__main__":
     steps = {"schedule": schedule, "split": split, "recalibrate": recalibrate, "ablate": ablate,
              "acts-only": acts_only, "scale": scale, "widen": widen, "learned": learned,
-             "patches": patches}
+             "patches": patches, "oracle": oracle}
     for step in sys.argv[1:] or list(steps):
         steps[step]()

@@ -153,10 +153,14 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
                    help="lac-pda: PDA steps per layer (default 500, the release's; 50 is ten times faster)")
     p.add_argument("--learn-act-range", action="store_true",
                    help="also learn each layer's output activation range with its weights (beyond the release)")
+    p.add_argument("--search-triggers", action="store_true",
+                   help="first search a patch per class that moves only the quantized model, and calibrate on "
+                        "stamped copies too (beyond the release)")
 
 
 def _schedule_options(args: argparse.Namespace) -> dict:
-    """--released / --steps / --pda-steps / --learn-act-range as purify options (shared by purify and harden)."""
+    """--released / --steps / --pda-steps / --learn-act-range / --search-triggers as purify options (shared by
+    purify and harden)."""
     options: dict = {}
     if args.released:
         options.update(steps=10000, early_stop=False, keep_best=False)
@@ -166,6 +170,8 @@ def _schedule_options(args: argparse.Namespace) -> dict:
         options["pda_steps"] = args.pda_steps
     if args.learn_act_range:
         options["learn_act_range"] = True
+    if args.search_triggers:
+        options["search_triggers"] = True
     return options
 
 

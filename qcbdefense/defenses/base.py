@@ -35,6 +35,7 @@ from torch import nn
 from qcbdefense.data import Dataset, load_dataset, to_float
 from qcbdefense.errors import InputError
 from qcbdefense.evaluate import Metrics, agreement, evaluate
+from qcbdefense.defenses.guide import with_found_triggers
 from qcbdefense.fileio import write_json
 from qcbdefense.quant.calibrate import is_calibrated
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
@@ -118,6 +119,7 @@ class PurifyReport:
     skipped_layers: list[str]
     seconds: dict
     peak_memory_mb: dict
+    trigger_search: dict | None = None  # what `search_triggers` found (guide.GuidedImages.to_dict)
     environment: dict = field(default_factory=environment)
     version: int = REPORT_VERSION
 
@@ -138,7 +140,7 @@ class PurifyReport:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(f"unknown purify report key(s): {', '.join(unknown)}")
-        missing = sorted(known - set(data) - {"environment", "version"})
+        missing = sorted(known - set(data) - {"trigger_search", "environment", "version"})
         if missing:
             raise InputError(f"purify report lacks key(s): {', '.join(missing)}")
         data["spec"] = QuantSpec.from_dict(data["spec"])
@@ -170,6 +172,13 @@ class PurifyReport:
                      f"peak RSS {self.peak_memory_mb.get('rss', 0.0):.0f} MB"
                      + (f", peak CUDA {self.peak_memory_mb['cuda']:.0f} MB" if self.peak_memory_mb.get("cuda")
                         else ""))
+        if self.trigger_search is not None:
+            used = [c for c in self.trigger_search["classes"] if c["used"]]
+            smallest = min(used, key=lambda c: c["area"], default=None)
+            lines.append(f"trigger search ({self.seconds.get('search', 0.0):.1f} s): {len(used)} class patches "
+                         f"stamped on copies of the calibration images"
+                         + (f"; smallest: class {smallest['class']}, {smallest['area']:.1f} px, "
+                            f"{smallest['success']:.1f} % held-out success" if smallest else ""))
         if self.skipped_layers:
             lines.append(f"left at round-to-nearest (never called by the forward): {', '.join(self.skipped_layers)}")
         mismatched = [layer["name"] for layer in self.layers if layer.get("mismatches")]
@@ -182,7 +191,8 @@ class PurifyReport:
 def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", spec: str | QuantSpec = "w4a4",
            calib: int = 1024, trigger: Trigger | str | None = None, target: int = 0, seed: int = 0,
            device: str | torch.device = "cpu", arch: str = "model", evaluate_models: bool = True,
-           progress: bool = False, **options: Any) -> tuple[nn.Module, PurifyReport]:
+           search_triggers: bool = False, progress: bool = False,
+           **options: Any) -> tuple[nn.Module, PurifyReport]:
     """Purify the quantization of `model` under `spec` with `method`; return the purified QUANTIZED model.
 
     Args:
@@ -193,6 +203,9 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
         spec: the deployment quantizer (preset name, spec file or QuantSpec).
         trigger, target: for the ASR columns of the report only (the defence never sees them).
         evaluate_models: score FP, nearest and purified on the test split (False: report without scores).
+        search_triggers: before the defence, search a differential patch per class between the FP and the
+            round-to-nearest model and add stamped copies of the calibration images (`guide`, beyond the
+            papers; any method but nearest).
         progress: a progress bar per layer.
         **options: the method's options (see its options dataclass, e.g. steps=10000, early_stop=False).
 
@@ -210,6 +223,8 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
         raise InputError(f"calib must be a positive number of images, got {calib!r}")
     if not isinstance(model, nn.Module):
         raise InputError(f"purify needs an nn.Module, got {type(model).__name__}")
+    if not isinstance(search_triggers, bool) or (search_triggers and method == "nearest"):
+        raise InputError("search_triggers takes True or False, and needs a method that learns (not nearest)")
     _check_classes(model, data)
     device = torch.device(device)
     start = time.perf_counter()
@@ -234,6 +249,11 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    guided = None
+    if search_triggers:
+        guided = with_found_triggers(fp_model, qmodel, images, seed=seed, progress=progress)
+        images = guided.images
+    searched = time.perf_counter()
     ctx = DefenseContext(fp_model, qmodel, images, seed, device, progress)
     records, skipped = defense.run(ctx, opts)
     defended = time.perf_counter()
@@ -254,7 +274,8 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
         options=dataclasses.asdict(opts), trigger=None if trigger is None else trigger.to_dict(), target=target,
         fp=scores["fp"], nearest=scores["nearest"], purified=scores["purified"],
         layers=[r.to_dict() for r in records], skipped_layers=list(skipped),
-        seconds={"quantize": quantized - start, "defense": defended - evaluated,
+        trigger_search=None if guided is None else guided.to_dict(),
+        seconds={"quantize": quantized - start, "search": searched - evaluated, "defense": defended - searched,
                  "evaluate": (evaluated - quantized) + (done - defended), "total": done - start},
         peak_memory_mb=peak)
     return qmodel, report

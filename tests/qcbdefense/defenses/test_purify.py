@@ -18,11 +18,13 @@ from models import create_model
 from qcbdefense.checkpoints import load_model, save_model
 from qcbdefense.cli import PURIFY_METHODS, main
 from qcbdefense.defenses import DEFENSES, PurifyReport, load_purified, purify, read_report, save_purified
+from qcbdefense.defenses.guide import with_found_triggers
 from qcbdefense.defenses.lac import OffsetRounding
 from qcbdefense.defenses.reconstruct import (NearestRounding, Stream, WeightGrid, _UnitRunner, _value,
                                              build_units, trace)
 from qcbdefense.errors import InputError
 from qcbdefense.quant import calibrate, integer_weights, quantize, quantized_layers, quantizer_parameters
+from qcbdefense.scan.trigger_search import SearchConfig
 
 SPEC = "w4a4"
 
@@ -205,6 +207,33 @@ def test_learned_activation_ranges_move_only_when_asked_and_reload(shapes16, tmp
     images = torch.rand(8, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(learned(images), load_purified("small_cnn", tmp_path / "run")(images))
+
+
+def test_trigger_search_finds_the_planted_class_and_calibrates_on_its_patch(pq_cnn16, shapes16):
+    """--search-triggers: the smallest differential patch is the backdoor's class, every calibration image
+    gets one stamped copy, LAC still kills the backdoor, and the report records the search and round-trips."""
+    backdoored, _ = pq_cnn16
+    _, report = purify(backdoored, shapes16, method="lac", spec="pqbackdoor-w4a4", calib=256, trigger="patch",
+                       search_triggers=True)
+    search = report.trigger_search
+    assert search["images"] == 512 and len(search["classes"]) == 10
+    smallest = min((c for c in search["classes"] if c["used"]), key=lambda c: c["area"])
+    assert smallest["class"] == 0, search
+    assert report.nearest.asr >= 80.0 and report.purified.asr <= 10.0, report.summary()
+    assert "trigger search" in report.summary()
+    assert PurifyReport.from_dict(json.loads(json.dumps(report.to_dict()))).trigger_search == search
+    with pytest.raises(InputError, match="search_triggers"):
+        purify(backdoored, shapes16, method="nearest", search_triggers=True)
+
+
+def test_stamped_copies_follow_the_images():
+    """with_found_triggers keeps the images first and stamps each copy with a found patch, classes in turn."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10)).eval()
+    images = torch.rand(64, 3, 16, 16)
+    guided = with_found_triggers(model, copy.deepcopy(model), images, config=SearchConfig(steps=1, images_per_class=2))
+    assert not any(c.found for c in guided.found)  # identical models: no patch separates them
+    assert torch.equal(guided.images, images)
 
 
 # ---- saving ----------------------------------------------------------------------------------------------
