@@ -173,12 +173,13 @@ class PurifyReport:
                      + (f", peak CUDA {self.peak_memory_mb['cuda']:.0f} MB" if self.peak_memory_mb.get("cuda")
                         else ""))
         if self.trigger_search is not None:
-            used = [c for c in self.trigger_search["classes"] if c["used"]]
-            smallest = min(used, key=lambda c: c["area"], default=None)
-            lines.append(f"trigger search ({self.seconds.get('search', 0.0):.1f} s): {len(used)} class patches "
-                         f"stamped on copies of the calibration images"
-                         + (f"; smallest: class {smallest['class']}, {smallest['area']:.1f} px, "
-                            f"{smallest['success']:.1f} % held-out success" if smallest else ""))
+            search, seconds = self.trigger_search, self.seconds.get("search", 0.0)
+            stamped = search["stamped"]
+            lines.append(f"trigger search ({seconds:.1f} s): " + (
+                "no patch separates the models" if stamped is None else
+                f"smallest patch class {stamped}, {search['classes'][stamped]['area']:.1f} px, "
+                f"{search['classes'][stamped]['success']:.1f} % held-out success; stamped on a copy of each "
+                f"calibration image"))
         if self.skipped_layers:
             lines.append(f"left at round-to-nearest (never called by the forward): {', '.join(self.skipped_layers)}")
         mismatched = [layer["name"] for layer in self.layers if layer.get("mismatches")]

@@ -4,10 +4,12 @@ LAC matches the FP model's activations on clean images. A QCB whose quantized mo
 trigger through activation rounding alone (measured on Qu-ANTI-zation, BENCHMARKS.md) survives that: clean
 images never carry the trigger, so nothing asks the purified model to ignore it. The scanner's differential
 trigger search (`scan.trigger_search`) finds, for every class, a small patch that sends the round-to-nearest
-model to that class while the FP model keeps its prediction. Stamping copies of the calibration images with
-those patches puts reconstruction targets exactly where the two models disagree, and there the FP model's
-activations are what the purified model must reproduce. It needs no labels, no trigger and no verdict:
-every class's patch is used, so a clean model only gains a few adversarial calibration images.
+model to that class while the FP model keeps its prediction; the class with the smallest patch is the one the
+quantized model reaches most easily (a planted target when there is one). A stamped copy of every calibration
+image carries that patch, so the reconstruction also sees where the two models part, and there the FP
+model's activations are what the purified model must reproduce. No labels, no trigger and no verdict are
+needed: on a clean pair the patch is an ordinary adversarial one and the copies are a little extra data.
+(Spreading the copies over every class's patch, or by inverse area, purified less: BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -28,26 +30,31 @@ class GuidedImages:
     found: list[ClassSearch]
 
     def to_dict(self) -> dict:
-        """Per class: the patch's area (pixels), its held-out differential success % and whether it was used."""
-        return {"classes": [{"class": c.target, "area": c.area, "success": c.success, "used": c.found}
+        """Per class: the patch's area (pixels) and held-out differential success %; the class whose patch was
+        stamped (None when no patch was found); the number of images reconstructed on."""
+        return {"classes": [{"class": c.target, "area": c.area, "success": c.success, "found": c.found}
                             for c in self.found],
-                "images": len(self.images)}
+                "stamped": self.stamped, "images": len(self.images)}
+
+    @property
+    def stamped(self) -> int | None:
+        found = [c for c in self.found if c.found]
+        return min(found, key=lambda c: c.area).target if found else None
 
 
 def with_found_triggers(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, *, seed: int = 0,
                         config: SearchConfig = SearchConfig(), chunk: int = 256,
                         progress: bool = False) -> GuidedImages:
     """Search a differential patch per class between `fp_model` and the calibrated round-to-nearest
-    `qmodel` on `images` (float [N, C, H, W] in [0, 1]), then append one stamped copy of every image, the
-    found patches taking turns. Neither model is modified; without any patch the images come back alone."""
+    `qmodel` on `images` (float [N, C, H, W] in [0, 1]), then append a copy of every image stamped with the
+    smallest patch found. Neither model is modified; without any patch the images come back alone."""
     with torch.no_grad():
         logits = torch.cat([fp_model(part) for part in images.split(chunk)])
     found = search_triggers(fp_model, qmodel, images, logits.argmax(1), logits.shape[1], config, seed=seed,
                             progress=progress)
-    used = [c for c in found if c.found]
-    if not used:
-        return GuidedImages(images, found)
-    masks = torch.stack([c.mask for c in used]).unsqueeze(1).to(images.device)  # [K, 1, H, W]
-    patterns = torch.stack([c.pattern for c in used]).to(images.device)  # [K, C, H, W]
-    turn = torch.arange(len(images), device=images.device) % len(used)
-    return GuidedImages(torch.cat([images, stamp(images, masks[turn], patterns[turn])]), found)
+    guided = GuidedImages(images, found)
+    if guided.stamped is None:
+        return guided
+    patch = found[guided.stamped]
+    copies = stamp(images, patch.mask.to(images.device), patch.pattern.to(images.device))
+    return GuidedImages(torch.cat([images, copies]), found)
