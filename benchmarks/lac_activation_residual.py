@@ -13,6 +13,8 @@ Usage: python benchmarks/lac_activation_residual.py [schedule|...|learned|patche
   patches      LAC (also learning ranges) and LAC+PDA on the c2 = 0.25 model, calibration images plus noise patches
   oracle       LAC on the c2 = 0.25 model, calibration images plus copies carrying the true trigger (an upper
                bound for any purifier that finds the trigger first)
+  guided       `--search-triggers` (copies stamped with the patch the differential search finds) on the
+               c2 = 0.25 model (LAC, LAC+PDA, LAC learning ranges) and the clean model (LAC)
 """
 import sys
 
@@ -157,6 +159,17 @@ def oracle() -> None:
               f"{report.table()}", flush=True)
 
 
+def guided() -> None:
+    runs = (("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "lac", {}),
+            ("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "lac-pda", {"pda_steps": 50}),
+            ("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "lac", {"learn_act_range": True}),
+            ("runs/resnet20-ft/model.pt", "lac", {}))
+    for path, method, options in runs:
+        _, report = purify(load_model("resnet20", path), DATA, method=method, spec="w4a4", trigger=TRIGGER,
+                           arch="resnet20", search_triggers=True, **options)
+        print(f"{path}, {method} {options} --search-triggers (full test set):\n{report.summary()}", flush=True)
+
+
 def learned() -> None:
     runs = ((ATTACKED, "w4a4", "lac", {}), (ATTACKED, "w4a4", "lac-pda", {"pda_steps": 50}),
             ("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "w4a4", "lac", {}),
@@ -172,6 +185,6 @@ def learned() -> None:
 if __name__ == "__main__":
     steps = {"schedule": schedule, "split": split, "recalibrate": recalibrate, "ablate": ablate,
              "acts-only": acts_only, "scale": scale, "widen": widen, "learned": learned,
-             "patches": patches, "oracle": oracle}
+             "patches": patches, "oracle": oracle, "guided": guided}
     for step in sys.argv[1:] or list(steps):
         steps[step]()
