@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from qcbdefense.data import Dataset, load_dataset, to_float
+from qcbdefense.defenses.guide import with_found_triggers
 from qcbdefense.errors import InputError
 from qcbdefense.evaluate import Metrics, agreement, evaluate
-from qcbdefense.defenses.guide import with_found_triggers
 from qcbdefense.fileio import write_json
 from qcbdefense.quant.calibrate import is_calibrated
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize

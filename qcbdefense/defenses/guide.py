@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qcbdefense.errors import InputError
 from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig, search_triggers, stamp
 
 
@@ -50,8 +51,11 @@ def with_found_triggers(fp_model: nn.Module, qmodel: nn.Module, images: torch.Te
     smallest patch found. Neither model is modified; without any patch the images come back alone."""
     with torch.no_grad():
         logits = torch.cat([fp_model(part) for part in images.split(chunk)])
-    found = search_triggers(fp_model, qmodel, images, logits.argmax(1), logits.shape[1], config, seed=seed,
-                            progress=progress)
+    try:
+        found = search_triggers(fp_model, qmodel, images, logits.argmax(1), logits.shape[1], config, seed=seed,
+                                progress=progress)
+    except ValueError as err:  # too few calibration images for a search batch in every class
+        raise InputError(f"search_triggers: {err} (use more calibration images)") from None
     guided = GuidedImages(images, found)
     if guided.stamped is None:
         return guided

@@ -223,6 +223,8 @@ def test_trigger_search_finds_the_planted_class_and_calibrates_on_its_patch(pq_c
     assert PurifyReport.from_dict(json.loads(json.dumps(report.to_dict()))).trigger_search == search
     with pytest.raises(InputError, match="search_triggers"):
         purify(backdoored, shapes16, method="nearest", search_triggers=True)
+    with pytest.raises(InputError, match="more calibration images"):
+        purify(backdoored, shapes16, method="lac", calib=16, search_triggers=True, evaluate_models=False)
 
 
 def test_no_copies_when_no_patch_separates_the_models():
@@ -276,3 +278,13 @@ def test_cli_purify_writes_a_reloadable_model(tmp_path, capsys):
     assert report.options["learn_act_range"] is True
     loaded = load_purified("small_cnn", out)
     assert loaded(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_cli_search_triggers_without_enough_images_is_one_line_and_exit_2(tmp_path, capsys):
+    """A random small_cnn puts every image in one class: no search batch outside it, so a clear refusal."""
+    ckpt = save_model(create_model("small_cnn"), tmp_path / "small.pt")
+    code = main(["purify", "--model", "small_cnn", "--ckpt", str(ckpt), "--data", "builtin", "--method", "lac",
+                 "--calib", "32", "--search-triggers", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "more calibration images" in err
+    assert not (tmp_path / "out").exists()
