@@ -224,7 +224,7 @@ def test_trigger_search_finds_the_planted_class_and_calibrates_on_its_patch(pq_c
     with pytest.raises(InputError, match="search_triggers"):
         purify(backdoored, shapes16, method="nearest", search_triggers=True)
     with pytest.raises(InputError, match="more calibration images"):
-        purify(backdoored, shapes16, method="lac", calib=16, search_triggers=True, evaluate_models=False)
+        purify(backdoored, shapes16, method="lac", calib=8, search_triggers=True, evaluate_models=False)
 
 
 def test_no_copies_when_no_patch_separates_the_models():
