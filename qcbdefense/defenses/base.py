@@ -176,7 +176,7 @@ class PurifyReport:
             search, seconds = self.trigger_search, self.seconds.get("search", 0.0)
             stamped = search["stamped"]
             lines.append(f"trigger search ({seconds:.1f} s): " + (
-                "no patch separates the models" if stamped is None else
+                "no patch carries over to held-out images; nothing added" if stamped is None else
                 f"smallest patch class {stamped}, {search['classes'][stamped]['area']:.1f} px, "
                 f"{search['classes'][stamped]['success']:.1f} % held-out success; stamped on a copy of each "
                 f"calibration image"))

@@ -4,11 +4,11 @@ LAC matches the FP model's activations on clean images. A QCB whose quantized mo
 trigger through activation rounding alone (measured on Qu-ANTI-zation, BENCHMARKS.md) survives that: clean
 images never carry the trigger, so nothing asks the purified model to ignore it. The scanner's differential
 trigger search (`scan.trigger_search`) finds, for every class, a small patch that sends the round-to-nearest
-model to that class while the FP model keeps its prediction; the class with the smallest patch is the one the
-quantized model reaches most easily (a planted target when there is one). A stamped copy of every calibration
-image carries that patch, so the reconstruction also sees where the two models part, and there the FP
+model to that class while the FP model keeps its prediction; of the patches that carry over to held-out images
+(the scanner's rule), the smallest is the one the quantized model answers most easily (a planted target when
+there is one). A stamped copy of every calibration image carries that patch, so the reconstruction also sees where the two models part, and there the FP
 model's activations are what the purified model must reproduce. No labels, no trigger and no verdict are
-needed: on a clean pair the patch is an ordinary adversarial one and the copies are a little extra data.
+needed: on a clean pair no patch usually carries over, and then nothing is added.
 (Spreading the copies over every class's patch, or by inverse area, purified less: BENCHMARKS.md.)
 """
 
@@ -22,6 +22,8 @@ from torch import nn
 from qcbdefense.errors import InputError
 from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig, search_triggers, stamp
 
+MIN_SUCCESS = 50.0  # % of held-out images a patch must move differentially to be stamped (the scanner's rule)
+
 
 @dataclass
 class GuidedImages:
@@ -32,15 +34,15 @@ class GuidedImages:
 
     def to_dict(self) -> dict:
         """Per class: the patch's area (pixels) and held-out differential success %; the class whose patch was
-        stamped (None when no patch was found); the number of images reconstructed on."""
+        stamped (None when no patch carried over); the number of images reconstructed on."""
         return {"classes": [{"class": c.target, "area": c.area, "success": c.success, "found": c.found}
                             for c in self.found],
                 "stamped": self.stamped, "images": len(self.images)}
 
     @property
     def stamped(self) -> int | None:
-        found = [c for c in self.found if c.found]
-        return min(found, key=lambda c: c.area).target if found else None
+        carried = [c for c in self.found if c.found and c.success >= MIN_SUCCESS]
+        return min(carried, key=lambda c: c.area).target if carried else None
 
 
 def with_found_triggers(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, *, seed: int = 0,
@@ -48,7 +50,7 @@ def with_found_triggers(fp_model: nn.Module, qmodel: nn.Module, images: torch.Te
                         progress: bool = False) -> GuidedImages:
     """Search a differential patch per class between `fp_model` and the calibrated round-to-nearest
     `qmodel` on `images` (float [N, C, H, W] in [0, 1]), then append a copy of every image stamped with the
-    smallest patch found. Neither model is modified; without any patch the images come back alone."""
+    smallest patch that carries over. Neither model is modified; without one the images come back alone."""
     with torch.no_grad():
         logits = torch.cat([fp_model(part) for part in images.split(chunk)])
     try:
