@@ -5,10 +5,11 @@ trigger through activation rounding alone (measured on Qu-ANTI-zation, BENCHMARK
 images never carry the trigger, so nothing asks the purified model to ignore it. The scanner's differential
 trigger search (`scan.trigger_search`) finds, for every class, a small patch that sends the round-to-nearest
 model to that class while the FP model keeps its prediction; of the patches that carry over to held-out images
-(the scanner's rule), the smallest is the one the quantized model answers most easily (a planted target when
-there is one). A stamped copy of every calibration image carries that patch, so the reconstruction also sees where the two models part, and there the FP
-model's activations are what the purified model must reproduce. No labels, no trigger and no verdict are
-needed: on a clean pair no patch usually carries over, and then nothing is added.
+(the scanner's rule, `ScanConfig.min_success`), the smallest is the one the quantized model answers most
+easily (a planted target when there is one). A stamped copy of every calibration image carries that patch, so
+the reconstruction also sees where the two models part, and there the FP model's activations are what the
+purified model must reproduce. No labels, no trigger and no verdict are needed: on a clean pair no patch
+usually carries over, and then nothing is added.
 (Spreading the copies over every class's patch, or by inverse area, purified less: BENCHMARKS.md.)
 """
 
@@ -20,9 +21,8 @@ import torch
 from torch import nn
 
 from qcbdefense.errors import InputError
+from qcbdefense.scan.scan import ScanConfig
 from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig, search_triggers, stamp
-
-MIN_SUCCESS = 50.0  # % of held-out images a patch must move differentially to be stamped (the scanner's rule)
 
 
 @dataclass
@@ -41,7 +41,7 @@ class GuidedImages:
 
     @property
     def stamped(self) -> int | None:
-        carried = [c for c in self.found if c.found and c.success >= MIN_SUCCESS]
+        carried = [c for c in self.found if c.found and c.success >= ScanConfig.min_success]
         return min(carried, key=lambda c: c.area).target if carried else None
 
 
