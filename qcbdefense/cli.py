@@ -606,7 +606,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qcbdefense: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,7 +28,7 @@ def assert_one_line_error(code, err, *fragments):
 
 
 def test_help_lists_every_subcommand():
-    result = subprocess.run([sys.executable, "-m", "qcbdefense.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "qcbdefense", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     for name in ["train", "quantize", "attack", "purify", "export", "verify", "scan", "harden", "bench", "demo"]:
         assert name in result.stdout
