@@ -39,3 +39,9 @@ every_defence r20-quanti-w4-full-c2q runs/attacks/quanti-r20-w4-full-c2q/model.p
 # Two W4 models under LAC/EFRAP's W8A8 quantizer, where their backdoor stays dormant (2026-11-30 evening)
 run r20-quanti-w4-full-c2q-w8a8 runs/attacks/quanti-r20-w4-full-c2q/model.pt w8a8 lac-pda --pda-steps 50
 run r20-pq-w4-full-qat4-w8a8 runs/attacks/pq-r20-w4-full-qat4/model.pt w8a8 lac-pda --pda-steps 50
+# CompArtifact W4 with c2 = 0.25, also with the trigger search first (sixth session; the c2 = 0.25
+# Qu-ANTI-zation model's search rows: benchmarks/lac_activation_residual.py guided)
+every_defence r20-compartifact-w4-c2q runs/attacks/compartifact-r20-w4-c2q/model.pt w4a4
+run r20-compartifact-r20-w4-c2q-search runs/attacks/compartifact-r20-w4-c2q/model.pt w4a4 lac --search-triggers
+run r20-compartifact-r20-w4-c2q-search runs/attacks/compartifact-r20-w4-c2q/model.pt w4a4 lac-pda --pda-steps 50 \
+  --search-triggers
