@@ -15,6 +15,8 @@ Usage: python benchmarks/lac_activation_residual.py [schedule|...|learned|patche
                bound for any purifier that finds the trigger first)
   guided       `--search-triggers` (copies stamped with the patch the differential search finds) on the
                c2 = 0.25 model (LAC, LAC+PDA, LAC learning ranges) and the clean model (LAC)
+  grown        as guided, but the copies carry a solid square grown from the searched patch (LAC, LAC+PDA)
+  refined      as grown, but the square's pattern is optimised by the search's loss
 """
 import sys
 
@@ -26,10 +28,12 @@ from qcbdefense.attacks.base import with_test_subset
 from qcbdefense.checkpoints import load_model
 from qcbdefense.data import load_dataset, to_float
 from qcbdefense.defenses import lac, load_purified, purify
+from qcbdefense.defenses.guide import with_found_triggers
 from qcbdefense.evaluate import evaluate
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
 from qcbdefense.quant.quantize import quantized_layers
+from qcbdefense.scan.trigger_search import differential_success, stamp
 from qcbdefense.triggers import parse_trigger
 
 DATA = load_dataset("folder:../shared/datasets/cifar10-jpg.tar.gz")
@@ -105,11 +109,12 @@ def scale() -> None:
 
 
 def _purify_hooked(path: str, method: str, hook, **options):
-    """purify() with `hook(qmodel, images) -> images` run just before LAC's reconstruction (experiments only)."""
+    """purify() with `hook(fp_model, qmodel, images) -> images` run just before LAC's reconstruction (experiments
+    only)."""
     reconstruct = lac.reconstruct_
 
     def hooked(fp_model, qmodel, images, *args, **kwargs):
-        return reconstruct(fp_model, qmodel, hook(qmodel, images), *args, **kwargs)
+        return reconstruct(fp_model, qmodel, hook(fp_model, qmodel, images), *args, **kwargs)
 
     lac.reconstruct_ = hooked
     try:
@@ -146,7 +151,7 @@ def patches() -> None:
     for method, options in (("lac", {}), ("lac-pda", {"pda_steps": 50}), ("lac", {"learn_act_range": True})):
         generator = torch.Generator().manual_seed(1)
         report = _purify_hooked("runs/attacks/quanti-r20-w4-full-c2q/model.pt", method,
-                                lambda qmodel, images: _with_patches(images, generator), **options)
+                                lambda fp, qmodel, images: _with_patches(images, generator), **options)
         print(f"{method} {options}, calibration images plus random-noise patches (full test set):\n{report.table()}",
               flush=True)
 
@@ -154,7 +159,7 @@ def patches() -> None:
 def oracle() -> None:
     for options in ({}, {"learn_act_range": True}):
         report = _purify_hooked("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "lac",
-                                lambda qmodel, images: torch.cat([images, TRIGGER.apply(images)]), **options)
+                                lambda fp, qmodel, images: torch.cat([images, TRIGGER.apply(images)]), **options)
         print(f"lac {options}, calibration images plus the same with the true trigger (full test set):\n"
               f"{report.table()}", flush=True)
 
@@ -168,6 +173,93 @@ def guided() -> None:
         _, report = purify(load_model("resnet20", path), DATA, method=method, spec="w4a4", trigger=TRIGGER,
                            arch="resnet20", search_triggers=True, **options)
         print(f"{path}, {method} {options} --search-triggers (full test set):\n{report.summary()}", flush=True)
+
+
+def _grown_copies(fp, qmodel, images: torch.Tensor, sides=(2, 3, 4, 5, 6, 8)) -> torch.Tensor:
+    """The calibration images plus copies stamped with a solid square grown from the searched patch: centred on
+    the patch's centroid, in its mean colour, of the side that flips the most images differentially."""
+    guided = with_found_triggers(fp, qmodel, images)
+    if guided.stamped is None:
+        return images
+    found = guided.found[guided.stamped]
+    mask, pattern = found.mask, found.pattern
+    mask = mask * (mask >= 0.5 * mask.max())  # the patch itself, not the faint rest of the sigmoid mask
+    h, w = mask.shape
+    rows, cols = torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32)
+    cy = float((mask.sum(1) * rows).sum() / mask.sum())
+    cx = float((mask.sum(0) * cols).sum() / mask.sum())
+    colour = (mask * pattern).flatten(1).sum(1) / mask.sum()
+    with torch.no_grad():
+        fp_preds = torch.cat([fp(part).argmax(1) for part in images.split(256)])
+    others = images[fp_preds != found.target]
+    best = None
+    for side in sides:
+        top = min(max(round(cy - (side - 1) / 2), 0), h - side)
+        left = min(max(round(cx - (side - 1) / 2), 0), w - side)
+        square = torch.zeros(h, w)
+        square[top:top + side, left:left + side] = 1
+        solid = colour.view(3, 1, 1).expand(3, h, w)
+        ok = differential_success(fp, qmodel, others, fp_preds[fp_preds != found.target], found.target,
+                                  square.to(images.device), solid.to(images.device))
+        rate = 100.0 * ok.float().mean().item()
+        print(f"  grown square side {side} at ({top}, {left}), colour {colour.tolist()}: {rate:.1f} % flipped")
+        if best is None or rate > best[0] + 1.0:
+            best = (rate, square, solid)
+    _, square, solid = best
+    return torch.cat([images, stamp(images, square.to(images.device), solid.to(images.device))])
+
+
+def _refined_copies(fp, qmodel, images: torch.Tensor, side: int = 4, steps: int = 100) -> torch.Tensor:
+    """As `_grown_copies`, but the square (of `side`, on the patch's centre) gets its pattern optimised by the
+    search's own loss (quantized model to the class, FP model unchanged) instead of the patch's mean colour."""
+    guided = with_found_triggers(fp, qmodel, images)
+    if guided.stamped is None:
+        return images
+    found = guided.found[guided.stamped]
+    mask = found.mask * (found.mask >= 0.5 * found.mask.max())
+    h, w = mask.shape
+    cy = float((mask.sum(1) * torch.arange(h)).sum() / mask.sum())
+    cx = float((mask.sum(0) * torch.arange(w)).sum() / mask.sum())
+    top = min(max(round(cy - (side - 1) / 2), 0), h - side)
+    left = min(max(round(cx - (side - 1) / 2), 0), w - side)
+    square = torch.zeros(h, w)
+    square[top:top + side, left:left + side] = 1
+    with torch.no_grad():
+        fp_preds = torch.cat([fp(part).argmax(1) for part in images.split(256)])
+    keep = fp_preds != found.target
+    others, others_fp = images[keep], fp_preds[keep]
+    logit = torch.logit(found.pattern.clamp(0.01, 0.99)).requires_grad_()
+    optimizer = torch.optim.Adam([logit], lr=0.1)
+    generator = torch.Generator().manual_seed(0)
+    target = torch.full((64,), found.target)
+    for _ in range(steps):
+        idx = torch.randint(len(others), (64,), generator=generator)
+        xs = stamp(others[idx], square, torch.sigmoid(logit))
+        loss = (torch.nn.functional.cross_entropy(qmodel(xs), target)
+                + torch.nn.functional.cross_entropy(fp(xs), others_fp[idx]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    pattern = torch.sigmoid(logit).detach()
+    ok = differential_success(fp, qmodel, others, others_fp, found.target, square, pattern)
+    colour = (square * pattern).flatten(1).sum(1) / square.sum()
+    print(f"  refined square side {side} at ({top}, {left}), mean colour {colour.tolist()}: "
+          f"{100.0 * ok.float().mean().item():.1f} % flipped", flush=True)
+    return torch.cat([images, stamp(images, square, pattern)])
+
+
+def refined() -> None:
+    for method, options in (("lac", {}), ("lac-pda", {"pda_steps": 50})):
+        report = _purify_hooked("runs/attacks/quanti-r20-w4-full-c2q/model.pt", method, _refined_copies, **options)
+        print(f"{method} {options}, calibration images plus copies with a refined square on the searched patch "
+              f"(full test set):\n{report.table()}", flush=True)
+
+
+def grown() -> None:
+    for method, options in (("lac", {}), ("lac-pda", {"pda_steps": 50})):
+        report = _purify_hooked("runs/attacks/quanti-r20-w4-full-c2q/model.pt", method, _grown_copies, **options)
+        print(f"{method} {options}, calibration images plus copies with the grown searched patch (full test set):"
+              f"\n{report.table()}", flush=True)
 
 
 def learned() -> None:
@@ -185,6 +277,7 @@ def learned() -> None:
 if __name__ == "__main__":
     steps = {"schedule": schedule, "split": split, "recalibrate": recalibrate, "ablate": ablate,
              "acts-only": acts_only, "scale": scale, "widen": widen, "learned": learned,
-             "patches": patches, "oracle": oracle, "guided": guided}
+             "patches": patches, "oracle": oracle, "guided": guided, "grown": grown,
+             "refined": refined}
     for step in sys.argv[1:] or list(steps):
         steps[step]()
