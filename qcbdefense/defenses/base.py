@@ -178,8 +178,8 @@ class PurifyReport:
             lines.append(f"trigger search ({seconds:.1f} s): " + (
                 "no patch carries over to held-out images; nothing added" if stamped is None else
                 f"smallest patch class {stamped}, {search['classes'][stamped]['area']:.1f} px, "
-                f"{search['classes'][stamped]['success']:.1f} % held-out success; stamped on a copy of each "
-                f"calibration image"))
+                f"{search['classes'][stamped]['success']:.1f} % held-out success; {_refined_line(search)}"
+                f"stamped on a copy of each calibration image"))
         if self.skipped_layers:
             lines.append(f"left at round-to-nearest (never called by the forward): {', '.join(self.skipped_layers)}")
         mismatched = [layer["name"] for layer in self.layers if layer.get("mismatches")]
@@ -187,6 +187,16 @@ class PurifyReport:
             lines.append(f"WARNING: the plain quantizer does not reproduce the learned integers of "
                          f"{', '.join(mismatched)}")
         return "\n".join(lines)
+
+
+def _refined_line(search: dict) -> str:
+    """How the stamped patch was refined, for the summary (reports from before the refinement have none)."""
+    refined = search.get("refined")
+    if refined is None:
+        return ""
+    return (f"refined to a {refined['side']}x{refined['side']} square at ({refined['top']}, {refined['left']}) "
+            f"flipping {refined['success']:.1f} % of calibration images against the patch's "
+            f"{refined['patch_success']:.1f} % ({'square' if refined['used'] else 'patch'} kept); ")
 
 
 def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", spec: str | QuantSpec = "w4a4",

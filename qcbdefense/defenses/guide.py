@@ -10,6 +10,11 @@ easily (a planted target when there is one). A stamped copy of every calibration
 the reconstruction also sees where the two models part, and there the FP model's activations are what the
 purified model must reproduce. No labels, no trigger and no verdict are needed: on a clean pair no patch
 usually carries over, and then nothing is added.
+
+The search's area penalty shaves the patch to the trigger's most telling pixels (a quarter of a 4x4 trigger on
+a measured model), which moves fewer images than the trigger does. So before stamping, the patch is refined:
+a square one pixel wider than its core, on the core's centre, whose pattern is optimised with the search's
+own loss; the copies carry whichever of patch and square moves more calibration images.
 (Spreading the copies over every class's patch, or by inverse area, purified less: BENCHMARKS.md.)
 """
 
@@ -18,11 +23,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qcbdefense.errors import InputError
 from qcbdefense.scan.scan import ScanConfig
-from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig, search_triggers, stamp
+from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig, differential_success, search_triggers, stamp
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """How the stamped patch is refined (recorded in the purify report)."""
+
+    slack: int = 1      # pixels added to the side of the square around the patch's core
+    steps: int = 100    # Adam steps on the square's pattern
+    batch: int = 64
+    lr: float = 0.1
+
+
+@dataclass
+class Refinement:
+    """The square grown from the stamped patch, and how each flips calibration images (%, differentially)."""
+
+    top: int
+    left: int
+    side: int
+    success: float
+    patch_success: float
+
+    @property
+    def used(self) -> bool:
+        return self.success > self.patch_success
 
 
 @dataclass
@@ -31,13 +62,16 @@ class GuidedImages:
 
     images: torch.Tensor
     found: list[ClassSearch]
+    refined: Refinement | None = None
 
     def to_dict(self) -> dict:
         """Per class: the patch's area (pixels) and held-out differential success %; the class whose patch was
-        stamped (None when no patch carried over); the number of images reconstructed on."""
+        stamped (None when no patch carried over); its refinement; the number of images reconstructed on."""
+        refined = None if self.refined is None else {**vars(self.refined), "used": self.refined.used,
+                                                     "config": vars(RefineConfig())}
         return {"classes": [{"class": c.target, "area": c.area, "success": c.success, "found": c.found}
                             for c in self.found],
-                "stamped": self.stamped, "images": len(self.images)}
+                "stamped": self.stamped, "refined": refined, "images": len(self.images)}
 
     @property
     def stamped(self) -> int | None:
@@ -50,7 +84,8 @@ def with_found_triggers(fp_model: nn.Module, qmodel: nn.Module, images: torch.Te
                         progress: bool = False) -> GuidedImages:
     """Search a differential patch per class between `fp_model` and the calibrated round-to-nearest
     `qmodel` on `images` (float [N, C, H, W] in [0, 1]), then append a copy of every image stamped with the
-    smallest patch that carries over. Neither model is modified; without one the images come back alone."""
+    smallest patch that carries over, or with the square refined from it when that flips more images. Neither
+    model is modified; without a patch that carries over the images come back alone."""
     with torch.no_grad():
         logits = torch.cat([fp_model(part) for part in images.split(chunk)])
     try:
@@ -62,5 +97,54 @@ def with_found_triggers(fp_model: nn.Module, qmodel: nn.Module, images: torch.Te
     if guided.stamped is None:
         return guided
     patch = found[guided.stamped]
-    copies = stamp(images, patch.mask.to(images.device), patch.pattern.to(images.device))
-    return GuidedImages(torch.cat([images, copies]), found)
+    mask, pattern = patch.mask.to(images.device), patch.pattern.to(images.device)
+    refined = refine_patch(fp_model, qmodel, images, logits.argmax(1), patch, seed=seed)
+    if refined is not None and refined[0].used:
+        mask, pattern = refined[1], refined[2]
+    return GuidedImages(torch.cat([images, stamp(images, mask, pattern)]), found,
+                        None if refined is None else refined[0])
+
+
+def refine_patch(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, fp_preds: torch.Tensor,
+                 patch: ClassSearch, *, config: RefineConfig = RefineConfig(),
+                 seed: int = 0) -> tuple[Refinement, torch.Tensor, torch.Tensor] | None:
+    """Grow `patch` to a square `config.slack` pixels wider than its core (the pixels at >= half the mask's
+    peak), centred on the core, and optimise the square's pattern to send `qmodel` to the patch's class while
+    `fp_model` keeps `fp_preds`, on the images the FP model puts elsewhere. Returns the refinement (both
+    successes measured on those images), the square mask [H, W] and its pattern [3, H, W]; None when the
+    patch has no core (an empty mask already flips the quantized model) or every image is in its class."""
+    device = images.device
+    core = patch.mask * (patch.mask >= 0.5 * patch.mask.max())
+    others = fp_preds != patch.target
+    if core.sum() <= 0 or not others.any():
+        return None
+    h, w = core.shape
+    rows, cols = core.sum(1).nonzero().flatten(), core.sum(0).nonzero().flatten()
+    side = min(int(max(rows[-1] - rows[0], cols[-1] - cols[0])) + 1 + config.slack, h, w)
+    cy = float((core.sum(1) * torch.arange(h)).sum() / core.sum())
+    cx = float((core.sum(0) * torch.arange(w)).sum() / core.sum())
+    top = min(max(round(cy - (side - 1) / 2), 0), h - side)
+    left = min(max(round(cx - (side - 1) / 2), 0), w - side)
+    square = torch.zeros(h, w, device=device)
+    square[top:top + side, left:left + side] = 1
+
+    x, keep = images[others], fp_preds[others]
+    logit = torch.logit(patch.pattern.to(device).clamp(0.01, 0.99)).requires_grad_()
+    optimizer = torch.optim.Adam([logit], lr=config.lr)
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.full((config.batch,), patch.target, device=device)
+    for _ in range(config.steps):
+        idx = torch.randint(len(x), (config.batch,), generator=generator).to(device)
+        xs = stamp(x[idx], square, torch.sigmoid(logit))
+        loss = F.cross_entropy(qmodel(xs), target) + F.cross_entropy(fp_model(xs), keep[idx])
+        (logit.grad,) = torch.autograd.grad(loss, logit)  # the models' own .grad stay untouched
+        optimizer.step()
+    pattern = torch.sigmoid(logit).detach()
+
+    def success(m: torch.Tensor, p: torch.Tensor) -> float:
+        return 100.0 * torch.cat([differential_success(fp_model, qmodel, part, part_fp, patch.target, m, p)
+                                  for part, part_fp in zip(x.split(256), keep.split(256))]).float().mean().item()
+
+    refined = Refinement(top, left, side, success(square, pattern),
+                         success(patch.mask.to(device), patch.pattern.to(device)))
+    return refined, square, pattern

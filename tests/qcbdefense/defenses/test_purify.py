@@ -18,13 +18,15 @@ from models import create_model
 from qcbdefense.checkpoints import load_model, save_model
 from qcbdefense.cli import PURIFY_METHODS, main
 from qcbdefense.defenses import DEFENSES, PurifyReport, load_purified, purify, read_report, save_purified
-from qcbdefense.defenses.guide import with_found_triggers
+from qcbdefense.data import to_float
+from qcbdefense.defenses.guide import refine_patch, with_found_triggers
 from qcbdefense.defenses.lac import OffsetRounding
 from qcbdefense.defenses.reconstruct import (NearestRounding, Stream, WeightGrid, _UnitRunner, _value,
                                              build_units, trace)
 from qcbdefense.errors import InputError
 from qcbdefense.quant import calibrate, integer_weights, quantize, quantized_layers, quantizer_parameters
-from qcbdefense.scan.trigger_search import SearchConfig
+from qcbdefense.quant.ptq import calibration_images, post_training_quantize
+from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig
 
 SPEC = "w4a4"
 
@@ -221,11 +223,33 @@ def test_trigger_search_stamps_the_smallest_carrying_patch_and_lac_still_purifie
     assert stamped == (min(carried, key=lambda c: c["area"])["class"] if carried else None), search
     assert report.nearest.asr >= 80.0 and report.purified.asr <= 10.0, report.summary()
     assert "trigger search" in report.summary()
+    if stamped is not None and search["refined"] is not None:
+        assert search["refined"]["used"] == (search["refined"]["success"] > search["refined"]["patch_success"])
     assert PurifyReport.from_dict(json.loads(json.dumps(report.to_dict()))).trigger_search == search
     with pytest.raises(InputError, match="search_triggers"):
         purify(backdoored, shapes16, method="nearest", search_triggers=True)
     with pytest.raises(InputError, match="more calibration images"):
         purify(backdoored, shapes16, method="lac", calib=8, search_triggers=True, evaluate_models=False)
+
+
+def test_refine_grows_a_core_into_a_square_that_flips_the_quantized_model(pq_cnn16, shapes16):
+    """A 2x2 core inside the planted trigger (rows/cols 11-14) grows into a 3x3 square on it whose optimised
+    pattern sends the quantized model to the target while the FP model keeps its answer; no core, no square."""
+    backdoored, _ = pq_cnn16
+    qmodel = post_training_quantize(backdoored, "pqbackdoor-w4a4", shapes16, calib=256)
+    images = to_float(calibration_images(shapes16, 256))
+    with torch.no_grad():
+        fp_preds = backdoored(images).argmax(1)
+    mask = torch.zeros(16, 16)
+    mask[12:14, 12:14] = 1.0
+    grey = torch.full((3, 16, 16), 0.5)
+    refined, square, pattern = refine_patch(backdoored, qmodel, images, fp_preds,
+                                            ClassSearch(0, 4.0, 0.0, True, mask, grey))
+    assert (refined.side, refined.top, refined.left) == (3, 12, 12)
+    assert square.sum() == 9 and square[12:15, 12:15].all() and pattern.shape == (3, 16, 16)
+    assert refined.used and refined.success >= refined.patch_success + 25.0, refined
+    assert refine_patch(backdoored, qmodel, images, fp_preds,
+                        ClassSearch(0, 0.0, 0.0, True, torch.zeros(16, 16), grey)) is None
 
 
 def test_no_copies_when_no_patch_separates_the_models():
