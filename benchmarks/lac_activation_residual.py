@@ -16,7 +16,6 @@ Usage: python benchmarks/lac_activation_residual.py [schedule|...|learned|patche
   guided       `--search-triggers` (copies stamped with the patch the differential search finds) on the
                c2 = 0.25 model (LAC, LAC+PDA, LAC learning ranges) and the clean model (LAC)
   grown        as guided, but the copies carry a solid square grown from the searched patch (LAC, LAC+PDA)
-  refined      as grown, but the square's pattern is optimised by the search's loss
 """
 import sys
 
@@ -209,52 +208,6 @@ def _grown_copies(fp, qmodel, images: torch.Tensor, sides=(2, 3, 4, 5, 6, 8)) ->
     return torch.cat([images, stamp(images, square.to(images.device), solid.to(images.device))])
 
 
-def _refined_copies(fp, qmodel, images: torch.Tensor, side: int = 4, steps: int = 100) -> torch.Tensor:
-    """As `_grown_copies`, but the square (of `side`, on the patch's centre) gets its pattern optimised by the
-    search's own loss (quantized model to the class, FP model unchanged) instead of the patch's mean colour."""
-    guided = with_found_triggers(fp, qmodel, images)
-    if guided.stamped is None:
-        return images
-    found = guided.found[guided.stamped]
-    mask = found.mask * (found.mask >= 0.5 * found.mask.max())
-    h, w = mask.shape
-    cy = float((mask.sum(1) * torch.arange(h)).sum() / mask.sum())
-    cx = float((mask.sum(0) * torch.arange(w)).sum() / mask.sum())
-    top = min(max(round(cy - (side - 1) / 2), 0), h - side)
-    left = min(max(round(cx - (side - 1) / 2), 0), w - side)
-    square = torch.zeros(h, w)
-    square[top:top + side, left:left + side] = 1
-    with torch.no_grad():
-        fp_preds = torch.cat([fp(part).argmax(1) for part in images.split(256)])
-    keep = fp_preds != found.target
-    others, others_fp = images[keep], fp_preds[keep]
-    logit = torch.logit(found.pattern.clamp(0.01, 0.99)).requires_grad_()
-    optimizer = torch.optim.Adam([logit], lr=0.1)
-    generator = torch.Generator().manual_seed(0)
-    target = torch.full((64,), found.target)
-    for _ in range(steps):
-        idx = torch.randint(len(others), (64,), generator=generator)
-        xs = stamp(others[idx], square, torch.sigmoid(logit))
-        loss = (torch.nn.functional.cross_entropy(qmodel(xs), target)
-                + torch.nn.functional.cross_entropy(fp(xs), others_fp[idx]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    pattern = torch.sigmoid(logit).detach()
-    ok = differential_success(fp, qmodel, others, others_fp, found.target, square, pattern)
-    colour = (square * pattern).flatten(1).sum(1) / square.sum()
-    print(f"  refined square side {side} at ({top}, {left}), mean colour {colour.tolist()}: "
-          f"{100.0 * ok.float().mean().item():.1f} % flipped", flush=True)
-    return torch.cat([images, stamp(images, square, pattern)])
-
-
-def refined() -> None:
-    for method, options in (("lac", {}), ("lac-pda", {"pda_steps": 50})):
-        report = _purify_hooked("runs/attacks/quanti-r20-w4-full-c2q/model.pt", method, _refined_copies, **options)
-        print(f"{method} {options}, calibration images plus copies with a refined square on the searched patch "
-              f"(full test set):\n{report.table()}", flush=True)
-
-
 def grown() -> None:
     for method, options in (("lac", {}), ("lac-pda", {"pda_steps": 50})):
         report = _purify_hooked("runs/attacks/quanti-r20-w4-full-c2q/model.pt", method, _grown_copies, **options)
@@ -277,7 +230,6 @@ def learned() -> None:
 if __name__ == "__main__":
     steps = {"schedule": schedule, "split": split, "recalibrate": recalibrate, "ablate": ablate,
              "acts-only": acts_only, "scale": scale, "widen": widen, "learned": learned,
-             "patches": patches, "oracle": oracle, "guided": guided, "grown": grown,
-             "refined": refined}
+             "patches": patches, "oracle": oracle, "guided": guided, "grown": grown}
     for step in sys.argv[1:] or list(steps):
         steps[step]()
