@@ -17,8 +17,8 @@ import torch
 from models import create_model
 from qcbdefense.checkpoints import load_model, save_model
 from qcbdefense.cli import PURIFY_METHODS, main
-from qcbdefense.defenses import DEFENSES, PurifyReport, load_purified, purify, read_report, save_purified
 from qcbdefense.data import to_float
+from qcbdefense.defenses import DEFENSES, PurifyReport, load_purified, purify, read_report, save_purified
 from qcbdefense.defenses.guide import refine_patch, with_found_triggers
 from qcbdefense.defenses.lac import OffsetRounding
 from qcbdefense.defenses.reconstruct import (NearestRounding, Stream, WeightGrid, _UnitRunner, _value,
