@@ -9,8 +9,8 @@
 # A first pass runs the commands on the built-in data with the small CNN, so a device problem shows in seconds,
 # before the long stages. The clean model's epoch count comes from a timed fifth of an epoch, so that the run
 # fits BUDGET_S (default 540); a stage whose estimate does not fit what is left is skipped, one that overruns is
-# stopped at the budget's end. Reports and logs are
-# packed into OUT/r18.tar.gz after every stage: whatever finished comes back even if the run is stopped.
+# stopped at the budget's end. Reports and logs are packed into OUT/r18.tar.gz after every stage: whatever
+# finished comes back even if the run is stopped.
 # SMOKE=only stops after the first pass, SMOKE=skip leaves it out. TINY=1 trains the ResNet-18 stages on 256
 # images for 2 + 1 + 1 epochs: a check of this script on a CPU (with DATA=builtin), not a result.
 set -uo pipefail
