@@ -50,3 +50,6 @@ for m in compartifact-r20-w4-c2q quanti-r20-w4-full-c2q; do
   run r20-$m-refine runs/attacks/$m/model.pt w4a4 lac --search-triggers
   run r20-$m-refine runs/attacks/$m/model.pt w4a4 lac-pda --pda-steps 50 --search-triggers
 done
+# PQBackdoor W8 (10 % poison) with the search first (sixth session)
+run r20-pq-w8-full-p10e4-refine runs/attacks/pq-r20-w8-full-p10e4/model.pt pqbackdoor-w8a8 lac-pda --pda-steps 50 \
+  --search-triggers
