@@ -27,7 +27,7 @@ from qcbdefense.attacks.base import with_test_subset
 from qcbdefense.checkpoints import load_model
 from qcbdefense.data import load_dataset, to_float
 from qcbdefense.defenses import lac, load_purified, purify
-from qcbdefense.defenses.guide import with_found_triggers
+from qcbdefense.defenses.guide import patch_core, square_on, with_found_triggers
 from qcbdefense.evaluate import evaluate
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
@@ -181,22 +181,15 @@ def _grown_copies(fp, qmodel, images: torch.Tensor, sides=(2, 3, 4, 5, 6, 8)) ->
     if guided.stamped is None:
         return images
     found = guided.found[guided.stamped]
-    mask, pattern = found.mask, found.pattern
-    mask = mask * (mask >= 0.5 * mask.max())  # the patch itself, not the faint rest of the sigmoid mask
-    h, w = mask.shape
-    rows, cols = torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32)
-    cy = float((mask.sum(1) * rows).sum() / mask.sum())
-    cx = float((mask.sum(0) * cols).sum() / mask.sum())
-    colour = (mask * pattern).flatten(1).sum(1) / mask.sum()
+    core = patch_core(found.mask)
+    h, w = core.shape
+    colour = (core * found.pattern).flatten(1).sum(1) / core.sum()
     with torch.no_grad():
         fp_preds = torch.cat([fp(part).argmax(1) for part in images.split(256)])
     others = images[fp_preds != found.target]
     best = None
     for side in sides:
-        top = min(max(round(cy - (side - 1) / 2), 0), h - side)
-        left = min(max(round(cx - (side - 1) / 2), 0), w - side)
-        square = torch.zeros(h, w)
-        square[top:top + side, left:left + side] = 1
+        top, left, square = square_on(core, side)
         solid = colour.view(3, 1, 1).expand(3, h, w)
         ok = differential_success(fp, qmodel, others, fp_preds[fp_preds != found.target], found.target,
                                   square.to(images.device), solid.to(images.device))

@@ -105,6 +105,23 @@ def with_found_triggers(fp_model: nn.Module, qmodel: nn.Module, images: torch.Te
                         None if refined is None else refined[0])
 
 
+def patch_core(mask: torch.Tensor) -> torch.Tensor:
+    """The searched mask's own pixels (>= half its peak), without the faint rest a sigmoid mask keeps."""
+    return mask * (mask >= 0.5 * mask.max())
+
+
+def square_on(core: torch.Tensor, side: int) -> tuple[int, int, torch.Tensor]:
+    """A `side` x `side` mask centred on the core's weighted centre, moved inside the image: (top, left, mask)."""
+    h, w = core.shape
+    cy = float((core.sum(1) * torch.arange(h)).sum() / core.sum())
+    cx = float((core.sum(0) * torch.arange(w)).sum() / core.sum())
+    top = min(max(round(cy - (side - 1) / 2), 0), h - side)
+    left = min(max(round(cx - (side - 1) / 2), 0), w - side)
+    square = torch.zeros(h, w)
+    square[top:top + side, left:left + side] = 1
+    return top, left, square
+
+
 def refine_patch(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, fp_preds: torch.Tensor,
                  patch: ClassSearch, *, config: RefineConfig = RefineConfig(),
                  seed: int = 0) -> tuple[Refinement, torch.Tensor, torch.Tensor] | None:
@@ -114,19 +131,14 @@ def refine_patch(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, f
     successes measured on those images), the square mask [H, W] and its pattern [3, H, W]; None when the
     patch has no core (an empty mask already flips the quantized model) or every image is in its class."""
     device = images.device
-    core = patch.mask * (patch.mask >= 0.5 * patch.mask.max())
+    core = patch_core(patch.mask)
     others = fp_preds != patch.target
     if core.sum() <= 0 or not others.any():
         return None
-    h, w = core.shape
     rows, cols = core.sum(1).nonzero().flatten(), core.sum(0).nonzero().flatten()
-    side = min(int(max(rows[-1] - rows[0], cols[-1] - cols[0])) + 1 + config.slack, h, w)
-    cy = float((core.sum(1) * torch.arange(h)).sum() / core.sum())
-    cx = float((core.sum(0) * torch.arange(w)).sum() / core.sum())
-    top = min(max(round(cy - (side - 1) / 2), 0), h - side)
-    left = min(max(round(cx - (side - 1) / 2), 0), w - side)
-    square = torch.zeros(h, w, device=device)
-    square[top:top + side, left:left + side] = 1
+    side = min(int(max(rows[-1] - rows[0], cols[-1] - cols[0])) + 1 + config.slack, *core.shape)
+    top, left, square = square_on(core, side)
+    square = square.to(device)
 
     x, keep = images[others], fp_preds[others]
     logit = torch.logit(patch.pattern.to(device).clamp(0.01, 0.99)).requires_grad_()
