@@ -88,8 +88,9 @@ def with_found_triggers(fp_model: nn.Module, qmodel: nn.Module, images: torch.Te
     model is modified; without a patch that carries over the images come back alone."""
     with torch.no_grad():
         logits = torch.cat([fp_model(part) for part in images.split(chunk)])
+    fp_preds = logits.argmax(1)
     try:
-        found = search_triggers(fp_model, qmodel, images, logits.argmax(1), logits.shape[1], config, seed=seed,
+        found = search_triggers(fp_model, qmodel, images, fp_preds, logits.shape[1], config, seed=seed,
                                 progress=progress)
     except ValueError as err:  # too few calibration images for a search batch in every class
         raise InputError(f"search_triggers: {err} (use more calibration images)") from None
@@ -98,11 +99,13 @@ def with_found_triggers(fp_model: nn.Module, qmodel: nn.Module, images: torch.Te
         return guided
     patch = found[guided.stamped]
     mask, pattern = patch.mask.to(images.device), patch.pattern.to(images.device)
-    refined = refine_patch(fp_model, qmodel, images, logits.argmax(1), patch, seed=seed)
-    if refined is not None and refined[0].used:
-        mask, pattern = refined[1], refined[2]
-    return GuidedImages(torch.cat([images, stamp(images, mask, pattern)]), found,
-                        None if refined is None else refined[0])
+    refined = refine_patch(fp_model, qmodel, images, fp_preds, patch, seed=seed)
+    refinement = None
+    if refined is not None:
+        refinement, square, square_pattern = refined
+        if refinement.used:
+            mask, pattern = square, square_pattern
+    return GuidedImages(torch.cat([images, stamp(images, mask, pattern)]), found, refinement)
 
 
 def patch_core(mask: torch.Tensor) -> torch.Tensor:
