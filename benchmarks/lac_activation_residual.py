@@ -27,12 +27,12 @@ from qcbdefense.attacks.base import with_test_subset
 from qcbdefense.checkpoints import load_model
 from qcbdefense.data import load_dataset, to_float
 from qcbdefense.defenses import lac, load_purified, purify
-from qcbdefense.defenses.guide import patch_core, square_on, with_found_triggers
+from qcbdefense.defenses.guide import GuidedImages, patch_core, square_on
 from qcbdefense.evaluate import evaluate
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
 from qcbdefense.quant.quantize import quantized_layers
-from qcbdefense.scan.trigger_search import differential_success, stamp
+from qcbdefense.scan.trigger_search import differential_success, search_triggers, stamp
 from qcbdefense.triggers import parse_trigger
 
 DATA = load_dataset("folder:../shared/datasets/cifar10-jpg.tar.gz")
@@ -177,15 +177,17 @@ def guided() -> None:
 def _grown_copies(fp, qmodel, images: torch.Tensor, sides=(2, 3, 4, 5, 6, 8)) -> torch.Tensor:
     """The calibration images plus copies stamped with a solid square grown from the searched patch: centred on
     the patch's centroid, in its mean colour, of the side that flips the most images differentially."""
-    guided = with_found_triggers(fp, qmodel, images)
+    with torch.no_grad():
+        logits = torch.cat([fp(part) for part in images.split(256)])
+    fp_preds = logits.argmax(1)
+    # The search alone: with_found_triggers would also refine the patch, which this experiment replaces.
+    guided = GuidedImages(images, search_triggers(fp, qmodel, images, fp_preds, logits.shape[1]))
     if guided.stamped is None:
         return images
     found = guided.found[guided.stamped]
     core = patch_core(found.mask)
     h, w = core.shape
     colour = (core * found.pattern).flatten(1).sum(1) / core.sum()
-    with torch.no_grad():
-        fp_preds = torch.cat([fp(part).argmax(1) for part in images.split(256)])
     others = images[fp_preds != found.target]
     best = None
     for side in sides:
