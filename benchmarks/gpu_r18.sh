@@ -90,11 +90,12 @@ stage r18-pq-w4 $(( (2 * S1 + S2) * EPOCH_S + 60 )) $QCB attack --method pqbackd
 # 4. The purifier on the attacked model; each report also holds FP and round-to-nearest.
 PUR=(--model resnet18 --ckpt "$RUNS/r18-pq-w4/model.pt" --data "$DATA" --calib 1024 --trigger patch
      --device "$DEV")
-[ "${TINY:-0}" = 1 ] && PUR+=(--calib 64 --steps 20 --pda-steps 5)
-stage r18-pq-w4-lac-pda 90 $QCB purify --method lac-pda --spec pqbackdoor-w4a4 "${PUR[@]}" \
+PDA=(--pda-steps 500)  # the release's, as in the recorded ResNet-18 rows (the default is now 10)
+[ "${TINY:-0}" = 1 ] && PUR+=(--calib 64 --steps 20) && PDA=(--pda-steps 5)
+stage r18-pq-w4-lac-pda 90 $QCB purify --method lac-pda --spec pqbackdoor-w4a4 "${PUR[@]}" "${PDA[@]}" \
   --out "$RUNS/r18-pq-w4-lac-pda"
 stage r18-pq-w4-lac 50 $QCB purify --method lac --spec pqbackdoor-w4a4 "${PUR[@]}" --out "$RUNS/r18-pq-w4-lac"
-stage r18-pq-w4-w8a8-lac-pda 100 $QCB purify --method lac-pda --spec w8a8 "${PUR[@]}" \
+stage r18-pq-w4-w8a8-lac-pda 100 $QCB purify --method lac-pda --spec w8a8 "${PUR[@]}" "${PDA[@]}" \
   --out "$RUNS/r18-pq-w4-w8a8-lac-pda"
 stage r18-pq-w4-efrap 150 $QCB purify --method efrap --spec pqbackdoor-w4a4 "${PUR[@]}" --out "$RUNS/r18-pq-w4-efrap"
 echo "== done at $((SECONDS - START)) s"

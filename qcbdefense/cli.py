@@ -148,9 +148,10 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="reconstruction steps per layer, at most (default: the method's)")
     p.add_argument("--released", action="store_true",
-                   help="the authors' schedule: 10,000 steps a layer, no early stopping, last iterate kept")
+                   help="the authors' schedule: 10,000 steps a layer, no early stopping, last iterate kept "
+                        "(lac-pda: also 500 PDA steps)")
     p.add_argument("--pda-steps", type=_positive_int, default=None,
-                   help="lac-pda: PDA steps per layer (default 500, the release's; 50 is ten times faster)")
+                   help="lac-pda: PDA steps per layer (default 10; the release's 500 reach the same perturbation)")
     p.add_argument("--learn-act-range", action="store_true",
                    help="also learn each layer's output activation range with its weights (beyond the release)")
     p.add_argument("--search-triggers", action="store_true",
@@ -164,6 +165,8 @@ def _schedule_options(args: argparse.Namespace) -> dict:
     options: dict = {}
     if args.released:
         options.update(steps=10000, early_stop=False, keep_best=False)
+        if args.method == "lac-pda":
+            options["pda_steps"] = 500
     if args.steps is not None:
         options["steps"] = args.steps
     if args.pda_steps is not None:

@@ -52,7 +52,8 @@ class LacOptions(ReconOptions):
 
 @dataclass(frozen=True)
 class LacPdaOptions(PDAOptions, ReconOptions):
-    """LAC's schedule plus PDA's (pda_steps, pda_step_size, pda_radius, pda_decay_at, pda_chunk)."""
+    """LAC's schedule plus PDA's (pda_steps, pda_step_size, pda_radius, pda_decay_at, pda_chunk).
+    Released: also pda_steps=500."""
 
     def __post_init__(self) -> None:
         ReconOptions.__post_init__(self)

@@ -16,7 +16,7 @@ import torch
 
 from models import create_model
 from qcbdefense.checkpoints import load_model, save_model
-from qcbdefense.cli import PURIFY_METHODS, main
+from qcbdefense.cli import PURIFY_METHODS, _schedule_options, build_parser, main
 from qcbdefense.data import to_float
 from qcbdefense.defenses import DEFENSES, PurifyReport, load_purified, purify, read_report, save_purified
 from qcbdefense.defenses.guide import refine_patch, with_found_triggers
@@ -162,6 +162,16 @@ def test_every_method_runs_on_a_tiny_model(method, shapes16):
 
 def test_cli_lists_every_registered_method():
     assert list(PURIFY_METHODS) == DEFENSES.names()
+
+
+@pytest.mark.parametrize("method, pda_steps", [("lac-pda", 500), ("lac", None)])
+def test_released_schedule_includes_pdas_500_steps_only_for_lac_pda(method, pda_steps):
+    args = build_parser().parse_args(["purify", "--method", method, "--model", "small_cnn", "--ckpt", __file__,
+                                      "--data", "builtin", "--out", "out", "--released"])
+    options = _schedule_options(args)
+    assert options["steps"] == 10000 and options["early_stop"] is False
+    assert options.get("pda_steps") == pda_steps
+    DEFENSES.get(method).make_options(options)  # every released option is one the method takes
 
 
 def test_unknown_option_and_method_are_input_errors(shapes16):
