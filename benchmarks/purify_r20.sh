@@ -10,7 +10,7 @@ run() {  # name ckpt spec method [options...]
   [ -f runs/purify/$name-$method/report.json ] && return 0
   /usr/bin/time -f "%e s wall, %M KB peak RSS" .venv/bin/qcbdefense purify --method $method --model resnet20 \
     --ckpt $ckpt --data $JPG --spec $spec --calib 1024 --trigger patch "$@" --out runs/purify/$name-$method 2>&1 \
-    | tr '\r' '\n' | grep -v "it/s" > runs/purify/$name-$method.log
+    | tr '\r' '\n' | grep -v -E "it/s|s/it" > runs/purify/$name-$method.log
 }
 for b in 4 8; do
   run r20-pq-w$b runs/attacks/pq-r20-w$b/model.pt pqbackdoor-w${b}a${b} lac
