@@ -68,3 +68,8 @@ for m in pq-r20-w4-full-qat4 quanti-r20-w4-full-c2q compartifact-r20-w4-c2q; do
   [ $m = pq-r20-w4-full-qat4 ] || run r20-$m-w8a8-search runs/attacks/$m/model.pt w8a8 lac-pda --pda-steps 10 \
     --search-triggers
 done
+# The 8-bit leak of the two c2 = 0.25 models with the activation ranges learned too (seventh session)
+for m in quanti-r20-w4-full-c2q compartifact-r20-w4-c2q; do
+  run r20-$m-w8a8-actrange runs/attacks/$m/model.pt w8a8 lac --learn-act-range
+  run r20-$m-w8a8-actrange runs/attacks/$m/model.pt w8a8 lac-pda --pda-steps 10 --learn-act-range
+done

@@ -12,8 +12,8 @@ own. Ours: 10 steps. The step size equals the radius, so the first signed step a
 delta on the ball's surface, and later steps can only zero or flip it; measured (BENCHMARKS.md), 10 steps
 leave each layer's statistics distance where 50 do, to four decimals, at a fifth of the time. The loss is a
 sum of per-sample terms, so the sign of its gradient for one sample does not depend on the others: perturbing
-all cached images at once (in chunks, for memory) gives exactly the per-batch
-result, with a few large kernels instead of many small ones.
+all cached images at once (in chunks, for memory) gives exactly the per-batch result, with a few large kernels
+instead of many small ones.
 """
 
 from __future__ import annotations
