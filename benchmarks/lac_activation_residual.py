@@ -16,6 +16,9 @@ Usage: python benchmarks/lac_activation_residual.py [schedule|...|learned|patche
   guided       `--search-triggers` (copies stamped with the patch the differential search finds) on the
                c2 = 0.25 model (LAC, LAC+PDA, LAC learning ranges) and the clean model (LAC)
   grown        as guided, but the copies carry a solid square grown from the searched patch (LAC, LAC+PDA)
+  leak8-oracle, leak8-noise
+               the c2 = 0.25 model's 8-bit leak under w8a8: LAC learning ranges, on copies with the true
+               trigger, or with random-noise patches
 """
 import sys
 
@@ -107,7 +110,7 @@ def scale() -> None:
         print(f"{PURIFIED[1]}, activation ranges x{factor}: {r.ca:.2f} / {r.asr:.2f}", flush=True)
 
 
-def _purify_hooked(path: str, method: str, hook, **options):
+def _purify_hooked(path: str, method: str, hook, spec: str = "w4a4", **options):
     """purify() with `hook(fp_model, qmodel, images) -> images` run just before LAC's reconstruction (experiments
     only)."""
     reconstruct = lac.reconstruct_
@@ -117,7 +120,7 @@ def _purify_hooked(path: str, method: str, hook, **options):
 
     lac.reconstruct_ = hooked
     try:
-        return purify(load_model("resnet20", path), DATA, method=method, spec="w4a4", trigger=TRIGGER,
+        return purify(load_model("resnet20", path), DATA, method=method, spec=spec, trigger=TRIGGER,
                       arch="resnet20", **options)[1]
     finally:
         lac.reconstruct_ = reconstruct
@@ -161,6 +164,18 @@ def oracle() -> None:
                                 lambda fp, qmodel, images: torch.cat([images, TRIGGER.apply(images)]), **options)
         print(f"lac {options}, calibration images plus the same with the true trigger (full test set):\n"
               f"{report.table()}", flush=True)
+
+
+def leak8(which: str) -> None:
+    """The c2 = 0.25 Qu-ANTI-zation model's 8-bit leak under w8a8: LAC on copies with the true trigger (`oracle`)
+    or with random-noise patches (`noise`), learning the activation ranges too."""
+    generator = torch.Generator().manual_seed(1)
+    copies = {"oracle": lambda fp, qmodel, images: torch.cat([images, TRIGGER.apply(images)]),
+              "noise": lambda fp, qmodel, images: _with_patches(images, generator)}[which]
+    report = _purify_hooked("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "lac", copies, spec="w8a8",
+                            learn_act_range=True)
+    print(f"lac --learn-act-range under w8a8, calibration images plus {which} copies (full test set):\n"
+          f"{report.table()}", flush=True)
 
 
 def guided() -> None:
@@ -225,6 +240,7 @@ def learned() -> None:
 if __name__ == "__main__":
     steps = {"schedule": schedule, "split": split, "recalibrate": recalibrate, "ablate": ablate,
              "acts-only": acts_only, "scale": scale, "widen": widen, "learned": learned,
-             "patches": patches, "oracle": oracle, "guided": guided, "grown": grown}
+             "patches": patches, "oracle": oracle, "guided": guided, "grown": grown,
+             "leak8-oracle": lambda: leak8("oracle"), "leak8-noise": lambda: leak8("noise")}
     for step in sys.argv[1:] or list(steps):
         steps[step]()
