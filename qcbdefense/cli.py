@@ -164,9 +164,12 @@ def _schedule_options(args: argparse.Namespace) -> dict:
     purify and harden)."""
     options: dict = {}
     if args.released:
-        options.update(steps=10000, early_stop=False, keep_best=False)
-        if args.method == "lac-pda":
-            options["pda_steps"] = 500
+        from qcbdefense.defenses import DEFENSES
+
+        released = DEFENSES.get(args.method).released_options()
+        if not released:
+            raise InputError(f"--released: method {args.method!r} has no schedule to release")
+        options.update(released)
     if args.steps is not None:
         options["steps"] = args.steps
     if args.pda_steps is not None:

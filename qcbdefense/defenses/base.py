@@ -81,6 +81,13 @@ class Defense:
                              f"its options: {', '.join(known) or 'none'}")
         return self.options(**options)
 
+    def released_options(self) -> dict:
+        """The authors' settings of this method: the `RELEASED` of every options class it is made of."""
+        released: dict = {}
+        for cls in reversed(self.options.__mro__):
+            released.update(vars(cls).get("RELEASED", {}))
+        return released
+
 
 DEFENSES: Registry[Defense] = Registry("defense")
 

@@ -52,8 +52,7 @@ class LacOptions(ReconOptions):
 
 @dataclass(frozen=True)
 class LacPdaOptions(PDAOptions, ReconOptions):
-    """LAC's schedule plus PDA's (pda_steps, pda_step_size, pda_radius, pda_decay_at, pda_chunk).
-    Released: also pda_steps=500."""
+    """LAC's schedule plus PDA's (pda_steps, pda_step_size, pda_radius, pda_decay_at, pda_chunk)."""
 
     def __post_init__(self) -> None:
         ReconOptions.__post_init__(self)

@@ -19,7 +19,7 @@ instead of many small ones.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -30,6 +30,8 @@ from qcbdefense.errors import InputError
 @dataclass(frozen=True)
 class PDAOptions:
     """PDA's schedule: signed-gradient steps, step size (halved from step `decay_at` on), L-inf radius."""
+
+    RELEASED: ClassVar[dict] = {"pda_steps": 500}  # `--released`
 
     pda_steps: int = 10
     pda_step_size: float = 1e-3

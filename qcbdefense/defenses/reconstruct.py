@@ -45,7 +45,7 @@ import math
 import operator
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, ClassVar, Iterable
 
 import torch
 import torch.fx as fx
@@ -378,6 +378,8 @@ class ReconOptions:
     quantizer's range (Brevitas's calibrated scale and zero point, straight-through) jointly with the
     weights, Adam at `act_lr` relative to the range (a step of 1e-2 moves it by about 1 %).
     """
+
+    RELEASED: ClassVar[dict] = {"steps": 10000, "early_stop": False, "keep_best": False}  # `--released`
 
     steps: int = 2000
     batch_size: int = 32

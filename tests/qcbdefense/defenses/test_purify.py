@@ -174,6 +174,13 @@ def test_released_schedule_includes_pdas_500_steps_only_for_lac_pda(method, pda_
     DEFENSES.get(method).make_options(options)  # every released option is one the method takes
 
 
+def test_released_schedule_is_refused_for_a_method_without_one():
+    args = build_parser().parse_args(["purify", "--method", "nearest", "--model", "small_cnn", "--ckpt", __file__,
+                                      "--data", "builtin", "--out", "out", "--released"])
+    with pytest.raises(InputError, match="no schedule"):
+        _schedule_options(args)
+
+
 def test_unknown_option_and_method_are_input_errors(shapes16):
     model = create_model("small_cnn")
     with pytest.raises(InputError, match="no option"):
