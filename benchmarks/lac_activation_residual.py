@@ -167,32 +167,27 @@ def oracle() -> None:
               f"{report.table()}", flush=True)
 
 
+def _lowered_bar_search(fp, qmodel, images: torch.Tensor) -> torch.Tensor:
+    """The images plus copies stamped by `--search-triggers`' patch, its bars lowered for a trigger the 8-bit
+    model obeys one time in ten: a mask counts at 20 % of its batch, a patch carries over at 5 % held-out."""
+    ScanConfig.min_success = 5.0  # read by GuidedImages.stamped (an experiment, not an option)
+    guided = with_found_triggers(fp, qmodel, images, config=SearchConfig(success=0.2))
+    print(f"  search: {guided.to_dict()}", flush=True)
+    return guided.images
+
+
 def leak8(which: str) -> None:
-    """The c2 = 0.25 Qu-ANTI-zation model's 8-bit leak under w8a8: LAC on copies with the true trigger (`oracle`)
-    or with random-noise patches (`noise`), learning the activation ranges too."""
+    """The c2 = 0.25 Qu-ANTI-zation model's 8-bit leak under w8a8: LAC learning the activation ranges too, on
+    copies with the true trigger (`oracle`), with random-noise patches (`noise`), or stamped by the search with
+    lowered bars (`search`)."""
     generator = torch.Generator().manual_seed(1)
     copies = {"oracle": lambda fp, qmodel, images: torch.cat([images, TRIGGER.apply(images)]),
-              "noise": lambda fp, qmodel, images: _with_patches(images, generator)}[which]
+              "noise": lambda fp, qmodel, images: _with_patches(images, generator),
+              "search": _lowered_bar_search}[which]
     report = _purify_hooked("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "lac", copies, spec="w8a8",
                             learn_act_range=True)
     print(f"lac --learn-act-range under w8a8, calibration images plus {which} copies (full test set):\n"
           f"{report.table()}", flush=True)
-
-
-def leak8_search() -> None:
-    """As leak8, with the copies stamped by `--search-triggers`' patch, its bars lowered for a trigger the 8-bit
-    model obeys one time in ten: a mask counts at 20 % of its batch, a patch carries over at 5 % held-out."""
-    ScanConfig.min_success = 5.0  # read by GuidedImages.stamped (an experiment, not an option)
-
-    def searched(fp, qmodel, images):
-        guided = with_found_triggers(fp, qmodel, images, config=SearchConfig(success=0.2))
-        print(f"  search: {guided.to_dict()}", flush=True)
-        return guided.images
-
-    report = _purify_hooked("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "lac", searched, spec="w8a8",
-                            learn_act_range=True)
-    print(f"lac --learn-act-range under w8a8, calibration images plus copies stamped by the lowered-bar search "
-          f"(full test set):\n{report.table()}", flush=True)
 
 
 def guided() -> None:
@@ -259,6 +254,6 @@ if __name__ == "__main__":
              "acts-only": acts_only, "scale": scale, "widen": widen, "learned": learned,
              "patches": patches, "oracle": oracle, "guided": guided, "grown": grown,
              "leak8-oracle": lambda: leak8("oracle"), "leak8-noise": lambda: leak8("noise"),
-             "leak8-search": leak8_search}
+             "leak8-search": lambda: leak8("search")}
     for step in sys.argv[1:] or list(steps):
         steps[step]()

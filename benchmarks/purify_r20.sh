@@ -56,7 +56,7 @@ done
 run r20-pq-w8-full-p10e4-refine runs/attacks/pq-r20-w8-full-p10e4/model.pt pqbackdoor-w8a8 lac-pda --pda-steps 50 \
   --search-triggers
 # Seventh session. PDA's perturbation reaches its radius in one step (step size = radius = 1e-3; later steps
-# only flip signs), so 10 PDA steps instead of 50: the two c2 = 0.25 models with the search, run one at a time
+# can only zero or flip it), so 10 PDA steps instead of 50: the two c2 = 0.25 models with the search, run one at a time
 # on the idle CPU for the speed bar.
 for m in quanti-r20-w4-full-c2q compartifact-r20-w4-c2q; do
   run r20-$m-pda10 runs/attacks/$m/model.pt w4a4 lac-pda --pda-steps 10 --search-triggers
