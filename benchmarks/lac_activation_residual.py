@@ -176,6 +176,124 @@ def _lowered_bar_search(fp, qmodel, images: torch.Tensor) -> torch.Tensor:
     return guided.images
 
 
+def _gap_patches(fp, qmodel, x: torch.Tensor, fp_preds: torch.Tensor, n: int = 16, steps: int = 150,
+                 budget: float = 25.0, seed: int = 0):
+    """Per class, one mask and pattern maximising the mean gap log q(c | x') - log fp(c | x') over n images the
+    FP model puts elsewhere, the mask's area held under `budget` pixels by a hinge. No flip is asked for, so a
+    trigger the quantized model obeys one time in ten still pulls its class's gap up. Returns (mask, pattern,
+    held-out mean gap, held-out differential success %) per class."""
+    gen = torch.Generator().manual_seed(seed)
+    classes, (h, w) = 10, x.shape[-2:]
+    batches, held = [], []
+    for c in range(classes):
+        idx = (fp_preds != c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        batches.append(idx[:n])
+        held.append(idx[n:5 * n])
+    xb = torch.cat([x[b] for b in batches])
+    targets = torch.arange(classes).repeat_interleave(n)
+    mask_logit = torch.full((classes, 1, h, w), -3.0).requires_grad_()
+    pattern_logit = (torch.randn((classes, 3, h, w), generator=gen) * 0.1).requires_grad_()
+    optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=0.1)
+
+    def gap(xs, t):
+        return (torch.log_softmax(qmodel(xs), 1) - torch.log_softmax(fp(xs), 1)).gather(1, t[:, None]).squeeze(1)
+
+    for _ in range(steps):
+        mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
+        xs = stamp(xb, mask.repeat_interleave(n, 0), pattern.repeat_interleave(n, 0))
+        area = mask.flatten(1).sum(1)
+        loss = (-gap(xs, targets).view(classes, n).mean(1) + torch.relu(area - budget) / budget).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    out = []
+    with torch.no_grad():
+        for c in range(classes):
+            m, p = torch.sigmoid(mask_logit[c, 0]), torch.sigmoid(pattern_logit[c])
+            rest = held[c]
+            g = gap(stamp(x[rest], m, p), torch.full((len(rest),), c)).mean().item()
+            ok = differential_success(fp, qmodel, x[rest], fp_preds[rest], c, m, p).float().mean().item()
+            out.append((m, p, g, 100.0 * ok))
+    return out
+
+
+def _candidate_squares(h: int, w: int, patterns: tuple[str, ...], sizes=(3, 5), stride: int = 2, seed: int = 0):
+    """Solid and textured squares at every `stride`-th place: (mask [H, W], pattern [3, H, W], description)."""
+    gen = torch.Generator().manual_seed(seed)
+    fills = {"white": torch.ones(3, h, w), "black": torch.zeros(3, h, w),
+             "checker": ((torch.arange(h)[:, None] + torch.arange(w)[None]) % 2).float().expand(3, h, w),
+             "noise": torch.rand(3, h, w, generator=gen)}
+    for size in sizes:
+        for top in range(0, h - size + 1, stride):
+            for left in range(0, w - size + 1, stride):
+                mask = torch.zeros(h, w)
+                mask[top:top + size, left:left + size] = 1
+                for name in patterns:
+                    yield mask, fills[name], f"{name} {size}x{size} at ({top}, {left})"
+
+
+@torch.no_grad()
+def _scan_squares(fp, qmodel, x: torch.Tensor, fp_preds: torch.Tensor, patterns: tuple[str, ...]):
+    """Mean gap log q(c | x') - log fp(c | x') of every candidate square for every class c, over the images the
+    FP model puts elsewhere; the best candidate per class: [(gap, mask, pattern, description)]."""
+    others = (fp_preds[:, None] != torch.arange(10)[None]).float()  # [N, classes]
+    best = [(-float("inf"), None, None, "") for _ in range(10)]
+    for mask, pattern, name in _candidate_squares(*x.shape[-2:], patterns):
+        xs = stamp(x, mask, pattern)
+        gaps = torch.log_softmax(qmodel(xs), 1) - torch.log_softmax(fp(xs), 1)
+        mean = (gaps * others).sum(0) / others.sum(0)
+        for c in range(10):
+            if mean[c] > best[c][0]:
+                best[c] = (mean[c].item(), mask, pattern, name)
+    return best
+
+
+def _gap_search_copies(fp, qmodel, images: torch.Tensor, patterns=("white", "black", "checker", "noise")
+                       ) -> torch.Tensor:
+    """The images plus copies stamped with the square (of `_candidate_squares`) whose mean gap, on held-out
+    images, is the largest of any class."""
+    with torch.no_grad():
+        fp_preds = torch.cat([fp(part) for part in images.split(256)]).argmax(1)
+        others = fp_preds != 0
+        xt = TRIGGER.apply(images[others])
+        true_gap = (torch.log_softmax(qmodel(xt), 1) - torch.log_softmax(fp(xt), 1))[:, 0].mean().item()
+    print(f"  true trigger: mean gap {true_gap:.3f} on {int(others.sum())} images", flush=True)
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(images), generator=gen)
+    scan, held = order[:32], order[32:288]
+    best = _scan_squares(fp, qmodel, images[scan], fp_preds[scan], patterns)
+    results = []
+    with torch.no_grad():
+        for c, (g, m, p, name) in enumerate(best):
+            rest = held[fp_preds[held] != c]
+            xs = stamp(images[rest], m, p)
+            hg = (torch.log_softmax(qmodel(xs), 1) - torch.log_softmax(fp(xs), 1))[:, c].mean().item()
+            ok = 100.0 * differential_success(fp, qmodel, images[rest], fp_preds[rest], c, m, p).float().mean().item()
+            print(f"  class {c}: {name}, scan gap {g:.3f}, held-out gap {hg:.3f}, differential success {ok:.1f} %",
+                  flush=True)
+            results.append((hg, m, p))
+    _, m, p = max(results, key=lambda r: r[0])
+    return torch.cat([images, stamp(images, m, p)])
+
+
+def _gap_descent_copies(fp, qmodel, images: torch.Tensor) -> torch.Tensor:
+    """The images plus copies stamped with the patch of the class whose held-out gap is largest."""
+    with torch.no_grad():
+        fp_preds = torch.cat([fp(part) for part in images.split(256)]).argmax(1)
+        others = fp_preds != 0
+        xt = TRIGGER.apply(images[others])
+        true_gap = (torch.log_softmax(qmodel(xt), 1) - torch.log_softmax(fp(xt), 1))[:, 0].mean().item()
+    print(f"  true trigger: mean gap {true_gap:.3f} on {int(others.sum())} images", flush=True)
+    found = _gap_patches(fp, qmodel, images, fp_preds)
+    for c, (m, _, g, ok) in enumerate(found):
+        print(f"  class {c}: area {m.sum().item():.1f} px, held-out gap {g:.3f}, differential success {ok:.1f} %",
+              flush=True)
+    best = max(range(len(found)), key=lambda c: found[c][2])
+    m, p = found[best][:2]
+    return torch.cat([images, stamp(images, m, p)])
+
+
 def leak8(which: str) -> None:
     """The c2 = 0.25 Qu-ANTI-zation model's 8-bit leak under w8a8: LAC learning the activation ranges too, on
     copies with the true trigger (`oracle`), with random-noise patches (`noise`), or stamped by the search with
@@ -183,7 +301,8 @@ def leak8(which: str) -> None:
     generator = torch.Generator().manual_seed(1)
     copies = {"oracle": lambda fp, qmodel, images: torch.cat([images, TRIGGER.apply(images)]),
               "noise": lambda fp, qmodel, images: _with_patches(images, generator),
-              "search": _lowered_bar_search}[which]
+              "search": _lowered_bar_search, "gap-descent": _gap_descent_copies, "gap": _gap_search_copies,
+              "gap-noise": lambda fp, qmodel, images: _gap_search_copies(fp, qmodel, images, ("noise",))}[which]
     report = _purify_hooked("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "lac", copies, spec="w8a8",
                             learn_act_range=True)
     print(f"lac --learn-act-range under w8a8, calibration images plus {which} copies (full test set):\n"
@@ -254,6 +373,7 @@ if __name__ == "__main__":
              "acts-only": acts_only, "scale": scale, "widen": widen, "learned": learned,
              "patches": patches, "oracle": oracle, "guided": guided, "grown": grown,
              "leak8-oracle": lambda: leak8("oracle"), "leak8-noise": lambda: leak8("noise"),
-             "leak8-search": lambda: leak8("search")}
+             "leak8-search": lambda: leak8("search"), "leak8-gap-descent": lambda: leak8("gap-descent"), "leak8-gap": lambda: leak8("gap"),
+             "leak8-gap-noise": lambda: leak8("gap-noise")}
     for step in sys.argv[1:] or list(steps):
         steps[step]()
