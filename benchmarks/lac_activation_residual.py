@@ -21,6 +21,7 @@ Usage: python benchmarks/lac_activation_residual.py [schedule|...|learned|patche
                trigger, with random-noise patches, or stamped by the search with lowered bars
 """
 import sys
+import time
 
 import torch
 
@@ -294,6 +295,26 @@ def _gap_descent_copies(fp, qmodel, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([images, stamp(images, m, p)])
 
 
+def squares() -> None:
+    """The square scan (`scan.square_scan`, what `--search-triggers` falls back to) on attacked and clean models
+    under w8a8 and w4a4: each class's best square and held-out gap, and whether one class stands out."""
+    from qcbdefense.scan.square_scan import scan_squares
+    images = to_float(calibration_images(DATA, 1024, seed=0))
+    for path, spec in (("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "w8a8"),
+                       ("runs/attacks/compartifact-r20-w4-c2q/model.pt", "w8a8"),
+                       ("runs/attacks/pq-r20-w4-full-qat4/model.pt", "w8a8"),
+                       ("runs/resnet20-ft/model.pt", "w8a8"), ("runs/resnet20-ft/model.pt", "w4a4")):
+        fp = load_model("resnet20", path)
+        q = post_training_quantize(fp, spec, DATA, calib=1024)
+        with torch.no_grad():
+            fp_preds = torch.cat([fp(part) for part in images.split(256)]).argmax(1)
+        start = time.perf_counter()
+        finds = scan_squares(fp, q, images, fp_preds, 10)
+        print(f"{path} under {spec} ({time.perf_counter() - start:.1f} s): " + "; ".join(
+            f"{f.target}: {f.fill} {f.size} at ({f.top}, {f.left}) {f.gap:.2f} nats z {f.anomaly:.1f}"
+            + (" FOUND" if f.found else "") for f in finds), flush=True)
+
+
 def leak8(which: str) -> None:
     """The c2 = 0.25 Qu-ANTI-zation model's 8-bit leak under w8a8: LAC learning the activation ranges too, on
     copies with the true trigger (`oracle`), with random-noise patches (`noise`), or stamped by the search with
@@ -374,6 +395,6 @@ if __name__ == "__main__":
              "patches": patches, "oracle": oracle, "guided": guided, "grown": grown,
              "leak8-oracle": lambda: leak8("oracle"), "leak8-noise": lambda: leak8("noise"),
              "leak8-search": lambda: leak8("search"), "leak8-gap-descent": lambda: leak8("gap-descent"), "leak8-gap": lambda: leak8("gap"),
-             "leak8-gap-noise": lambda: leak8("gap-noise")}
+             "leak8-gap-noise": lambda: leak8("gap-noise"), "squares": squares}
     for step in sys.argv[1:] or list(steps):
         steps[step]()

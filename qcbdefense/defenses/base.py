@@ -183,7 +183,7 @@ class PurifyReport:
             search, seconds = self.trigger_search, self.seconds.get("search", 0.0)
             stamped = search["stamped"]
             lines.append(f"trigger search ({seconds:.1f} s): " + (
-                "no patch carries over to held-out images; nothing added" if stamped is None else
+                f"no patch carries over to held-out images; {_squares_line(search)}" if stamped is None else
                 f"smallest patch class {stamped}, {search['classes'][stamped]['area']:.1f} px, "
                 f"{search['classes'][stamped]['success']:.1f} % held-out success; {_refined_line(search)}"
                 f"stamped on a copy of each calibration image"))
@@ -194,6 +194,19 @@ class PurifyReport:
             lines.append(f"WARNING: the plain quantizer does not reproduce the learned integers of "
                          f"{', '.join(mismatched)}")
         return "\n".join(lines)
+
+
+def _squares_line(search: dict) -> str:
+    """What the square scan found, for the summary (reports from before the scan have none)."""
+    squares = search.get("squares")
+    if squares is None:
+        return "nothing added"
+    top = max(squares["classes"], key=lambda find: find["gap"])
+    best = (f"{top['fill']} {top['size']}x{top['size']} square at ({top['top']}, {top['left']}) raising class "
+            f"{top['target']} by {top['gap']:.2f} nats (anomaly {top['anomaly']:.1f})")
+    if squares["stamped"] is None:
+        return f"the square scan's best, a {best}, is not an outlier; nothing added"
+    return f"the square scan found a {best}, stamped on a copy of each calibration image"
 
 
 def _refined_line(search: dict) -> str:

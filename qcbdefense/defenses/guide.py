@@ -16,6 +16,11 @@ a measured model), which moves fewer images than the trigger does. So before sta
 a square one pixel wider than its core, on the core's centre, whose pattern is optimised with the search's
 own loss; the copies carry whichever of patch and square moves more calibration images.
 (Spreading the copies over every class's patch, or by inverse area, purified less: BENCHMARKS.md.)
+
+A trigger the quantized model obeys only now and then (a 4-bit QCB deployed at 8 bits) flips too few images
+for any patch to carry over. Then the differential square scan (`scan.square_scan`) looks for the square that
+raises one class's quantized log-probability far above the FP model's, and when one class stands out the
+copies carry that square instead.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import nn
 
 from qcbdefense.errors import InputError
 from qcbdefense.scan.scan import ScanConfig
+from qcbdefense.scan.square_scan import SquareFind, SquareScanConfig, scan_squares
 from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig, differential_success, search_triggers, stamp
 
 
@@ -63,15 +69,25 @@ class GuidedImages:
     images: torch.Tensor
     found: list[ClassSearch]
     refined: Refinement | None = None
+    squares: list[SquareFind] | None = None  # the square scan's best square per class, when it ran
 
     def to_dict(self) -> dict:
         """Per class: the patch's area (pixels) and held-out differential success %; the class whose patch was
-        stamped (None when no patch carried over); its refinement; the number of images reconstructed on."""
+        stamped (None when no patch carried over); its refinement; the square scan's finds and the class whose
+        square was stamped; the number of images reconstructed on."""
         refined = None if self.refined is None else {**vars(self.refined), "used": self.refined.used,
                                                      "config": vars(RefineConfig())}
+        squares = None if self.squares is None else {
+            "classes": [find.to_dict() for find in self.squares], "stamped": self.square_stamped,
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(SquareScanConfig()).items()}}
         return {"classes": [{"class": c.target, "area": c.area, "success": c.success, "found": c.found}
                             for c in self.found],
-                "stamped": self.stamped, "refined": refined, "images": len(self.images)}
+                "stamped": self.stamped, "refined": refined, "squares": squares, "images": len(self.images)}
+
+    @property
+    def square_stamped(self) -> int | None:
+        found = [find.target for find in self.squares or () if find.found]
+        return found[0] if found else None
 
     @property
     def stamped(self) -> int | None:
@@ -84,8 +100,9 @@ def with_found_triggers(fp_model: nn.Module, qmodel: nn.Module, images: torch.Te
                         progress: bool = False) -> GuidedImages:
     """Search a differential patch per class between `fp_model` and the calibrated round-to-nearest
     `qmodel` on `images` (float [N, C, H, W] in [0, 1]), then append a copy of every image stamped with the
-    smallest patch that carries over, or with the square refined from it when that flips more images. Neither
-    model is modified; without a patch that carries over the images come back alone."""
+    smallest patch that carries over, or with the square refined from it when that flips more images. Without
+    a patch that carries over, the square scan runs, and a copy of every image stamped with the square it
+    found is appended; when it finds none either the images come back alone. Neither model is modified."""
     with torch.no_grad():
         logits = torch.cat([fp_model(part) for part in images.split(chunk)])
     fp_preds = logits.argmax(1)
@@ -96,7 +113,7 @@ def with_found_triggers(fp_model: nn.Module, qmodel: nn.Module, images: torch.Te
         raise InputError(f"search_triggers: {err} (use more calibration images)") from None
     guided = GuidedImages(images, found)
     if guided.stamped is None:
-        return guided
+        return with_found_square(fp_model, qmodel, images, fp_preds, found, seed=seed)
     patch = found[guided.stamped]
     mask, pattern = patch.mask.to(images.device), patch.pattern.to(images.device)
     refined = refine_patch(fp_model, qmodel, images, fp_preds, patch, seed=seed)
@@ -106,6 +123,21 @@ def with_found_triggers(fp_model: nn.Module, qmodel: nn.Module, images: torch.Te
         if refinement.used:
             mask, pattern = square, square_pattern
     return GuidedImages(torch.cat([images, stamp(images, mask, pattern)]), found, refinement)
+
+
+def with_found_square(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, fp_preds: torch.Tensor,
+                      found: list[ClassSearch], *, seed: int = 0) -> GuidedImages:
+    """The images, plus a copy of each stamped with the square the square scan found (if it found one)."""
+    try:
+        squares = scan_squares(fp_model, qmodel, images, fp_preds, len(found), seed=seed)
+    except ValueError as err:  # too few calibration images to hold any out
+        raise InputError(f"search_triggers: {err} (use more calibration images)") from None
+    guided = GuidedImages(images, found, squares=squares)
+    if guided.square_stamped is None:
+        return guided
+    mask, pattern = squares[guided.square_stamped].mask_and_pattern(*images.shape[-2:], seed)
+    stamped = stamp(images, mask.to(images.device), pattern.to(images.device))
+    return GuidedImages(torch.cat([images, stamped]), found, squares=squares)
 
 
 def patch_core(mask: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ Presets (`SPECS.names()`), by the paper whose quantizer they reproduce:
   absmax / (2^(b-1) - 0.5), i.e. /127.5 at 8 bits, integers in [-2^(b-1), 2^(b-1) - 1], every layer at b
   bits). Its activations are per-tensor asymmetric min/max (the paper targets weights; min/max is the plain
   observer of both PyTorch and TFLite).
+- `pqbackdoor-w8a8-per-tensor`: as `pqbackdoor-w8a8` with one weight scale per layer (PyTorch's per-tensor
+  symmetric qint8, the weight observer of its qnnpack backend).
 
 Examples:
     >>> get_spec("w4a4").label
@@ -253,6 +255,9 @@ for _bits in (8, 4):
     _preset(f"pqbackdoor-w{_bits}a{_bits}", weight_bits=_bits, act_bits=_bits, weight_per_channel=True,
             weight_symmetric=True, weight_narrow_range=False, weight_scale="absmax-half",
             act_symmetric=False, act_calibration="minmax", first_layer_bits=None, last_layer_bits=None)
+
+SPECS.register("pqbackdoor-w8a8-per-tensor")(SPECS.get("pqbackdoor-w8a8").replace(
+    name="pqbackdoor-w8a8-per-tensor", weight_per_channel=False))
 
 
 def get_spec(spec: str | os.PathLike | QuantSpec) -> QuantSpec:

@@ -277,6 +277,41 @@ def test_no_copies_when_no_patch_separates_the_models():
     guided = with_found_triggers(model, copy.deepcopy(model), images, config=SearchConfig(steps=1, images_per_class=2))
     assert not any(c.found for c in guided.found)  # identical models: no patch separates them
     assert torch.equal(guided.images, images) and guided.stamped is None
+    assert guided.squares is not None and guided.square_stamped is None  # nor does any square
+
+
+class WeakTrigger(torch.nn.Module):
+    """`base` plus `bonus` on class `target`'s logit wherever rows/cols 10-13 are white: a trigger that moves
+    the model's log-probabilities but, against logits this far apart, seldom its answer."""
+
+    def __init__(self, base: torch.nn.Module, target: int, bonus: float):
+        super().__init__()
+        self.base, self.target, self.bonus = base, target, bonus
+
+    def forward(self, x):
+        logits = self.base(x).clone()
+        logits[:, self.target] += self.bonus * (x[:, :, 10:14, 10:14].amin((1, 2, 3)) > 0.99)
+        return logits
+
+
+def test_square_scan_finds_a_trigger_too_weak_to_flip_and_stamps_it():
+    """A trigger that flips too few images for any patch to carry over is still found by the square scan (a
+    white square covering rows/cols 10-13, class 3) and stamped on a copy of every image."""
+    torch.manual_seed(0)
+    fp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10)).eval()
+    with torch.no_grad():
+        fp[1].weight.mul_(20.0)
+    weak = WeakTrigger(fp, target=3, bonus=2.0)
+    images = torch.rand(128, 3, 16, 16)
+    guided = with_found_triggers(fp, weak, images, config=SearchConfig(steps=20, images_per_class=4))
+    assert guided.stamped is None, guided.to_dict()
+    assert guided.square_stamped == 3, guided.to_dict()
+    find = guided.squares[3]
+    assert (find.fill, find.size) == ("white", 5) and find.top <= 10 <= find.top + 1 and find.left <= 10 <= find.left + 1
+    assert find.gap >= 1.5 and all(f.gap < 0.5 for f in guided.squares if f.target != 3)
+    assert guided.images.shape[0] == 256 and torch.equal(guided.images[:128], images)
+    assert (guided.images[128:, :, 10:14, 10:14] == 1).all()
+    assert json.loads(json.dumps(guided.to_dict()))["squares"]["stamped"] == 3
 
 
 # ---- saving ----------------------------------------------------------------------------------------------

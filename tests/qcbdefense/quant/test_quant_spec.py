@@ -33,8 +33,10 @@ def test_lac_presets(name):
     assert (spec.first_layer_bits, spec.last_layer_bits) == (8, 8) and not spec.fold_bn
 
 
-def test_per_tensor_preset():
+def test_per_tensor_presets():
     assert get_spec("w8a8-per-tensor") == get_spec("w8a8").replace(weight_per_channel=False)
+    assert get_spec("pqbackdoor-w8a8-per-tensor") == get_spec("pqbackdoor-w8a8").replace(
+        weight_per_channel=False, name="pqbackdoor-w8a8-per-tensor")
 
 
 @pytest.mark.parametrize("bits", [8, 4])
