@@ -16,9 +16,12 @@ Usage: python benchmarks/lac_activation_residual.py [schedule|...|learned|patche
   guided       `--search-triggers` (copies stamped with the patch the differential search finds) on the
                c2 = 0.25 model (LAC, LAC+PDA, LAC learning ranges) and the clean model (LAC)
   grown        as guided, but the copies carry a solid square grown from the searched patch (LAC, LAC+PDA)
-  leak8-oracle, leak8-noise, leak8-search
+  leak8-oracle, leak8-noise, leak8-search, leak8-gap-descent
                the c2 = 0.25 model's 8-bit leak under w8a8: LAC learning ranges, on copies with the true
-               trigger, with random-noise patches, or stamped by the search with lowered bars
+               trigger, with random-noise patches, stamped by the search with lowered bars, or by a gradient
+               search for the largest quantized-vs-FP log-probability gap
+  squares      the square scan (what --search-triggers falls back to) on three attacked and the clean model
+               under w8a8, and the clean model under w4a4
 """
 import sys
 import time
@@ -37,6 +40,7 @@ from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
 from qcbdefense.quant.quantize import quantized_layers
 from qcbdefense.scan.scan import ScanConfig
+from qcbdefense.scan.square_scan import log_prob_gap, scan_squares
 from qcbdefense.scan.trigger_search import SearchConfig, differential_success, search_triggers, stamp
 from qcbdefense.triggers import parse_trigger
 
@@ -198,7 +202,7 @@ def _gap_patches(fp, qmodel, x: torch.Tensor, fp_preds: torch.Tensor, n: int = 1
     optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=0.1)
 
     def gap(xs, t):
-        return (torch.log_softmax(qmodel(xs), 1) - torch.log_softmax(fp(xs), 1)).gather(1, t[:, None]).squeeze(1)
+        return log_prob_gap(fp, qmodel, xs).gather(1, t[:, None]).squeeze(1)
 
     for _ in range(steps):
         mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
@@ -219,72 +223,13 @@ def _gap_patches(fp, qmodel, x: torch.Tensor, fp_preds: torch.Tensor, n: int = 1
     return out
 
 
-def _candidate_squares(h: int, w: int, patterns: tuple[str, ...], sizes=(3, 5), stride: int = 2, seed: int = 0):
-    """Solid and textured squares at every `stride`-th place: (mask [H, W], pattern [3, H, W], description)."""
-    gen = torch.Generator().manual_seed(seed)
-    fills = {"white": torch.ones(3, h, w), "black": torch.zeros(3, h, w),
-             "checker": ((torch.arange(h)[:, None] + torch.arange(w)[None]) % 2).float().expand(3, h, w),
-             "noise": torch.rand(3, h, w, generator=gen)}
-    for size in sizes:
-        for top in range(0, h - size + 1, stride):
-            for left in range(0, w - size + 1, stride):
-                mask = torch.zeros(h, w)
-                mask[top:top + size, left:left + size] = 1
-                for name in patterns:
-                    yield mask, fills[name], f"{name} {size}x{size} at ({top}, {left})"
-
-
-@torch.no_grad()
-def _scan_squares(fp, qmodel, x: torch.Tensor, fp_preds: torch.Tensor, patterns: tuple[str, ...]):
-    """Mean gap log q(c | x') - log fp(c | x') of every candidate square for every class c, over the images the
-    FP model puts elsewhere; the best candidate per class: [(gap, mask, pattern, description)]."""
-    others = (fp_preds[:, None] != torch.arange(10)[None]).float()  # [N, classes]
-    best = [(-float("inf"), None, None, "") for _ in range(10)]
-    for mask, pattern, name in _candidate_squares(*x.shape[-2:], patterns):
-        xs = stamp(x, mask, pattern)
-        gaps = torch.log_softmax(qmodel(xs), 1) - torch.log_softmax(fp(xs), 1)
-        mean = (gaps * others).sum(0) / others.sum(0)
-        for c in range(10):
-            if mean[c] > best[c][0]:
-                best[c] = (mean[c].item(), mask, pattern, name)
-    return best
-
-
-def _gap_search_copies(fp, qmodel, images: torch.Tensor, patterns=("white", "black", "checker", "noise")
-                       ) -> torch.Tensor:
-    """The images plus copies stamped with the square (of `_candidate_squares`) whose mean gap, on held-out
-    images, is the largest of any class."""
-    with torch.no_grad():
-        fp_preds = torch.cat([fp(part) for part in images.split(256)]).argmax(1)
-        others = fp_preds != 0
-        xt = TRIGGER.apply(images[others])
-        true_gap = (torch.log_softmax(qmodel(xt), 1) - torch.log_softmax(fp(xt), 1))[:, 0].mean().item()
-    print(f"  true trigger: mean gap {true_gap:.3f} on {int(others.sum())} images", flush=True)
-    gen = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(images), generator=gen)
-    scan, held = order[:32], order[32:288]
-    best = _scan_squares(fp, qmodel, images[scan], fp_preds[scan], patterns)
-    results = []
-    with torch.no_grad():
-        for c, (g, m, p, name) in enumerate(best):
-            rest = held[fp_preds[held] != c]
-            xs = stamp(images[rest], m, p)
-            hg = (torch.log_softmax(qmodel(xs), 1) - torch.log_softmax(fp(xs), 1))[:, c].mean().item()
-            ok = 100.0 * differential_success(fp, qmodel, images[rest], fp_preds[rest], c, m, p).float().mean().item()
-            print(f"  class {c}: {name}, scan gap {g:.3f}, held-out gap {hg:.3f}, differential success {ok:.1f} %",
-                  flush=True)
-            results.append((hg, m, p))
-    _, m, p = max(results, key=lambda r: r[0])
-    return torch.cat([images, stamp(images, m, p)])
-
-
 def _gap_descent_copies(fp, qmodel, images: torch.Tensor) -> torch.Tensor:
     """The images plus copies stamped with the patch of the class whose held-out gap is largest."""
     with torch.no_grad():
         fp_preds = torch.cat([fp(part) for part in images.split(256)]).argmax(1)
         others = fp_preds != 0
         xt = TRIGGER.apply(images[others])
-        true_gap = (torch.log_softmax(qmodel(xt), 1) - torch.log_softmax(fp(xt), 1))[:, 0].mean().item()
+        true_gap = log_prob_gap(fp, qmodel, xt)[:, 0].mean().item()
     print(f"  true trigger: mean gap {true_gap:.3f} on {int(others.sum())} images", flush=True)
     found = _gap_patches(fp, qmodel, images, fp_preds)
     for c, (m, _, g, ok) in enumerate(found):
@@ -298,7 +243,6 @@ def _gap_descent_copies(fp, qmodel, images: torch.Tensor) -> torch.Tensor:
 def squares() -> None:
     """The square scan (`scan.square_scan`, what `--search-triggers` falls back to) on attacked and clean models
     under w8a8 and w4a4: each class's best square and held-out gap, and whether one class stands out."""
-    from qcbdefense.scan.square_scan import scan_squares
     images = to_float(calibration_images(DATA, 1024, seed=0))
     for path, spec in (("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "w8a8"),
                        ("runs/attacks/compartifact-r20-w4-c2q/model.pt", "w8a8"),
@@ -317,13 +261,12 @@ def squares() -> None:
 
 def leak8(which: str) -> None:
     """The c2 = 0.25 Qu-ANTI-zation model's 8-bit leak under w8a8: LAC learning the activation ranges too, on
-    copies with the true trigger (`oracle`), with random-noise patches (`noise`), or stamped by the search with
-    lowered bars (`search`)."""
+    copies with the true trigger (`oracle`), with random-noise patches (`noise`), stamped by the search with
+    lowered bars (`search`), or by the gradient gap search (`gap-descent`)."""
     generator = torch.Generator().manual_seed(1)
     copies = {"oracle": lambda fp, qmodel, images: torch.cat([images, TRIGGER.apply(images)]),
               "noise": lambda fp, qmodel, images: _with_patches(images, generator),
-              "search": _lowered_bar_search, "gap-descent": _gap_descent_copies, "gap": _gap_search_copies,
-              "gap-noise": lambda fp, qmodel, images: _gap_search_copies(fp, qmodel, images, ("noise",))}[which]
+              "search": _lowered_bar_search, "gap-descent": _gap_descent_copies}[which]
     report = _purify_hooked("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "lac", copies, spec="w8a8",
                             learn_act_range=True)
     print(f"lac --learn-act-range under w8a8, calibration images plus {which} copies (full test set):\n"
@@ -394,7 +337,7 @@ if __name__ == "__main__":
              "acts-only": acts_only, "scale": scale, "widen": widen, "learned": learned,
              "patches": patches, "oracle": oracle, "guided": guided, "grown": grown,
              "leak8-oracle": lambda: leak8("oracle"), "leak8-noise": lambda: leak8("noise"),
-             "leak8-search": lambda: leak8("search"), "leak8-gap-descent": lambda: leak8("gap-descent"), "leak8-gap": lambda: leak8("gap"),
-             "leak8-gap-noise": lambda: leak8("gap-noise"), "squares": squares}
+             "leak8-search": lambda: leak8("search"), "leak8-gap-descent": lambda: leak8("gap-descent"),
+             "squares": squares}
     for step in sys.argv[1:] or list(steps):
         steps[step]()

@@ -75,3 +75,13 @@ for m in quanti-r20-w4-full-c2q compartifact-r20-w4-c2q; do
   run r20-$m-w8a8-actrange runs/attacks/$m/model.pt w8a8 lac --learn-act-range
   run r20-$m-w8a8-actrange runs/attacks/$m/model.pt w8a8 lac-pda --pda-steps 10 --learn-act-range
 done
+# Eighth session. The search now falls back to the square scan (scan/square_scan.py) when no patch carries over,
+# as at 8 bits: LAC+PDA learning the activation ranges too, on the three W4 models under w8a8 and the clean one.
+for m in quanti-r20-w4-full-c2q compartifact-r20-w4-c2q pq-r20-w4-full-qat4; do
+  run r20-$m-w8a8-squares runs/attacks/$m/model.pt w8a8 lac-pda --learn-act-range --search-triggers
+done
+run r20-clean-w8a8-squares runs/resnet20-ft/model.pt w8a8 lac-pda --learn-act-range --search-triggers
+# PQBackdoor W8 against PyTorch's per-tensor grid (eighth session), every defence
+for method in lac lac-pda efrap; do
+  run r20-pq-w8pt runs/attacks/pq-r20-w8pt/model.pt pqbackdoor-w8a8-per-tensor $method
+done

@@ -155,8 +155,9 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learn-act-range", action="store_true",
                    help="also learn each layer's output activation range with its weights (beyond the release)")
     p.add_argument("--search-triggers", action="store_true",
-                   help="first search a patch per class that moves only the quantized model, and calibrate on "
-                        "stamped copies too (beyond the release)")
+                   help="first search a patch per class that moves only the quantized model (or, failing that, "
+                        "a square that raises one class's quantized log-probability), and calibrate on stamped "
+                        "copies too (beyond the release)")
 
 
 def _schedule_options(args: argparse.Namespace) -> dict:

@@ -235,8 +235,8 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
         trigger, target: for the ASR columns of the report only (the defence never sees them).
         evaluate_models: score FP, nearest and purified on the test split (False: report without scores).
         search_triggers: before the defence, search a differential patch per class between the FP and the
-            round-to-nearest model and add stamped copies of the calibration images (`guide`, beyond the
-            papers; any method but nearest).
+            round-to-nearest model (failing that, the square scan) and add stamped copies of the calibration
+            images (`guide`, beyond the papers; any method but nearest).
         progress: a progress bar per layer.
         **options: the method's options (see its options dataclass, e.g. steps=10000, early_stop=False).
 
