@@ -53,6 +53,7 @@ class SquareFind:
     found: bool = False
 
     def mask_and_pattern(self, h: int, w: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The square as a stamp: mask [H, W] and pattern [3, H, W] (noise seeded as in the scan)."""
         mask = torch.zeros(h, w)
         mask[self.top:self.top + self.size, self.left:self.left + self.size] = 1
         return mask, fill_pattern(self.fill, h, w, seed)
