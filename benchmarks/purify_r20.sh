@@ -85,3 +85,7 @@ run r20-clean-w8a8-squares runs/resnet20-ft/model.pt w8a8 lac-pda --learn-act-ra
 for method in lac lac-pda efrap; do
   run r20-pq-w8pt runs/attacks/pq-r20-w8pt/model.pt pqbackdoor-w8a8-per-tensor $method
 done
+# ... and the same without learning the activation ranges (eighth session)
+for m in quanti-r20-w4-full-c2q compartifact-r20-w4-c2q; do
+  run r20-$m-w8a8-squares-fixedrange runs/attacks/$m/model.pt w8a8 lac-pda --search-triggers
+done
