@@ -41,7 +41,8 @@ from qcbdefense.quant.ptq import calibration_images, post_training_quantize
 from qcbdefense.quant.quantize import quantized_layers
 from qcbdefense.scan.scan import ScanConfig
 from qcbdefense.scan.square_scan import log_prob_gap, scan_squares
-from qcbdefense.scan.trigger_search import SearchConfig, differential_success, search_triggers, stamp
+from qcbdefense.scan.trigger_search import (SearchConfig, class_batches, differential_success, search_triggers,
+                                            stamp)
 from qcbdefense.triggers import parse_trigger
 
 DATA = load_dataset("folder:../shared/datasets/cifar10-jpg.tar.gz")
@@ -189,12 +190,7 @@ def _gap_patches(fp, qmodel, x: torch.Tensor, fp_preds: torch.Tensor, n: int = 1
     held-out mean gap, held-out differential success %) per class."""
     gen = torch.Generator().manual_seed(seed)
     classes, (h, w) = 10, x.shape[-2:]
-    batches, held = [], []
-    for c in range(classes):
-        idx = (fp_preds != c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        batches.append(idx[:n])
-        held.append(idx[n:5 * n])
+    batches, held = class_batches(fp_preds, classes, n, gen)
     xb = torch.cat([x[b] for b in batches])
     targets = torch.arange(classes).repeat_interleave(n)
     mask_logit = torch.full((classes, 1, h, w), -3.0).requires_grad_()

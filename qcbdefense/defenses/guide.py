@@ -25,7 +25,7 @@ copies carry that square instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +78,7 @@ class GuidedImages:
         refined = None if self.refined is None else {**vars(self.refined), "used": self.refined.used,
                                                      "config": vars(RefineConfig())}
         squares = None if self.squares is None else {
-            "classes": [find.to_dict() for find in self.squares], "stamped": self.square_stamped,
+            "classes": [asdict(find) for find in self.squares], "stamped": self.square_stamped,
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(SquareScanConfig()).items()}}
         return {"classes": [{"class": c.target, "area": c.area, "success": c.success, "found": c.found}
                             for c in self.found],
@@ -106,14 +106,14 @@ def with_found_triggers(fp_model: nn.Module, qmodel: nn.Module, images: torch.Te
     with torch.no_grad():
         logits = torch.cat([fp_model(part) for part in images.split(chunk)])
     fp_preds = logits.argmax(1)
-    try:
+    try:  # both searches refuse too few calibration images (a search batch in every class; a held-out set)
         found = search_triggers(fp_model, qmodel, images, fp_preds, logits.shape[1], config, seed=seed,
                                 progress=progress)
-    except ValueError as err:  # too few calibration images for a search batch in every class
+        guided = GuidedImages(images, found)
+        if guided.stamped is None:
+            return with_found_square(fp_model, qmodel, images, fp_preds, found, seed=seed)
+    except ValueError as err:
         raise InputError(f"search_triggers: {err} (use more calibration images)") from None
-    guided = GuidedImages(images, found)
-    if guided.stamped is None:
-        return with_found_square(fp_model, qmodel, images, fp_preds, found, seed=seed)
     patch = found[guided.stamped]
     mask, pattern = patch.mask.to(images.device), patch.pattern.to(images.device)
     refined = refine_patch(fp_model, qmodel, images, fp_preds, patch, seed=seed)
@@ -128,16 +128,12 @@ def with_found_triggers(fp_model: nn.Module, qmodel: nn.Module, images: torch.Te
 def with_found_square(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, fp_preds: torch.Tensor,
                       found: list[ClassSearch], *, seed: int = 0) -> GuidedImages:
     """The images, plus a copy of each stamped with the square the square scan found (if it found one)."""
-    try:
-        squares = scan_squares(fp_model, qmodel, images, fp_preds, len(found), seed=seed)
-    except ValueError as err:  # too few calibration images to hold any out
-        raise InputError(f"search_triggers: {err} (use more calibration images)") from None
-    guided = GuidedImages(images, found, squares=squares)
-    if guided.square_stamped is None:
-        return guided
-    mask, pattern = squares[guided.square_stamped].mask_and_pattern(*images.shape[-2:], seed)
-    stamped = stamp(images, mask.to(images.device), pattern.to(images.device))
-    return GuidedImages(torch.cat([images, stamped]), found, squares=squares)
+    squares = scan_squares(fp_model, qmodel, images, fp_preds, len(found), seed=seed)
+    square = next((find for find in squares if find.found), None)  # the scan finds one class at most
+    if square is not None:
+        mask, pattern = square.mask_and_pattern(*images.shape[-2:], seed)
+        images = torch.cat([images, stamp(images, mask.to(images.device), pattern.to(images.device))])
+    return GuidedImages(images, found, squares=squares)
 
 
 def patch_core(mask: torch.Tensor) -> torch.Tensor:

@@ -58,9 +58,6 @@ class SquareFind:
         mask[self.top:self.top + self.size, self.left:self.left + self.size] = 1
         return mask, fill_pattern(self.fill, h, w, seed)
 
-    def to_dict(self) -> dict:
-        return dict(vars(self))
-
 
 def fill_pattern(fill: str, h: int, w: int, seed: int) -> torch.Tensor:
     """A [3, H, W] pattern in [0, 1]: white, black, a one-pixel checkerboard, or seeded uniform noise."""

@@ -61,6 +61,19 @@ def differential_success(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, f
         return (quantized(xs).argmax(1) == target) & (fp(xs).argmax(1) == fp_preds)
 
 
+def class_batches(fp_preds: torch.Tensor, num_classes: int, n: int, generator: torch.Generator
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per class c, a random batch of `n` indices of images the FP model does not put in c, and the next 4n
+    of them held out (fewer where there are not enough)."""
+    batches, held_out = [], []
+    for c in range(num_classes):
+        idx = (fp_preds != c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        batches.append(idx[:n])
+        held_out.append(idx[n:5 * n])
+    return batches, held_out
+
+
 def search_triggers(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds: torch.Tensor,
                     num_classes: int, config: SearchConfig = SearchConfig(), *, seed: int = 0,
                     progress: bool = False) -> list[ClassSearch]:
@@ -71,12 +84,7 @@ def search_triggers(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_pre
     """
     gen = torch.Generator().manual_seed(seed)
     n, h, w = config.images_per_class, x.shape[-2], x.shape[-1]
-    batches, held_out = [], []
-    for c in range(num_classes):
-        idx = (fp_preds != c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        batches.append(idx[:n])
-        held_out.append(idx[n:5 * n])
+    batches, held_out = class_batches(fp_preds, num_classes, n, gen)
     if any(len(b) < n for b in batches):
         raise ValueError(f"the trigger search needs {n} images outside each class; got fewer")
     xb = torch.cat([x[b] for b in batches])  # [classes * n, 3, H, W]
