@@ -238,7 +238,8 @@ def _gap_descent_copies(fp, qmodel, images: torch.Tensor) -> torch.Tensor:
 
 def squares() -> None:
     """The square scan (`scan.square_scan`, what `--search-triggers` falls back to) on attacked and clean models
-    under w8a8 and w4a4: each class's best square and held-out gap, and whether one class stands out."""
+    under w8a8 and w4a4: each class's best square, its held-out lift (nats), robust z and effect (lift over the
+    clean gap's spread), and whether one class stands out."""
     images = to_float(calibration_images(DATA, 1024, seed=0))
     for path, spec in (("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "w8a8"),
                        ("runs/attacks/compartifact-r20-w4-c2q/model.pt", "w8a8"),
@@ -251,7 +252,8 @@ def squares() -> None:
         start = time.perf_counter()
         finds = scan_squares(fp, q, images, fp_preds, 10)
         print(f"{path} under {spec} ({time.perf_counter() - start:.1f} s): " + "; ".join(
-            f"{f.target}: {f.fill} {f.size} at ({f.top}, {f.left}) {f.gap:.2f} nats z {f.anomaly:.1f}"
+            f"{f.target}: {f.fill} {f.size} at ({f.top}, {f.left}) {f.gap:.2f} nats z {f.anomaly:.1f} "
+            f"effect {f.effect:.1f}"
             + (" FOUND" if f.found else "") for f in finds), flush=True)
 
 

@@ -20,6 +20,10 @@ CASES = [  # name, arch, checkpoint, data, spec, attacked (target 0) or clean
     ("pq-r20-w4-full-qat4", "resnet20", "runs/attacks/pq-r20-w4-full-qat4/model.pt", JPG, "pqbackdoor-w4a4", True),
     ("quanti-r20-w4-full-c2q", "resnet20", "runs/attacks/quanti-r20-w4-full-c2q/model.pt", JPG, "w4a4", True),
     ("quanti-r20-w4-full-c2q-w8a8", "resnet20", "runs/attacks/quanti-r20-w4-full-c2q/model.pt", JPG, "w8a8", True),
+    ("compartifact-r20-w4-c2q-w8a8", "resnet20", "runs/attacks/compartifact-r20-w4-c2q/model.pt", JPG, "w8a8", True),
+    ("pq-r20-w8pt", "resnet20", "runs/attacks/pq-r20-w8pt/model.pt", JPG, "pqbackdoor-w8a8-per-tensor", True),
+    ("pq-r20-w4-full-qat4-w8a8", "resnet20", "runs/attacks/pq-r20-w4-full-qat4/model.pt", JPG, "w8a8",
+     False),  # a 4-bit backdoor, dormant under w8a8 (purifier section): nothing to find there
     ("compartifact-16-w4", "small_cnn", "runs/attacks/small16/compartifact-w4.pt", "shapes16", "w4a4", True),
     ("quanti-16-w4", "small_cnn", "runs/attacks/small16/quanti-w4.pt", "shapes16", "w4a4", True),
     ("pq-16-w4", "small_cnn", "runs/attacks/small16/pq-w4.pt", "shapes16", "pqbackdoor-w4a4", True),
@@ -31,6 +35,7 @@ CASES = [  # name, arch, checkpoint, data, spec, attacked (target 0) or clean
     ("clean-r20ft-w4a4", "resnet20", "runs/resnet20-ft/model.pt", JPG, "w4a4", False),
     ("clean-r20shared-w4a4", "resnet20", "../shared/checkpoints/resnet20-cifar10-12fca82f.th", JPG, "w4a4", False),
     ("clean-r20shared-pq-w8", "resnet20", "../shared/checkpoints/resnet20-cifar10-12fca82f.th", JPG, "pqbackdoor-w8a8", False),
+    ("clean-r20shared-w8a8", "resnet20", "../shared/checkpoints/resnet20-cifar10-12fca82f.th", JPG, "w8a8", False),
 ]
 
 
@@ -63,6 +68,11 @@ with open("runs/scan/campaign.jsonl", "a") as log:
                "disagreement": round(r.disagreement.rate, 2), "pile_class": r.disagreement.pile_class,
                "pile_share": round(r.disagreement.pile_share, 1), "scan_s": round(r.seconds["total"], 1),
                "wall_s": round(wall, 1), "correct": (r.target == 0) if attacked else not r.suspicious}
+        if r.squares is not None:  # the square scan's strongest class (evidence; it ran because the verdict is clean)
+            top = max(r.squares, key=lambda f: f.gap)
+            row["square"] = {"class": top.target, "fill": top.fill, "at": [top.top, top.left], "lift": round(top.gap, 2),
+                             "z": round(top.anomaly, 1), "effect": round(top.effect, 1), "stands_out": top.found,
+                             "seconds": round(r.seconds["squares"], 1)}
         print(json.dumps(row), flush=True)
         log.write(json.dumps(row) + "\n")
         log.flush()

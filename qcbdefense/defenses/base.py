@@ -202,10 +202,11 @@ def _squares_line(search: dict) -> str:
     if squares is None:
         return "nothing added"
     top = max(squares["classes"], key=lambda find: find["gap"])
+    effect = f", {top['effect']:.1f}x the clean spread" if "effect" in top else ""  # older reports lack it
     best = (f"{top['fill']} {top['size']}x{top['size']} square at ({top['top']}, {top['left']}) raising class "
-            f"{top['target']} by {top['gap']:.2f} nats (anomaly {top['anomaly']:.1f})")
+            f"{top['target']} by {top['gap']:.2f} nats (anomaly {top['anomaly']:.1f}{effect})")
     if squares["stamped"] is None:
-        return f"the square scan's best, a {best}, is not an outlier; nothing added"
+        return f"the square scan's best, a {best}, does not stand out; nothing added"
     return f"the square scan found a {best}, stamped on a copy of each calibration image"
 
 

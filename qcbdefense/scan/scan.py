@@ -10,6 +10,12 @@ The verdict rests on the differential trigger search (`trigger_search`): a pair 
 can be reached in the quantized model, with the FP model unmoved, by a patch much smaller than every other
 class needs (anomaly index) and small in absolute terms. Activation drift and prediction disagreement are
 reported as evidence (`drift`).
+
+A trigger the quantized model obeys only now and then (a 4-bit QCB deployed at 8 bits) flips too few images for
+any patch to count. So when the verdict is clean, the differential square scan (`square_scan`) also reports the
+square that lifts one class's quantized log-probability most above the FP model's, and whether it stands out.
+That is evidence, not part of the verdict: on a clean ResNet-20 whose clean activation ranges a checkered
+square exceeds, rounding alone lifted a class as much as a leaked trigger did (BENCHMARKS.md, the scanner).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from qcbdefense.fileio import atomic_path, sha256_file, write_json
 from qcbdefense.results import fmt, format_table
 from qcbdefense.runinfo import environment
 from qcbdefense.scan.drift import Disagreement, LayerDrift, disagreement, layer_drift
+from qcbdefense.scan.square_scan import SquareFind, SquareScanConfig, scan_squares
 from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig, anomaly_index, search_triggers
 
 if TYPE_CHECKING:  # export stands beside the core and imports it: only the type is needed here
@@ -47,6 +54,7 @@ class ScanConfig:
     max_area: float = 0.15  # ... and a pair is flagged when one class's patch covers at most this share of
     min_anomaly: float = 2.0  # the image and lies this many robust std below the other classes' patches
     min_replica_agreement: float = 99.0  # % argmax agreement of the replicas with onnxruntime
+    squares: SquareScanConfig = field(default_factory=SquareScanConfig)  # run when the verdict is clean
     seed: int = 0
 
 
@@ -56,6 +64,7 @@ class ScanReport:
     score: float  # the anomaly index of the most suspicious class
     target: int | None  # the suspected target class (None when clean)
     classes: list[dict]  # per class: mask area (pixels), held-out differential success %, anomaly index
+    squares: list[SquareFind] | None  # per class, the square scan's best square (None when flagged: not run)
     disagreement: Disagreement
     layers: list[LayerDrift]
     files: dict
@@ -85,15 +94,26 @@ class ScanReport:
     def summary(self) -> str:
         d = self.disagreement
         worst = sorted(self.layers, key=lambda layer: layer.max, reverse=True)[:3]
-        lines = [self.table(),
+        lines = [self.table(), *([] if self.squares is None else [square_line(self.squares)]),
                  f"disagreement FP vs quantized: {d.rate:.2f} % of images, {d.pile_share:.0f} % of them to class "
                  f"{d.pile_class}",
-                 "most drifted layers (max channel drift / FP std): " + ", ".join(
-                     f"relu{layer.layer} ch{layer.top_channels[0][0]} {layer.max:.2f}" for layer in worst),
+                 "most drifted layers (max channel drift / FP std): " + (", ".join(
+                     f"relu{layer.layer} ch{layer.top_channels[0][0]} {layer.max:.2f}" for layer in worst)
+                     or "none (the two graphs' ReLUs do not pair)"),
                  f"VERDICT: {self.verdict.upper()} (score {self.score:.2f}"
                  + (f", suspected target class {self.target})" if self.target is not None else ")"),
                  f"time: {self.seconds['total']:.1f} s"]
         return "\n".join(lines)
+
+
+def square_line(squares: list[SquareFind]) -> str:
+    """The square scan's strongest class, in one line."""
+    top = max(squares, key=lambda f: f.gap)
+    return (f"square scan (evidence, not part of the verdict): class {top.target}, {top.fill} {top.size}x{top.size} "
+            f"square at ({top.top}, {top.left}) lifts its quantized log-probability over FP by {top.gap:+.2f} nats "
+            f"({top.effect:.1f}x the clean spread, z {top.anomaly:.1f}): "
+            + ("STANDS OUT: a trigger obeyed now and then, or a square beyond the clean activation ranges"
+               if top.found else "nothing stands out"))
 
 
 def verdict_label(verdict: str, target: int | None) -> str:
@@ -169,15 +189,21 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
     disagree = disagreement(fp_preds.cpu(), q_preds.cpu(), num_classes)
     measured = time.perf_counter()
 
-    found = search_triggers(fp_rep, q_rep, x, fp_preds, num_classes, config.search, seed=config.seed,
-                            progress=progress)
-    searched = time.perf_counter()
-    pixels = x.shape[-1] * x.shape[-2]
-    # A patch that does not carry over to held-out images separates nothing: count it as the whole image.
-    areas = [c.area if c.found and c.success >= config.min_success else float(pixels) for c in found]
-    anomalies = anomaly_index(areas)
-    best = min(range(num_classes), key=lambda c: (areas[c], -anomalies[c]))
-    flagged = areas[best] <= config.max_area * pixels and anomalies[best] >= config.min_anomaly
+    try:  # both searches refuse too few images (a search batch in every class; a held-out set)
+        found = search_triggers(fp_rep, q_rep, x, fp_preds, num_classes, config.search, seed=config.seed,
+                                progress=progress)
+        searched = time.perf_counter()
+        pixels = x.shape[-1] * x.shape[-2]
+        # A patch that does not carry over to held-out images separates nothing: count it as the whole image.
+        areas = [c.area if c.found and c.success >= config.min_success else float(pixels) for c in found]
+        anomalies = anomaly_index(areas)
+        best = min(range(num_classes), key=lambda c: (areas[c], -anomalies[c]))
+        flagged = areas[best] <= config.max_area * pixels and anomalies[best] >= config.min_anomaly
+        squares = None if flagged else scan_squares(fp_rep, q_rep, x, fp_preds, num_classes, config.squares,
+                                                    seed=config.seed)
+    except ValueError as err:
+        raise InputError(f"cannot scan with {len(x)} images: {err} (use more --images)") from None
+    squared = time.perf_counter()
     files = {"fp_onnx": str(fp_onnx), "fp_sha256": sha256_file(fp_onnx), "quantized_onnx": str(q_onnx),
              "quantized_sha256": sha256_file(q_onnx), "trigger_png": str(out / "trigger.png"),
              "drift_png": str(out / "drift.png")}
@@ -189,10 +215,11 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
         verdict="suspicious" if flagged else "clean", score=anomalies[best], target=best if flagged else None,
         classes=[{"class": c.target, "area": c.area, "success": c.success, "found": c.found,
                   "effective_area": areas[c.target], "anomaly": anomalies[c.target]} for c in found],
+        squares=squares,
         disagreement=disagree, layers=layers, files=files, replica_agreement=agreement,
         config={**asdict(config), "data": data.describe(), "plotted_class": shown},
         seconds={"prepare": prepared - start, "drift": measured - prepared, "search": searched - measured,
-                 "total": done - start})
+                 "squares": squared - searched, "total": done - start})
     report.save(out / "report.json")
     return report
 

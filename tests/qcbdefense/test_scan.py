@@ -1,5 +1,6 @@
 """The scanner on the built-in data: an attacked small CNN flagged with its target, a clean one passed, the
-same answer from the two ONNX files alone, its evidence written, bad input refused.
+same answer from the two ONNX files alone, a trigger too weak to flip images shown by the square scan, its
+evidence written, bad input refused.
 
 Detection is asserted at the built-in data's own 32x32 on a shipped attacked model: at the 16x16 of the
 fast fixtures the trigger search does not find the PQBackdoor trigger reliably (BENCHMARKS.md, scanner
@@ -10,7 +11,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
+from export.onnx import export_float_onnx
 from qcbdefense.checkpoints import load_model
 from qcbdefense.cli import main
 from qcbdefense.data import load_dataset
@@ -58,6 +62,49 @@ def test_scan_from_the_two_onnx_files_gives_the_same_report(attacked_scan, shape
 def test_clean_model_is_not_flagged(clean_cnn16, shapes16, tmp_path):
     report = scan(clean_cnn16, shapes16, out=tmp_path, spec="pqbackdoor-w4a4")
     assert not report.suspicious and report.target is None
+    assert len(report.squares) == 10 and not any(find.found for find in report.squares)
+
+
+class WhiteSquareBonus(nn.Module):
+    """`base` plus `bonus` on class `target`'s logit when rows/cols 10-13 of a 16x16 image are all white, in
+    ops the scan's ONNX replica runs: a fixed linear average of those pixels and a steep ReLU gate."""
+
+    def __init__(self, base: nn.Module, target: int, bonus: float):
+        super().__init__()
+        self.base = base
+        self.average = nn.Linear(3 * 16 * 16, 1)  # 100 x (mean of the square's pixels) - 99: 1 when all white
+        self.lift = nn.Linear(1, 10, bias=False)
+        with torch.no_grad():
+            square = torch.zeros(3, 16, 16)
+            square[:, 10:14, 10:14] = 100.0 / 48
+            self.average.weight.copy_(square.flatten()[None])
+            self.average.bias.fill_(-99.0)
+            self.lift.weight.zero_()
+            self.lift.weight[target] = bonus
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lift(torch.relu(self.average(x.flatten(1))))
+
+
+def test_a_trigger_too_weak_to_flip_stands_out_in_the_square_scan(shapes16, tmp_path):
+    """A shipped model that adds 3 to class 3's logit under a white square sends too few images there for the
+    trigger search (verdict clean), but the square scan reports the square, standing out, as evidence."""
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Conv2d(3, 10, 16), nn.Flatten()).eval()  # linear, as a conv for the ONNX export
+    with torch.no_grad():
+        fp[0].weight.mul_(20.0)  # logits far apart: +3 seldom changes the answer
+    fp_onnx = export_float_onnx(fp, tmp_path / "fp.onnx", input_size=(16, 16))
+    shipped = export_float_onnx(WhiteSquareBonus(fp, target=3, bonus=3.0).eval(), tmp_path / "shipped.onnx",
+                                input_size=(16, 16))
+    report = scan(fp_onnx, shapes16, out=tmp_path / "scan", quantized=shipped)
+    assert not any(c["effective_area"] < 256 for c in report.classes), report.classes  # no patch carried over
+    assert not report.suspicious and report.disagreement.rate == 0
+    find = report.squares[3]
+    assert (find.fill, find.top, find.left) == ("white", 10, 10) and find.found and find.gap >= 2.5
+    assert [f.target for f in report.squares if f.found] == [3]
+    assert "class 3, white 5x5 square at (10, 10)" in report.summary() and "STANDS OUT" in report.summary()
+    saved = json.loads((tmp_path / "scan" / "report.json").read_text())
+    assert saved["squares"][3]["found"] and saved["seconds"]["squares"] > 0
 
 
 def test_scan_cli_refuses_bad_input(capsys, tmp_path):
@@ -67,6 +114,8 @@ def test_scan_cli_refuses_bad_input(capsys, tmp_path):
         ["--fp", str(bad), "--data", "builtin", "--out", str(tmp_path / "o")],  # neither --quantized nor --spec
         ["--fp", str(bad), "--quantized", str(bad), "--spec", "w8a8", "--data", "builtin", "--out", str(tmp_path / "o")],
         ["--fp", str(bad), "--quantized", str(bad), "--data", "builtin", "--out", str(tmp_path / "o")],  # corrupt
+        ["--fp", str(ATTACKED_32), "--model", "small_cnn", "--spec", "w8a8", "--data", "builtin", "--images", "8",
+         "--out", str(tmp_path / "o")],  # too few images for the searches
     ]
     for argv in cases:
         code = main(["scan", *argv])
