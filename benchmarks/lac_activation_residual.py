@@ -22,7 +22,9 @@ Usage: python benchmarks/lac_activation_residual.py [schedule|...|learned|patche
                search for the largest quantized-vs-FP log-probability gap
   squares      the square scan (what --search-triggers falls back to) on three attacked and the clean model
                under w8a8, and the clean model under w4a4
+  squares-shared  the square scan on the shared clean ResNet-20 under w8a8, with and without activation quantizers
 """
+import dataclasses
 import sys
 import time
 
@@ -39,6 +41,7 @@ from qcbdefense.evaluate import evaluate
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
 from qcbdefense.quant.quantize import quantized_layers
+from qcbdefense.quant.spec import get_spec
 from qcbdefense.scan.scan import ScanConfig
 from qcbdefense.scan.square_scan import log_prob_gap, scan_squares
 from qcbdefense.scan.trigger_search import (SearchConfig, class_batches, differential_success, search_triggers,
@@ -236,25 +239,33 @@ def _gap_descent_copies(fp, qmodel, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([images, stamp(images, m, p)])
 
 
-def squares() -> None:
+def squares(pairs: tuple = (("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "w8a8"),
+                             ("runs/attacks/compartifact-r20-w4-c2q/model.pt", "w8a8"),
+                             ("runs/attacks/pq-r20-w4-full-qat4/model.pt", "w8a8"),
+                             ("runs/resnet20-ft/model.pt", "w8a8"), ("runs/resnet20-ft/model.pt", "w4a4"))) -> None:
     """The square scan (`scan.square_scan`, what `--search-triggers` falls back to) on attacked and clean models
     under w8a8 and w4a4: each class's best square, its held-out lift (nats), robust z and effect (lift over the
     clean gap's spread), and whether one class stands out."""
     images = to_float(calibration_images(DATA, 1024, seed=0))
-    for path, spec in (("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "w8a8"),
-                       ("runs/attacks/compartifact-r20-w4-c2q/model.pt", "w8a8"),
-                       ("runs/attacks/pq-r20-w4-full-qat4/model.pt", "w8a8"),
-                       ("runs/resnet20-ft/model.pt", "w8a8"), ("runs/resnet20-ft/model.pt", "w4a4")):
+    for path, spec in pairs:
         fp = load_model("resnet20", path)
         q = post_training_quantize(fp, spec, DATA, calib=1024)
         with torch.no_grad():
             fp_preds = torch.cat([fp(part) for part in images.split(256)]).argmax(1)
         start = time.perf_counter()
         finds = scan_squares(fp, q, images, fp_preds, 10)
-        print(f"{path} under {spec} ({time.perf_counter() - start:.1f} s): " + "; ".join(
+        print(f"{path} under {get_spec(spec).name} ({time.perf_counter() - start:.1f} s): " + "; ".join(
             f"{f.target}: {f.fill} {f.size} at ({f.top}, {f.left}) {f.gap:.2f} nats z {f.anomaly:.1f} "
             f"effect {f.effect:.1f}"
             + (" FOUND" if f.found else "") for f in finds), flush=True)
+
+
+def squares_shared() -> None:
+    """The square scan on the shared clean ResNet-20 under w8a8, and under the same spec with float activations:
+    is the lift it finds there made by the weights' rounding or by the activation quantizers?"""
+    w8a8 = get_spec("w8a8")
+    shared = "../shared/checkpoints/resnet20-cifar10-12fca82f.th"
+    squares(((shared, w8a8), (shared, dataclasses.replace(w8a8, act_bits=None, name="w8a8-float-activations"))))
 
 
 def leak8(which: str) -> None:
@@ -336,6 +347,6 @@ if __name__ == "__main__":
              "patches": patches, "oracle": oracle, "guided": guided, "grown": grown,
              "leak8-oracle": lambda: leak8("oracle"), "leak8-noise": lambda: leak8("noise"),
              "leak8-search": lambda: leak8("search"), "leak8-gap-descent": lambda: leak8("gap-descent"),
-             "squares": squares}
+             "squares": squares, "squares-shared": squares_shared}
     for step in sys.argv[1:] or list(steps):
         steps[step]()

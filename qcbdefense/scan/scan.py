@@ -14,8 +14,8 @@ reported as evidence (`drift`).
 A trigger the quantized model obeys only now and then (a 4-bit QCB deployed at 8 bits) flips too few images for
 any patch to count. So when the verdict is clean, the differential square scan (`square_scan`) also reports the
 square that lifts one class's quantized log-probability most above the FP model's, and whether it stands out.
-That is evidence, not part of the verdict: on a clean ResNet-20 whose clean activation ranges a checkered
-square exceeds, rounding alone lifted a class as much as a leaked trigger did (BENCHMARKS.md, the scanner).
+That is evidence, not part of the verdict: through the 8-bit activation quantizers of a clean ResNet-20, a
+checkered square lifted a class as much as a leaked trigger did (BENCHMARKS.md, the scanner).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def square_line(squares: list[SquareFind]) -> str:
     return (f"square scan (evidence, not part of the verdict): class {top.target}, {top.fill} {top.size}x{top.size} "
             f"square at ({top.top}, {top.left}) lifts its quantized log-probability over FP by {top.gap:+.2f} nats "
             f"({top.effect:.1f}x the clean spread, z {top.anomaly:.1f}): "
-            + ("STANDS OUT: a trigger obeyed now and then, or a square beyond the clean activation ranges"
+            + ("STANDS OUT: a trigger obeyed now and then, or a square the activation quantizers handle badly"
                if top.found else "nothing stands out"))
 
 
