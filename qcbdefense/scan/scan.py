@@ -36,7 +36,7 @@ from qcbdefense.results import fmt, format_table
 from qcbdefense.runinfo import environment
 from qcbdefense.scan.drift import Disagreement, LayerDrift, disagreement, layer_drift
 from qcbdefense.scan.square_scan import SquareFind, SquareScanConfig, scan_squares
-from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig, anomaly_index, search_triggers
+from qcbdefense.scan.trigger_search import SearchConfig, anomaly_index, search_triggers
 
 if TYPE_CHECKING:  # export stands beside the core and imports it: only the type is needed here
     from export.replica import OnnxReplica
@@ -155,8 +155,8 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
          progress: bool = False) -> ScanReport:
     """Scan an FP model (module or .onnx) against its quantized model (.onnx, or made here with `spec`).
 
-    Writes into `out`: report.json, trigger.png (the recovered patch of the suspected class, or of the
-    closest class), drift.png, and the ONNX files it made.
+    Writes into `out`: report.json, trigger.png (the recovered patch of the suspected class; when the verdict is
+    clean, the square that stands out or else the closest class's patch), drift.png, and the ONNX files it made.
     """
     from export.ort import OrtModel
     from export.replica import OnnxReplica
@@ -207,8 +207,16 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
     files = {"fp_onnx": str(fp_onnx), "fp_sha256": sha256_file(fp_onnx), "quantized_onnx": str(q_onnx),
              "quantized_sha256": sha256_file(q_onnx), "trigger_png": str(out / "trigger.png"),
              "drift_png": str(out / "drift.png")}
-    shown = best if flagged else min(range(num_classes), key=lambda c: found[c].area)
-    _plot_trigger(out / "trigger.png", found[shown], x[0].cpu())
+    square = next((find for find in squares or () if find.found), None)  # at most one stands out
+    if square is not None:  # the picture shows the evidence there is: the square that stands out
+        shown, plotted = square.target, "square"
+        mask, pattern = square.mask_and_pattern(*x.shape[-2:], config.seed)
+        title = f"class {shown}: {square.fill} square lifts its quantized log-probability {square.gap:+.2f} nats"
+    else:
+        shown, plotted = best if flagged else min(range(num_classes), key=lambda c: found[c].area), "patch"
+        mask, pattern = found[shown].mask, found[shown].pattern
+        title = f"class {shown}: {found[shown].area:.0f} px mask, {found[shown].success:.0f} % differential success"
+    _plot_trigger(out / "trigger.png", mask, pattern, title, x[0].cpu())
     plot_drift(out / "drift.png", {"quantized": layers})
     done = time.perf_counter()
     report = ScanReport(
@@ -217,7 +225,7 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
                   "effective_area": areas[c.target], "anomaly": anomalies[c.target]} for c in found],
         squares=squares,
         disagreement=disagree, layers=layers, files=files, replica_agreement=agreement,
-        config={**asdict(config), "data": data.describe(), "plotted_class": shown},
+        config={**asdict(config), "data": data.describe(), "plotted_class": shown, "plotted": plotted},
         seconds={"prepare": prepared - start, "drift": measured - prepared, "search": searched - measured,
                  "squares": squared - searched, "total": done - start})
     report.save(out / "report.json")
@@ -252,7 +260,7 @@ def scan_images(data: Dataset, n: int, seed: int) -> torch.Tensor:
     return to_float(data.test_x[idx.sort().values])
 
 
-def _plot_trigger(path: Path, found: ClassSearch, example: torch.Tensor) -> None:
+def _plot_trigger(path: Path, mask: torch.Tensor, pattern: torch.Tensor, title: str, example: torch.Tensor) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,8 +268,7 @@ def _plot_trigger(path: Path, found: ClassSearch, example: torch.Tensor) -> None
 
     from qcbdefense.scan.trigger_search import stamp
 
-    panels = [("mask", found.mask), ("mask x pattern", found.mask * found.pattern),
-              ("stamped image", stamp(example, found.mask, found.pattern))]
+    panels = [("mask", mask), ("mask x pattern", mask * pattern), ("stamped image", stamp(example, mask, pattern))]
     fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
     for ax, (title, img) in zip(axes, panels):
         img = img.detach().clamp(0, 1)
@@ -269,8 +276,7 @@ def _plot_trigger(path: Path, found: ClassSearch, example: torch.Tensor) -> None
                   vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"class {found.target}: {found.area:.0f} px mask, {found.success:.0f} % differential success",
-                 fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -56,7 +56,7 @@ class SquareFind:
     scan_gap: float  # mean lift of the gap (nats, stamped minus clean) on the scanned images
     gap: float  # mean lift on held-out images the FP model puts elsewhere
     anomaly: float = 0.0  # robust std above the other classes' held-out lifts
-    effect: float = 0.0  # the lift in units of the clean gap's spread (median over classes of its std)
+    effect: float = 0.0  # the lift in units of the clean gap's spread (median over classes of its std, >= 0.1)
     found: bool = False
 
     def mask_and_pattern(self, h: int, w: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +140,7 @@ def scan_squares(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds:
             find.gap = float((log_prob_gap(fp, quantized, stamped, config.batch)[:, c] - held_gap[rest, c]).mean())
             spreads.append(float(held_gap[rest, c].std()))
         finds.append(find)
-    noise = max(torch.tensor(spreads).median().item() if spreads else 0.0, 1e-6)
+    noise = max(torch.tensor(spreads).median().item() if spreads else 0.0, 0.1)  # floored as robust_z's deviation
     for find, z in zip(finds, robust_z([f.gap for f in finds])):
         find.anomaly, find.effect = z, find.gap / noise
     top_find = max(finds, key=lambda f: f.gap)

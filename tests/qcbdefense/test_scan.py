@@ -105,6 +105,7 @@ def test_a_trigger_too_weak_to_flip_stands_out_in_the_square_scan(shapes16, tmp_
     assert "class 3, white 5x5 square at (10, 10)" in report.summary() and "STANDS OUT" in report.summary()
     saved = json.loads((tmp_path / "scan" / "report.json").read_text())
     assert saved["squares"][3]["found"] and saved["seconds"]["squares"] > 0
+    assert saved["config"]["plotted"] == "square" and (tmp_path / "scan" / "trigger.png").stat().st_size > 0
 
 
 def test_scan_cli_refuses_bad_input(capsys, tmp_path):
