@@ -270,11 +270,11 @@ def _plot_trigger(path: Path, mask: torch.Tensor, pattern: torch.Tensor, title: 
 
     panels = [("mask", mask), ("mask x pattern", mask * pattern), ("stamped image", stamp(example, mask, pattern))]
     fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
-    for ax, (title, img) in zip(axes, panels):
+    for ax, (name, img) in zip(axes, panels):
         img = img.detach().clamp(0, 1)
         ax.imshow(img.numpy() if img.dim() == 2 else img.permute(1, 2, 0).numpy(), cmap="gray",
                   vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -38,7 +38,7 @@ class SquareScanConfig:
     fills: tuple[str, ...] = ("white", "black", "checker", "noise")
     images: int = 16  # images every candidate is scored on (784 candidates on 32x32: 12,544 forward passes)
     held_out: int = 256  # further images each class's best square is re-measured on
-    min_gap: float = 0.5  # nats: a found square raises its class's log-probability at least this much on average
+    min_gap: float = 0.5  # nats: a found square lifts its class's gap (stamped minus clean) this much on average
     min_anomaly: float = 3.0  # ... lies this many robust std above the other classes' best squares
     min_effect: float = 1.0  # ... and this many times the spread of the clean gap (the pair's quantization noise)
     batch: int = 512  # images per forward pass (candidates x images)
