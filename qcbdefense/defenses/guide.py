@@ -33,7 +33,7 @@ from torch import nn
 
 from qcbdefense.errors import InputError
 from qcbdefense.scan.scan import ScanConfig
-from qcbdefense.scan.square_scan import SquareFind, SquareScanConfig, scan_squares
+from qcbdefense.scan.square_scan import SquareFind, SquareScanConfig, scan_squares, standing_out
 from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig, differential_success, search_triggers, stamp
 
 
@@ -86,8 +86,8 @@ class GuidedImages:
 
     @property
     def square_stamped(self) -> int | None:
-        found = [find.target for find in self.squares or () if find.found]
-        return found[0] if found else None
+        square = standing_out(self.squares)
+        return None if square is None else square.target
 
     @property
     def stamped(self) -> int | None:
@@ -129,7 +129,7 @@ def with_found_square(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tens
                       found: list[ClassSearch], *, seed: int = 0) -> GuidedImages:
     """The images, plus a copy of each stamped with the square the square scan found (if it found one)."""
     squares = scan_squares(fp_model, qmodel, images, fp_preds, len(found), seed=seed)
-    square = next((find for find in squares if find.found), None)  # the scan finds one class at most
+    square = standing_out(squares)
     if square is not None:
         mask, pattern = square.mask_and_pattern(*images.shape[-2:], seed)
         images = torch.cat([images, stamp(images, mask.to(images.device), pattern.to(images.device))])

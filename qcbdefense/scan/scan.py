@@ -35,7 +35,7 @@ from qcbdefense.fileio import atomic_path, sha256_file, write_json
 from qcbdefense.results import fmt, format_table
 from qcbdefense.runinfo import environment
 from qcbdefense.scan.drift import Disagreement, LayerDrift, disagreement, layer_drift
-from qcbdefense.scan.square_scan import SquareFind, SquareScanConfig, scan_squares
+from qcbdefense.scan.square_scan import SquareFind, SquareScanConfig, scan_squares, standing_out
 from qcbdefense.scan.trigger_search import SearchConfig, anomaly_index, search_triggers
 
 if TYPE_CHECKING:  # export stands beside the core and imports it: only the type is needed here
@@ -207,7 +207,7 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
     files = {"fp_onnx": str(fp_onnx), "fp_sha256": sha256_file(fp_onnx), "quantized_onnx": str(q_onnx),
              "quantized_sha256": sha256_file(q_onnx), "trigger_png": str(out / "trigger.png"),
              "drift_png": str(out / "drift.png")}
-    square = next((find for find in squares or () if find.found), None)  # at most one stands out
+    square = standing_out(squares)
     if square is not None:  # the picture shows the evidence there is: the square that stands out
         shown, plotted = square.target, "square"
         mask, pattern = square.mask_and_pattern(*x.shape[-2:], config.seed)

@@ -147,3 +147,8 @@ def scan_squares(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds:
     top_find.found = (top_find.gap >= config.min_gap and top_find.anomaly >= config.min_anomaly
                       and top_find.effect >= config.min_effect)
     return finds
+
+
+def standing_out(finds: list[SquareFind] | None) -> SquareFind | None:
+    """The square that stands out among `scan_squares`' finds (it marks one class at most), or None."""
+    return next((find for find in finds or () if find.found), None)
