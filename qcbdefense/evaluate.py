@@ -1,4 +1,5 @@
-"""Metrics of the field: clean accuracy (CA), attack success rate (ASR) on non-target images, per-class accuracy."""
+"""Metrics of the field: clean accuracy (CA), attack success rate (ASR) and robust accuracy (RA) on non-target
+images, per-class accuracy, and the defence-effectiveness rating (DER) of a defence."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from qcbdefense.triggers import Trigger, non_target
 
 @dataclass
 class Metrics:
-    """Percentages in [0, 100]; `asr` is None when no trigger was given.
+    """Percentages in [0, 100]; `asr` and `ra` are None when no trigger was given.
+
+    RA (robust accuracy, as BackdoorBench reports it): triggered non-target images still given their true class.
 
     `predictions` (clean split, kept for agreement checks) is not part of the saved record.
     """
@@ -24,10 +27,11 @@ class Metrics:
     per_class_accuracy: list[float]
     n_clean: int
     n_poisoned: int
+    ra: float | None = None
     predictions: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return {"ca": self.ca, "asr": self.asr, "per_class_accuracy": self.per_class_accuracy,
+        return {"ca": self.ca, "asr": self.asr, "ra": self.ra, "per_class_accuracy": self.per_class_accuracy,
                 "n_clean": self.n_clean, "n_poisoned": self.n_poisoned}
 
 
@@ -42,14 +46,34 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500, device:
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
+def triggered_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: Trigger, target: int, *,
+                     device: str | torch.device = "cpu") -> tuple[float, float, int]:
+    """ASR and RA (%) on the triggered images whose true class is not `target`, and how many there were.
+
+    ASR: the share sent to `target`; RA: the share still given its true class.
+    """
+    xp, yp = non_target(x, y, target)
+    if len(xp) == 0:
+        return 0.0, 0.0, 0
+    preds = predict(model, xp, device=device, transform=trigger.apply)
+    return (100.0 * (preds == target).float().mean().item(), 100.0 * (preds == yp).float().mean().item(),
+            len(xp))
+
+
 def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: Trigger, target: int, *,
                         device: str | torch.device = "cpu") -> tuple[float, int]:
     """Share (%) of triggered images whose true class is not `target` that the model sends to `target`."""
-    xp, _ = non_target(x, y, target)
-    if len(xp) == 0:
-        return 0.0, 0
-    preds = predict(model, xp, device=device, transform=trigger.apply)
-    return 100.0 * (preds == target).float().mean().item(), len(xp)
+    asr, _, n = triggered_scores(model, x, y, trigger, target, device=device)
+    return asr, n
+
+
+def defense_effectiveness_rating(undefended_ca: float, undefended_asr: float, defended_ca: float,
+                                 defended_asr: float) -> float:
+    """DER (%) of Zhu et al.: [max(0, dASR) - max(0, dCA) + 1] / 2, the drops measured from the undefended
+    (round-to-nearest) model to the defended one, in percent. 100 is perfect; 50 means nothing changed."""
+    d_asr = max(0.0, undefended_asr - defended_asr) / 100.0
+    d_ca = max(0.0, undefended_ca - defended_ca) / 100.0
+    return 100.0 * (d_asr - d_ca + 1.0) / 2.0
 
 
 def evaluate(model: nn.Module, data: Dataset, *, trigger: Trigger | None = None, target: int = 0,
@@ -60,10 +84,10 @@ def evaluate(model: nn.Module, data: Dataset, *, trigger: Trigger | None = None,
     correct = (preds == y).float()
     per_class = [100.0 * correct[y == c].mean().item() if (y == c).any() else float("nan")
                  for c in range(data.num_classes)]
-    asr, n_poisoned = (None, 0) if trigger is None else attack_success_rate(model, x, y, trigger, target,
-                                                                           device=device)
+    asr, ra, n_poisoned = (None, None, 0) if trigger is None else triggered_scores(model, x, y, trigger, target,
+                                                                                  device=device)
     return Metrics(ca=100.0 * correct.mean().item(), asr=asr, per_class_accuracy=per_class,
-                   n_clean=len(y), n_poisoned=n_poisoned, predictions=preds)
+                   n_clean=len(y), n_poisoned=n_poisoned, ra=ra, predictions=preds)
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
