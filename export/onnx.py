@@ -140,6 +140,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, spec: str | Quant
             qmodel.to(device).train(training)
         proto = onnx.load(str(raw))
     integer_kernels = spec.act_bits == 8
+    inline_constant_identities(proto)
     folded = fold_batchnorm(proto) if (integer_kernels if fold_bn is None else fold_bn) else 0
     biases = quantize_biases(proto) if (integer_kernels if int_bias is None else int_bias) else 0
     remove_unused_initializers(proto)
@@ -365,6 +366,22 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
         del proto.graph.node[:]
         proto.graph.node.extend(nodes)
     return len(new_nodes)
+
+
+def inline_constant_identities(proto: onnx.ModelProto) -> int:
+    """Replace each Identity of an initializer by a copy of that initializer under the Identity's output name,
+    in place; return how many. The TorchScript exporter shares equal tensors (the BN parameters of an
+    untrained model, all ones and zeros) through Identity nodes, which hide them from the rewrites."""
+    g = _Graph(proto.graph)
+    inlined = [node for node in proto.graph.node
+               if node.op_type == "Identity" and node.input[0] in g.inits and node.output[0] not in g.outputs]
+    for node in inlined:
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(g.inits[node.input[0]])
+        tensor.name = node.output[0]
+        proto.graph.initializer.append(tensor)
+        proto.graph.node.remove(node)
+    return len(inlined)
 
 
 def remove_unused_initializers(proto: onnx.ModelProto) -> None:
