@@ -300,11 +300,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
                     threads=args.threads, **_gate(args, trigger, reference is not None))
     print(report.summary())
     if args.throughput:
-        from export.ort import measure_throughput, throughput_table
+        from export.throughput import compare_throughput
 
-        report.throughput = measure_throughput({"fp32": reference, "this model": args.onnx},
-                                               threads=args.threads or 2)
-        print(throughput_table(report.throughput, baseline="fp32"))
+        comparison = compare_throughput(args.onnx, reference, data, calib=args.calib, seed=args.seed,
+                                        threads=args.threads or 2)
+        report.throughput = comparison.to_dict()
+        print(comparison.table())
     if args.out is not None:
         report.save(args.out)
         print(f"report: {args.out}")
@@ -497,9 +498,11 @@ def build_parser() -> Parser:
     _add_gate_args(p)
     p.add_argument("--crosscheck", action="store_true",
                    help="also quantize the FP --reference with onnxruntime's quantize_static (int8, int4 weights)")
-    p.add_argument("--calib", type=_positive_int, default=512, help="clean training images for the cross-check")
+    p.add_argument("--calib", type=_positive_int, default=512,
+                   help="clean training images for onnxruntime's quantizer (--crosscheck, --throughput)")
     p.add_argument("--throughput", action="store_true",
-                   help="also time this file against the FP32 --reference .onnx, side by side (batch 1 and 64)")
+                   help="also time this file against the FP32 --reference .onnx and onnxruntime's quantize_static "
+                        "of it, side by side (batch 1 and 64), with the CPU's int8 features")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     _add_common(p)
     p.set_defaults(run=cmd_verify)
