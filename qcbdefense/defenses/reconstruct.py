@@ -219,6 +219,7 @@ class Unit:
     next_layer: str | None      # quantized layer (or added quantizer) fed directly by the output: its input
                                 # quantizer (or the added quantizer) applies
     bn: str | None              # the BatchNorm2d right after the layer (PDA's target statistics)
+    next_added: bool = False    # next_layer is a quantizer `quantize_adds` added
 
     @property
     def end(self) -> fx.Node:
@@ -227,7 +228,9 @@ class Unit:
     def describe(self) -> str:
         ops = " -> ".join([self.name] + [_short(n) for n in self.chain])
         extra = f" (+ {', '.join(_short(n) for n in self.partners)})" if self.partners else ""
-        return ops + extra + (f" -> {self.next_layer}" if self.next_layer else "")
+        following = "" if self.next_layer is None else \
+            f" -> {self.next_layer}" + ("" if self.next_added else ".input_quant")
+        return ops + extra + following
 
 
 def _short(node: fx.Node) -> str:
@@ -241,6 +244,14 @@ def trace(model: nn.Module) -> fx.GraphModule:
     except Exception as err:  # fx raises many types for untraceable code
         raise InputError(f"layer-wise reconstruction needs a torch.fx-traceable model; tracing "
                          f"{type(model).__name__} failed with {type(err).__name__}: {err}") from err
+
+
+def reconstruction_graph(fp_model: nn.Module, qmodel: nn.Module) -> tuple[fx.Graph, dict[str, nn.Module]]:
+    """The graph both streams run (the FP model's, or the quantized model's own when `quantize_adds` added
+    quantizers to it) and the FP model's modules by name (an added quantizer is an identity there)."""
+    add_quants = tuple(getattr(qmodel, "qcb_add_quants", ()))
+    graph = qmodel.graph if add_quants else trace(fp_model).graph
+    return graph, {**dict(fp_model.named_modules()), **{name: nn.Identity() for name in add_quants}}
 
 
 def build_units(graph: fx.Graph, modules: dict[str, nn.Module], layer_names: list[str],
@@ -288,7 +299,8 @@ def build_units(graph: fx.Graph, modules: dict[str, nn.Module], layer_names: lis
         consumers = [u.target for u in end.users if u.op == "call_module" and u.target in layer_set | add_quants]
         next_layer = min(consumers, key=lambda c: layer_names.index(c) if c in layer_set else -1) \
             if consumers else None
-        units.append(Unit(name, node, node.all_input_nodes[0], chain, partners, next_layer, bn))
+        units.append(Unit(name, node, node.all_input_nodes[0], chain, partners, next_layer, bn,
+                          next_layer in add_quants))
     return units
 
 
@@ -477,8 +489,7 @@ def reconstruct_(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor,
     layers = quantized_layers(qmodel)
     names = [name for name, _ in layers]
     add_quants = tuple(getattr(qmodel, "qcb_add_quants", ()))
-    graph = qmodel.graph if add_quants else trace(fp_model).graph
-    fp_modules = {**dict(fp_model.named_modules()), **{name: nn.Identity() for name in add_quants}}
+    graph, fp_modules = reconstruction_graph(fp_model, qmodel)
     units = build_units(graph, fp_modules, names, add_quants)
     skipped = [name for name in names if name not in {u.name for u in units}]
     qmods = dict(qmodel.named_modules())
@@ -492,7 +503,7 @@ def reconstruct_(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor,
         next_quant = None
         if options.match_act_quant and unit.next_layer is not None:
             following = qmods[unit.next_layer]
-            proxy = following.act_quant if unit.next_layer in add_quants else following.input_quant
+            proxy = following.act_quant if unit.next_added else following.input_quant
             next_quant = proxy if proxy.is_quant_enabled else None
         (target,) = fp_stream.values([unit.end])
         raw, *partners = q_stream.values([unit.input_node, *unit.partners])
