@@ -46,6 +46,9 @@ ResNet-20; tests/export/test_onnx.py keeps the first three facts checked):
       ConvInteger correcting for per-channel zero points, which ORT's ConvInteger does not take) works
       but ran slower than the float Conv here, so it is not done.
     - below 8 bits the Q -> Clip -> DQ activations do not fuse; int4 graphs run on float kernels.
+    - under a spec with `quantize_adds` (the `*-deploy` presets) every conv output, residual add and block
+      output is quantized by the model itself, so every conv becomes QLinearConv, every add QLinearAdd and
+      the classifier QGemm (tests/export/test_onnx.py counts them on ResNet-20 and torchvision's ResNet-18).
     The upshot on a ResNet under the LAC/EFRAP quantizer: half the convs run as QLinearConv (uint8 x
     uint8, since the weights are asymmetric), half in float with Q/DQ and layout transposes between
     them, and the int8 file is not faster than the FP32 one on a CPU. ORT's own fully quantized model
