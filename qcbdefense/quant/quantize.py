@@ -423,7 +423,7 @@ def _quantize_adds(model: nn.Module, spec: QuantSpec) -> tuple[fx.GraphModule, t
     marked: dict[fx.Node, None] = {}
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _CAT_FUNCTIONS:
-            inputs = [a for a in node.all_input_nodes]
+            inputs = node.all_input_nodes
         elif (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or \
                 (node.op == "call_method" and node.target in _ADD_METHODS):
             inputs = node.all_input_nodes
