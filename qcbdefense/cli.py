@@ -550,7 +550,8 @@ def build_parser() -> Parser:
     _add_trigger_args(p)
     _add_schedule_args(p)
     p.add_argument("--out", type=Path, required=True,
-                   help="output folder: purified.pt, spec.json (load with load_purified), report.json")
+                   help="output folder: purified.pt, spec.json (load with load_purified), report.json, "
+                        "manifest.json (their sha256, binding the set)")
     _add_common(p)
     p.set_defaults(run=cmd_purify)
 
