@@ -14,6 +14,7 @@ from typing import NoReturn
 
 import torch
 
+from qcbdefense import __version__
 from qcbdefense.errors import InputError, QcbError
 
 class Parser(argparse.ArgumentParser):
@@ -518,7 +519,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> Parser:
     from models import list_models
 
-    parser = Parser(prog="qcbdefense", description="Purify and detect quantization-conditioned backdoors.")
+    parser = Parser(prog="qcbdefense", description="Purify and detect quantization-conditioned backdoors.",
+                    epilog="exit codes: 0 done, 1 a verdict or gate says no (scan suspicious, verify threshold), "
+                           "2 bad input (refused before the work), 3 the run did not give what was asked "
+                           "(training diverged)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("train", help="train or fine-tune a clean model")
@@ -679,7 +684,35 @@ def build_parser() -> Parser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(run=cmd_bench)
 
+    for name, command in sub.choices.items():
+        command.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
+
+
+# Each subcommand's --help ends with these: one story on the built-in data (train, attack, purify, export,
+# verify), then the other verbs.
+EXAMPLES = {
+    "train": ["qcbdefense train --model small_cnn --data builtin --epochs 4 --out runs/clean"],
+    "attack": ["qcbdefense attack --method pqbackdoor --model small_cnn --init runs/clean/model.pt --data builtin "
+               "--bits 8 --trigger patch --target 0 --out runs/pq"],
+    "quantize": ["qcbdefense quantize --model small_cnn --ckpt runs/pq/model.pt --data builtin "
+                 "--spec pqbackdoor-w8a8 --trigger patch --target 0 --out runs/ptq.json"],
+    "purify": ["qcbdefense purify --method lac-pda --model small_cnn --ckpt runs/pq/model.pt --data builtin "
+               "--spec pqbackdoor-w8a8 --trigger patch --out runs/pq-lac"],
+    "export": ["qcbdefense export --model small_cnn --ckpt runs/pq/model.pt --purified runs/pq-lac "
+               "--out runs/pq-lac.onnx",
+               "qcbdefense export --model small_cnn --ckpt runs/pq/model.pt --float --out runs/pq-fp.onnx"],
+    "verify": ["qcbdefense verify runs/pq-lac.onnx --data builtin --trigger patch --reference runs/pq-fp.onnx "
+               "--out runs/pq-lac-verify.json"],
+    "harden": ["qcbdefense harden --model small_cnn --ckpt runs/pq/model.pt --data builtin --spec pqbackdoor-w8a8 "
+               "--trigger patch --out runs/pq-hardened.onnx"],
+    "scan": ["qcbdefense scan --fp runs/pq/model.pt --model small_cnn --spec pqbackdoor-w8a8 --data builtin "
+             "--out runs/pq-scan",
+             "qcbdefense scan --fp runs/pq-fp.onnx --quantized runs/pq-lac.onnx --data builtin --out runs/lac-scan"],
+    "demo": ["qcbdefense demo --out runs/demo"],
+    "bench": ["qcbdefense bench --config benchmarks/cpu.yaml --out runs/bench/cpu"],
+}
 
 
 def _quiet_dependencies() -> None:
