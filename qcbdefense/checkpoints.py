@@ -127,8 +127,9 @@ def save_model(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path
         tensors[name] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
     if suffix != SAFETENSORS_SUFFIX:
         return save_torch(tensors, path)
+    content = safetensors.torch.save(tensors, metadata=metadata)  # in memory: save_file would make its own 0600 file
     with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        tmp.write_bytes(content)
     return path
 
 
