@@ -346,8 +346,8 @@ def test_a_mixed_or_unfinished_set_is_refused(shapes16, tmp_path, capsys):
     export labelled the mix W8A8: the manifest binds the set, so load_purified and export refuse it."""
     model = create_model("small_cnn", mean=shapes16.mean, std=shapes16.std)
     for spec in ("w8a8", "w4a4"):
-        save_purified(*purify(model, shapes16, method="nearest", spec=spec, calib=32, evaluate_models=False),
-                      tmp_path / spec)
+        purified, report = purify(model, shapes16, method="nearest", spec=spec, calib=32, evaluate_models=False)
+        save_purified(purified, tmp_path / spec, report=report)
     ckpt = save_model(model, tmp_path / "fp.pt")
     (tmp_path / "w4a4" / "spec.json").write_bytes((tmp_path / "w8a8" / "spec.json").read_bytes())
     with pytest.raises(InputError, match="spec.json is not the file written with the rest"):
