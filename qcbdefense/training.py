@@ -158,6 +158,7 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, *, loss_fn: LossFn
             aug = (lambda t: augment(t, generator=gen)) if config.augment else (lambda t: t)
             loss = loss_fn(train_module, Batch(xb, yb, aug))
             if not torch.isfinite(loss):
+                bar.close()  # clears its line, so the error stands alone on the terminal
                 raise RunFailed(f"training diverged: the loss became {loss.item()} at epoch {epoch}, step {i}; "
                                 f"lower the learning rate (--lr {config.lr:g})")
             optimizer.zero_grad(set_to_none=True)
