@@ -150,11 +150,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from qcbdefense.checkpoints import load_model
     from qcbdefense.data import load_dataset
     from qcbdefense.runinfo import resolve_device
-    from qcbdefense.train import train
+    from qcbdefense.train import MODEL_FILE, REPORT_FILE, train
+    from qcbdefense.training import STATE_FILE
 
     device = resolve_device(args.device)
     config = _train_config(args)
-    _check_outputs(args, *(args.out / name for name in ("model.pt", "state.pt", "report.json")), folder=args.out)
+    _check_outputs(args, *(args.out / name for name in (MODEL_FILE, STATE_FILE, REPORT_FILE)), folder=args.out)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
     torch.manual_seed(args.seed)
     if args.init is not None:
@@ -261,9 +262,8 @@ def cmd_purify(args: argparse.Namespace) -> int:
     _check_fits_data(args, data, ckpt=model)
     options = _schedule_options(args)
     purified, report = purify(model, data, method=args.method, spec=args.spec, calib=_calib(args, data),
-                              trigger=trigger,
-                              target=args.target, seed=args.seed, device=device, arch=args.model, progress=True,
-                              **options)
+                              trigger=trigger, target=args.target, seed=args.seed, device=device, arch=args.model,
+                              progress=True, **options)
     save_purified(purified, args.out, report=report)
     print(report.summary())
     print(f"purified model: {args.out / 'purified.pt'} + {args.out / 'spec.json'}   report: {args.out / 'report.json'}")
@@ -369,8 +369,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise InputError("--crosscheck quantizes the FP model with onnxruntime's quantizer: give the FP model as "
                          "--reference CKPT --model NAME, or --reference FP.onnx")
     report = verify(args.onnx, data, trigger=trigger, target=args.target, reference=reference,
-                    crosscheck_model=reference if args.crosscheck else None, calib=_calib(args, data), seed=args.seed,
-                    threads=args.threads, **_gate(args, trigger, reference is not None))
+                    crosscheck_model=reference if args.crosscheck else None, calib=_calib(args, data),
+                    seed=args.seed, threads=args.threads, **_gate(args, trigger, reference is not None))
     print(report.summary())
     if args.throughput:
         from export.ort import measure_throughput, throughput_table
@@ -434,6 +434,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from qcbdefense.checkpoints import load_model, save_model
     from qcbdefense.data import load_dataset
     from qcbdefense.runinfo import resolve_device
+    from qcbdefense.training import STATE_FILE
 
     device = resolve_device(args.device)
     entry = ATTACKS.get(args.method)
@@ -446,7 +447,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         options["freeze_bn"] = args.bn == "frozen"
     if args.transfer is not None:
         options["transfer"] = () if args.transfer == ["none"] else tuple(args.transfer)
-    _check_outputs(args, *(args.out / name for name in (MODEL_FILE, SAFETENSORS_FILE, REPORT_FILE, "state.pt")),
+    _check_outputs(args, *(args.out / name for name in (MODEL_FILE, SAFETENSORS_FILE, REPORT_FILE, STATE_FILE)),
                    folder=args.out)
     model = load_model(args.model, args.init)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
@@ -475,8 +476,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     is_onnx = args.fp.suffix.lower() == ".onnx"
     if is_onnx == (args.model is not None):
         raise InputError("--fp takes an .onnx file, or a checkpoint with --model NAME")
-    _check_outputs(args, *(args.out / name for name in ("report.json", "trigger.png", "drift.png", "fp.onnx")),
-                   folder=args.out)
+    written = ("report.json", "trigger.png", "drift.png") + (() if is_onnx else ("fp.onnx",))  # fp.onnx: exported
+    _check_outputs(args, *(args.out / name for name in written), folder=args.out)
     fp = args.fp if is_onnx else load_model(args.model, args.fp)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
     _check_fits_data(args, data, fp=fp, quantized=args.quantized)
