@@ -126,7 +126,8 @@ def _check_fits_data(args: argparse.Namespace, data, **models) -> None:
                              f"{data.num_classes}: its figures would mean nothing")
     target = getattr(args, "target", None)
     if target is not None and not 0 <= target < data.num_classes:
-        raise InputError(f"--target {target} is not a class of the data {data.name} (0..{data.num_classes - 1})")
+        raise InputError(f"--target {target}: target class {target} does not exist, the data {data.name} has "
+                         f"classes 0..{data.num_classes - 1}")
     for flag in ("calib", "victim_calib"):
         wanted = getattr(args, flag, None)
         if wanted is not None and wanted > len(data.train_y):
