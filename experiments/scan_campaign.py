@@ -138,7 +138,10 @@ def scan_all(data: Dataset, wanted: set[str]) -> None:
                           config=ScanConfig(seed=0))
             row = {**pair, "verdict": report.verdict, "found_target": report.target, "family": report.family,
                    "score": round(report.score, 3), "signals": report.signals, "best_class": report.best_class,
-                   "scan_s": round(time.perf_counter() - start, 1)}
+                   "scan_s": round(time.perf_counter() - start, 1), "seconds": report.seconds,
+                   "classes": report.classes, "disagreement": report.disagreement.to_dict(),
+                   "concentration": max((layer.concentration for layer in report.layers), default=0.0),
+                   "config": report.config}
             print(json.dumps({k: row[k] for k in ("name", "verdict", "found_target", "family", "score",
                                                   "best_class", "scan_s")}), flush=True)
             log.write(json.dumps(row) + "\n")
