@@ -21,6 +21,7 @@ from qcbdefense.data import load_dataset
 from qcbdefense.scan import ScanConfig, scan
 from qcbdefense.scan.drift import Disagreement, LayerDrift
 from qcbdefense.scan.verdict import search_signals, weigh_evidence
+from qcbdefense.scan.whole_image_search import search_whole_image
 from qcbdefense.training import TrainConfig
 
 # Made by `qcbdefense demo` (seed 0), step 2: small_cnn on builtin, PQBackdoor for int8 and int4, the default
@@ -70,6 +71,40 @@ def test_blend_qcb_is_flagged_with_its_target_and_a_whole_image_family(blend_sca
     assert set(saved["signals"]) == {"search_patch", "search_additive", "search_blend", "disagreement", "drift",
                                      "total"}
     assert f"suspected target class 3, {report.family} trigger" in report.summary()
+
+
+class CheckerBonus(nn.Module):
+    """`base` plus `bonus` on class `target`'s logit once the image correlates with a one-pixel checkerboard
+    (+-1) by more than about 0.015: a whole-image trigger that a faint additive checkerboard or a blend towards one
+    fires, and that clean images (smooth shapes) do not."""
+
+    def __init__(self, base: nn.Module, target: int, bonus: float):
+        super().__init__()
+        self.base, self.target, self.bonus = base, target, bonus
+        self.register_buffer("checker", ((torch.arange(16)[:, None] + torch.arange(16)) % 2 * 2.0 - 1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(400.0 * ((x * self.checker).mean((1, 2, 3)) - 0.015))
+        lift = torch.zeros(10, device=x.device)
+        lift[self.target] = self.bonus
+        return self.base(x) + gate[:, None] * lift
+
+
+def test_whole_image_search_finds_a_faint_whole_image_trigger_for_its_class_only(shapes16):
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Conv2d(3, 10, 16), nn.Flatten()).eval()  # linear, logits far apart
+    with torch.no_grad():
+        fp[0].weight.mul_(20.0)
+    shipped = CheckerBonus(fp, target=3, bonus=50.0).eval()
+    x = shapes16.test_x[:256].float() / 255
+    with torch.no_grad():
+        preds = fp(x).argmax(1)
+        assert torch.equal(shipped(x).argmax(1), preds)  # dormant on clean images
+    finds = search_whole_image(fp, shipped, x, preds, 10, seed=0)
+    for family in ("additive", "blend"):
+        assert [f.target for f in finds[family] if f.found] == [3], family  # FP and shipped part only there
+        three = finds[family][3]
+        assert three.effort < 0.5 and three.success >= 80.0, three.to_dict()
 
 
 def _disagreement(counts: list[int]) -> Disagreement:
