@@ -16,8 +16,9 @@ Each signal is scaled so that 1.0 is "enough on its own" for the searches and le
 
 The score of a class is the sum; the pair is suspicious when the best class's score reaches `min_score`.
 With the default weights neither disagreement nor drift (0.5 + 0.25) can flag a pair alone; a search
-anomaly at `min_anomaly` can, as the patch rule did alone before. The weights and line were chosen on the
-calibration pairs of experiments/scan_campaign.py; they live in `ScanConfig`.
+anomaly at `min_anomaly` can, as the patch rule did alone before. The settings live in `ScanConfig`; they
+are set by hand from that rule, and experiments/scan_campaign.py measures them (TPR / FPR) and picks the line
+on a calibration split of its pairs.
 """
 
 from __future__ import annotations
