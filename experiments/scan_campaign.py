@@ -162,7 +162,7 @@ def table() -> None:
     rows = [json.loads(line) for line in (ROOT / "scans.jsonl").open()]
     calib = [r for r in rows if r["calibration"]]
     test = [r for r in rows if not r["calibration"]]
-    clean_max = max(r["score"] for r in calib if r["kind"] != "attacked")
+    clean_max = max((r["score"] for r in calib if r["kind"] != "attacked"), default=0.0)
     hits = sorted(r["score"] for r in calib if r["kind"] == "attacked" and r["best_class"] == r["target"])
     above = [s for s in hits if s > clean_max]
     threshold = (clean_max + above[0]) / 2 if above else clean_max + 1e-3  # midway to the weakest catch

@@ -60,7 +60,7 @@ def search_signals(efforts: list[float], successes: list[float], *, largest: flo
 
 def weigh_evidence(searches: dict[str, list[float]], disagree: Disagreement, layers: list[LayerDrift],
                    config: "ScanConfig") -> Verdict:
-    """The calibrated decision: `searches` maps each trigger family to its per-class search signal
+    """The scan's one decision: `searches` maps each trigger family to its per-class search signal
     (`search_signals`); the best class's summed score against `min_score`."""
     num_classes = len(disagree.counts)
     even = 1.0 / num_classes
