@@ -158,8 +158,32 @@ def rates(rows: list[dict], threshold: float) -> tuple[str, str]:
     return f"{hits}/{len(attacked)}", f"{false}/{len(others)}"
 
 
+def reweigh(row: dict, config: ScanConfig) -> tuple[float, int, str | None]:
+    """The verdict's score, best class and family for a scanned pair under other verdict settings, from the
+    evidence its row keeps (no rescan)."""
+    from qcbdefense.scan.drift import Disagreement, LayerDrift
+    from qcbdefense.scan.verdict import search_signals, weigh_evidence
+
+    classes, pixels = row["classes"], 16.0 * 16.0  # the campaign's images (shapes16)
+    searches = {"patch": search_signals([c["area"] for c in classes], [c["success"] for c in classes],
+                                        largest=pixels, cheap=config.max_area * pixels, config=config)[2]}
+    for family in ("additive", "blend"):
+        searches[family] = search_signals([c[family]["effort"] for c in classes], [c[family]["success"] for c in classes],
+                                          largest=100.0, cheap=100.0 * config.max_budget, config=config)[2]
+    drift = [LayerDrift(0, "", 0.0, 0.0, row["concentration"], [])]
+    verdict = weigh_evidence(searches, Disagreement(**row["disagreement"]), drift, config)
+    return verdict.score, verdict.best_class, verdict.family
+
+
 def table() -> None:
     rows = [json.loads(line) for line in (ROOT / "scans.jsonl").open()]
+    print("min_success sweep (verdicts re-weighed from the rows' evidence; suspicious: S<class>):")
+    for min_success in (50.0, 40.0, 30.0):
+        cells = []
+        for r in rows:
+            score, best, family = reweigh(r, ScanConfig(min_success=min_success))
+            cells.append(f"{r['name']} {'S' if score >= ScanConfig().min_score else 'c'}{best} {family or '-'} {score:.2f}")
+        print(f"  {min_success:.0f} %: " + "; ".join(cells))
     calib = [r for r in rows if r["calibration"]]
     test = [r for r in rows if not r["calibration"]]
     clean_max = max((r["score"] for r in calib if r["kind"] != "attacked"), default=0.0)
