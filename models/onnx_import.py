@@ -20,6 +20,7 @@ Examples:
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 import re
@@ -42,7 +43,7 @@ CHECK_IMAGES = 8
 DEFAULT_IMAGE = (3, 32, 32)  # for a file whose input size is dynamic
 
 
-def import_onnx(path: str | Path, *, check: bool = True) -> fx.GraphModule:
+def import_onnx(path: str | Path, *, check: bool = True) -> OnnxModel:
     """Convert the FP ONNX classifier at `path` into a GraphModule; with `check`, compare it with onnxruntime.
 
     InputError (one line) for an unreadable file, an operator or attribute that cannot be converted, or a
@@ -90,6 +91,19 @@ def check_against_onnxruntime(model: nn.Module, path: str | Path, *, seed: int =
     return error
 
 
+class OnnxModel(fx.GraphModule):
+    """The converted model. A GraphModule's deep copy rebuilds it from its graph and forgets other attributes;
+    this one keeps the toolkit's own (`qcb_model_ref`, and `qcb_spec` etc. on a quantized copy), as a deep
+    copy of any other module does."""
+
+    def __deepcopy__(self, memo):
+        copied = super().__deepcopy__(memo)
+        for name, value in self.__dict__.items():
+            if name.startswith("qcb_"):
+                setattr(copied, name, copy.deepcopy(value, memo))
+        return copied
+
+
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
@@ -112,7 +126,7 @@ class _Converter:
             for name in node.input:
                 self.uses[name] = self.uses.get(name, 0) + 1
 
-    def convert(self) -> fx.GraphModule:
+    def convert(self) -> OnnxModel:
         graph = self.proto.graph
         for init in graph.initializer:
             self.values[init.name] = torch.from_numpy(numpy_helper.to_array(init).copy())
@@ -132,7 +146,7 @@ class _Converter:
         if not isinstance(result, fx.Node):
             raise InputError(f"ONNX model {self.path}: its output does not depend on its input")
         self.graph.output(result)
-        module = fx.GraphModule(self.root, self.graph, class_name="OnnxModel")
+        module = OnnxModel(self.root, self.graph, class_name="OnnxModel")
         module.graph.eliminate_dead_code()  # the Sigmoid / Hardsigmoid fused into SiLU / Hardswish
         module.delete_all_unused_submodules()
         module.recompile()
