@@ -156,3 +156,13 @@ def test_a_reference_of_no_known_form_is_refused_at_parse_time(capsys):
 def test_a_zoo_model_still_needs_its_checkpoint(capsys):
     code = main(["quantize", "--model", "small_cnn", "--data", "builtin"])
     assert code == 2 and "--ckpt is needed" in capsys.readouterr().err
+
+
+def test_cli_trains_a_user_model_and_quantizes_its_checkpoint(user_module, tmp_path, capsys):
+    reference = f"{user_module}:tiny"
+    assert main(["train", "--model", reference, "--data", "builtin", "--epochs", "1", "--train-subset", "64",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["model"] == reference
+    assert main(["quantize", "--model", reference, "--ckpt", str(tmp_path / "run" / "model.pt"), "--data", "builtin",
+                 "--spec", "w8a8", "--calib", "32", "--out", str(tmp_path / "ptq.json")]) == 0
+    assert json.loads((tmp_path / "ptq.json").read_text())["model"] == reference
