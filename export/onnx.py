@@ -25,6 +25,7 @@ What `export_onnx` writes (Brevitas `export_onnx_qcdq`, TorchScript path, opset 
      becomes DequantizeLinear(round(b / (s_x * s_w)), s_x * s_w), the bias format of integer kernels. It
      moves each bias by at most half an accumulator step, s_x * s_w / 2 (typically 1e-5 of a logit).
 - `metadata_props`: `qcbdefense.kind` (quantized / float), `qcbdefense.spec` (the QuantSpec as JSON),
+  `qcbdefense.model` (the model reference of `models.reference`, "unknown" for a model built elsewhere),
   `qcbdefense.defense`, `qcbdefense.source_sha256` (the FP checkpoint the model came from), `qcbdefense.version`,
   and what the rewrites did. `read_metadata(path)` returns them.
 
@@ -82,6 +83,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 import qcbdefense
+from models.reference import model_reference
 from qcbdefense.errors import InputError
 from qcbdefense.fileio import atomic_path
 from qcbdefense.quant.calibrate import is_calibrated
@@ -149,7 +151,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, spec: str | Quant
     remove_unused_initializers(proto)
     meta = {"kind": "quantized", "format": "qcdq", "spec": json.dumps(spec.to_dict(), sort_keys=True),
             "spec_label": spec.label, "defense": defense, "bn_folded_into_scales": str(folded),
-            "int32_biases": str(biases)}
+            "int32_biases": str(biases), "model": model_reference(qmodel) or "unknown"}
     return _save(proto, path, meta, source_sha256)
 
 
@@ -178,7 +180,8 @@ def export_float_onnx(model: nn.Module, path: str | os.PathLike, *, source_sha25
                           dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
                           keep_initializers_as_inputs=False, do_constant_folding=True)
     proto = onnx.load_from_string(buffer.getvalue())
-    return _save(proto, path, {"kind": "float", "format": "float", "defense": "none"}, source_sha256)
+    return _save(proto, path, {"kind": "float", "format": "float", "defense": "none",
+                               "model": model_reference(model) or "unknown"}, source_sha256)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -17,7 +17,9 @@ from models.registry import MODELS
 def create_model(name: str, *, num_classes: int = 10, mean: Sequence[float] = CIFAR_MEAN,
                  std: Sequence[float] = CIFAR_STD) -> nn.Module:
     """Build a fresh model of the named architecture (InputError for an unknown name)."""
-    return MODELS.get(name)(num_classes=num_classes, mean=mean, std=std)
+    model = MODELS.get(name)(num_classes=num_classes, mean=mean, std=std)
+    model.qcb_model_ref = name  # the reference purified folders record (models.reference)
+    return model
 
 
 def list_models() -> list[str]:

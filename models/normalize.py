@@ -23,3 +23,16 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+class Normalized(nn.Module):
+    """An outside model (torchvision, timm, the user's own, an ONNX file expecting normalised input) behind
+    Normalize, so it takes pixels in [0, 1] like the zoo. Keys: `normalize.mean/std` and `net.*`."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float] = CIFAR_MEAN, std: Sequence[float] = CIFAR_STD) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))

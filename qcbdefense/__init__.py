@@ -55,6 +55,7 @@ _API = {
     "load_dataset": ("qcbdefense.data", "load_dataset"),
     "parse_trigger": ("qcbdefense.triggers", "parse_trigger"),
     "create_model": ("models", "create_model"),
+    "build_model": ("models.reference", "build_model"),
     "list_models": ("models", "list_models"),
     "load_model": ("qcbdefense.checkpoints", "load_model"),
     "save_model": ("qcbdefense.checkpoints", "save_model"),

@@ -21,15 +21,14 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from models import create_model
-from models.registry import MODELS
+from models.reference import check_reference, model_for_state
 from qcbdefense.errors import InputError
 from qcbdefense.fileio import atomic_path
 
@@ -68,13 +67,17 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _as_state_dict(content, path)
 
 
-def load_model(arch: str, path: str | Path, *, num_classes: int | None = None) -> nn.Module:
-    """Build `arch` and load the checkpoint at `path` into it strictly; return it in eval mode on CPU.
+def load_model(arch: str, path: str | Path, *, num_classes: int | None = None,
+               mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
+    """Build the model `arch` refers to and load the checkpoint at `path` into it strictly; return it in eval
+    mode on CPU.
 
-    `num_classes=None` reads the class count from the checkpoint's classifier (the model's last
-    nn.Linear). Only normalize.mean/std (the model keeps the default CIFAR statistics) and BatchNorm's
-    num_batches_tracked may be missing; any other missing or unexpected key, or a shape that differs,
-    raises InputError listing them, e.g. "checkpoint x.pt does not fit resnet20: 12 missing keys (...)".
+    `arch` is a model reference (`models.reference`: a zoo name, torchvision:NAME, timm:NAME,
+    PACKAGE.MODULE:CALLABLE or an FP .onnx file). `num_classes=None` reads the class count from the
+    checkpoint's classifier (the model's last nn.Linear). mean/std: the input statistics of a model the
+    checkpoint has none for (default CIFAR's). Only normalize.mean/std and BatchNorm's num_batches_tracked
+    may be missing; any other missing or unexpected key, or a shape that differs, raises InputError listing
+    them, e.g. "checkpoint x.pt does not fit resnet20: 12 missing keys (...)".
 
     Examples:
         >>> path = "../shared/checkpoints/resnet20-cifar10-12fca82f.th"
@@ -82,17 +85,10 @@ def load_model(arch: str, path: str | Path, *, num_classes: int | None = None) -
         >>> model(torch.rand(1, 3, 32, 32)).shape  # doctest: +SKIP
         torch.Size([1, 10])
     """
-    MODELS.get(arch)  # an unknown architecture fails before the file is read
+    check_reference(arch)  # an unknown architecture fails before the file is read
     if num_classes is not None and num_classes < 1:
         raise InputError(f"num_classes must be at least 1, got {num_classes}")
-    state = load_state_dict(path)
-    model = create_model(arch) if num_classes is None else create_model(arch, num_classes=num_classes)
-    if num_classes is None:
-        head = _classifier_name(model)
-        weight = state.get(f"{head}.weight") if head else None
-        classes = model.get_submodule(head).out_features if head else None
-        if weight is not None and weight.ndim == 2 and weight.shape[0] != classes:
-            model = create_model(arch, num_classes=int(weight.shape[0]))
+    model, state = model_for_state(arch, load_state_dict(path), num_classes=num_classes, mean=mean, std=std)
     _check_fits(model, state, arch, path)
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys and all(map(_is_optional, result.missing_keys)), result
@@ -252,18 +248,6 @@ def _as_state_dict(content: object, path: Path) -> dict[str, torch.Tensor]:
     if all(name.startswith(prefix) for name in content):
         return {name[len(prefix):]: value for name, value in content.items()}
     return dict(content)
-
-
-def num_classes_of(model: nn.Module) -> int | None:
-    """How many classes a model tells apart: its last nn.Linear's outputs (None when it has no nn.Linear)."""
-    head = _classifier_name(model)
-    return model.get_submodule(head).out_features if head else None
-
-
-def _classifier_name(model: nn.Module) -> str | None:
-    """The name of the model's last nn.Linear: the classifier of every model in the zoo."""
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    return linears[-1] if linears else None
 
 
 def _is_optional(key: str) -> bool:

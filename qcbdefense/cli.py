@@ -48,13 +48,43 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="where decoded datasets are cached (default $QCBDEFENSE_CACHE or ~/.cache/qcbdefense)")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _model_reference(text: str) -> str:
+    from models.reference import check_reference
+
+    try:
+        return check_reference(text)
+    except InputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_model_option(p: argparse.ArgumentParser, *, required: bool = True, what: str = "the model") -> None:
+    """--model (a model reference, models/reference.py) and the input statistics of an outside model."""
     from models import list_models
 
-    p.add_argument("--model", required=True, choices=list_models(), metavar="NAME",
-                   help=f"architecture: {', '.join(list_models())}")
-    p.add_argument("--ckpt", type=_existing_file, required=True,
-                   help="weights: a state_dict (.pt/.pth/.th, loaded weights-only) or .safetensors")
+    p.add_argument("--model", required=required, default=None, type=_model_reference, metavar="MODEL",
+                   help=f"{what}: a zoo name ({', '.join(list_models())}), torchvision:NAME, timm:NAME, "
+                        f"PACKAGE.MODULE:CALLABLE (called with num_classes=), or an FP .onnx file")
+    p.add_argument("--mean", type=_floats, default=None,
+                   help="input mean R,G,B the model normalises pixels with (outside models; default CIFAR's; "
+                        "an .onnx file: give it when the file expects normalised input)")
+    p.add_argument("--std", type=_floats, default=None, help="input std R,G,B (see --mean)")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if len(values) != 3 or any(v != v for v in values):
+        raise argparse.ArgumentTypeError(f"expected three numbers R,G,B, got {text!r}")
+    return values
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    _add_model_option(p)
+    p.add_argument("--ckpt", type=_existing_file, default=None,
+                   help="weights: a state_dict (.pt/.pth/.th, loaded weights-only) or .safetensors "
+                        "(not needed for an .onnx --model, which holds its weights)")
     p.add_argument("--data", required=True, help="builtin[:SEED] | cifar10:PATH | folder:PATH (dir or .tar.gz)")
 
 
@@ -110,7 +140,7 @@ def _check_fits_data(args: argparse.Namespace, data, **models) -> None:
     """Refuse what could only give a false figure: a model (a module or an .onnx path, keyed by its flag) whose
     class count is not the data's, a --target that is no class of the data (an ASR that cannot be anything but
     0), or more --calib / --victim-calib images than the data's training split holds."""
-    from qcbdefense.checkpoints import num_classes_of
+    from models.reference import num_classes_of
 
     for flag, model in models.items():
         if model is None:
@@ -147,7 +177,7 @@ def _add_calib(p: argparse.ArgumentParser, default: int, help: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from models import create_model
+    from models.reference import build_model
     from qcbdefense.checkpoints import load_model
     from qcbdefense.data import load_dataset
     from qcbdefense.runinfo import resolve_device
@@ -160,10 +190,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = load_dataset(args.data, cache_dir=args.cache_dir)
     torch.manual_seed(args.seed)
     if args.init is not None:
-        model = load_model(args.model, args.init)
+        model = load_model(args.model, args.init, mean=args.mean, std=args.std)
         _check_fits_data(args, data, init=model)
     else:
-        model = create_model(args.model, num_classes=data.num_classes, mean=data.mean, std=data.std)
+        model = build_model(args.model, num_classes=data.num_classes, mean=args.mean or data.mean,
+                            std=args.std or data.std)
     report = train(model, data, config, arch=args.model, out_dir=args.out, resume=args.resume, device=device,
                    init=None if args.init is None else str(args.init))
     print(report.summary())
@@ -172,9 +203,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_arch(args: argparse.Namespace):
+    """The FP model of --model and --ckpt (an .onnx --model holds its weights: --ckpt is optional)."""
+    from models.reference import build_model, is_onnx
     from qcbdefense.checkpoints import load_model
 
-    return load_model(args.model, args.ckpt)
+    if args.ckpt is not None:
+        return load_model(args.model, args.ckpt, mean=args.mean, std=args.std)
+    if not is_onnx(args.model):
+        raise InputError(f"--ckpt is needed: --model {args.model} names an architecture, not weights")
+    return build_model(args.model, mean=args.mean, std=args.std)
+
+
+def _source_file(args: argparse.Namespace) -> Path:
+    """The file the FP weights came from: --ckpt, or the .onnx --model itself."""
+    return args.ckpt if args.ckpt is not None else Path(args.model)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -204,7 +246,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 # The files `purify` writes (qcbdefense.defenses.base's names; not imported here: it imports Brevitas).
-PURIFIED_FILES = ("purified.pt", "spec.json", "report.json", "manifest.json")
+PURIFIED_FILES = ("purified.pt", "spec.json", "model.json", "report.json", "manifest.json")
 
 # Listed here rather than read from DEFENSES so that building the parser does not import Brevitas (seconds);
 # tests/qcbdefense/defenses/test_purify.py checks that this list is DEFENSES.names().
@@ -272,8 +314,8 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
 
 def _reference_model(args: argparse.Namespace):
-    """--reference: an ONNX file as is; a purified folder (the fake-quant model the file was exported from) or
-    a checkpoint, loaded into --model's architecture."""
+    """--reference: an ONNX file as is; a purified folder (the fake-quant model the file was exported from;
+    --model, or the architecture the folder records) or a checkpoint, loaded into --model's architecture."""
     from qcbdefense.checkpoints import load_model
     from qcbdefense.defenses import load_purified
 
@@ -281,12 +323,11 @@ def _reference_model(args: argparse.Namespace):
         return None
     if args.reference.suffix.lower() == ".onnx":
         return args.reference
-    if args.model is None:
-        raise InputError(f"--reference {args.reference} is a checkpoint or a purified folder: give its "
-                         f"architecture with --model NAME")
     if args.reference.is_dir():
         return load_purified(args.model, args.reference)
-    return load_model(args.model, args.reference)
+    if args.model is None:
+        raise InputError(f"--reference {args.reference} is a checkpoint: give its architecture with --model")
+    return load_model(args.model, args.reference, mean=args.mean, std=args.std)
 
 
 def _gate(args: argparse.Namespace, trigger, has_reference: bool) -> dict:
@@ -311,7 +352,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() != ".onnx":
         raise InputError(f"--out {args.out} must end in .onnx")
     _check_outputs(args, args.out)
-    source = sha256_file(args.ckpt)
+    source = sha256_file(_source_file(args))
     model = _load_arch(args)
     if args.float:
         if args.purified is not None or args.spec is not None or args.keep_bn:
@@ -344,10 +385,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     meta = read_metadata(args.out)
     size = args.out.stat().st_size / 1024
     if meta.get("qcbdefense.kind") == "float":
-        print(f"wrote {args.out} ({size:.0f} KiB): FP {args.model}, from {args.ckpt} (sha256 {source[:12]}...)")
+        print(f"wrote {args.out} ({size:.0f} KiB): FP {args.model}, from {_source_file(args)} (sha256 {source[:12]}...)")
     else:
         print(f"wrote {args.out} ({size:.0f} KiB): {args.model} {meta['qcbdefense.spec_label']}, defence "
-              f"{meta['qcbdefense.defense']}, from {args.ckpt} (sha256 {source[:12]}...); BN folded into "
+              f"{meta['qcbdefense.defense']}, from {_source_file(args)} (sha256 {source[:12]}...); BN folded into "
               f"{meta['qcbdefense.bn_folded_into_scales']} weight scales, {meta['qcbdefense.int32_biases']} "
               f"int32 biases")
     return 0
@@ -404,7 +445,7 @@ def cmd_harden(args: argparse.Namespace) -> int:
     options = _schedule_options(args)
     report = harden(model, data, out=args.out, arch=args.model, spec=args.spec, method=args.method,
                     trigger=trigger, target=args.target, calib=_calib(args, data), seed=args.seed, device=device,
-                    source_sha256=sha256_file(args.ckpt), threads=args.threads, progress=True,
+                    source_sha256=sha256_file(_source_file(args)), threads=args.threads, progress=True,
                     **_gate(args, trigger, True), **options)
     report.save(args.out.with_suffix(".json"))
     print(report.summary())
@@ -451,7 +492,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         options["transfer"] = () if args.transfer == ["none"] else tuple(args.transfer)
     _check_outputs(args, *(args.out / name for name in (MODEL_FILE, SAFETENSORS_FILE, REPORT_FILE, STATE_FILE)),
                    folder=args.out)
-    model = load_model(args.model, args.init)
+    model = load_model(args.model, args.init, mean=args.mean, std=args.std)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
     _check_fits_data(args, data, init=model)
     published, report = attack(model, data, method=args.method, bits=args.bits, spec=args.spec,
@@ -466,6 +507,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
+    from models.reference import build_model
     from qcbdefense.checkpoints import load_model
     from qcbdefense.data import load_dataset
     from qcbdefense.fileio import removed_on_error, sha256_file
@@ -480,14 +522,19 @@ def cmd_scan(args: argparse.Namespace) -> int:
         raise InputError("--fp takes an .onnx file, or a checkpoint with --model NAME")
     written = ("report.json", "trigger.png", "drift.png") + (() if is_onnx else ("fp.onnx",))  # fp.onnx: exported
     _check_outputs(args, *(args.out / name for name in written), folder=args.out)
-    fp = args.fp if is_onnx else load_model(args.model, args.fp)
+    if not is_onnx:
+        fp = load_model(args.model, args.fp, mean=args.mean, std=args.std)
+    elif args.spec is not None:  # converted into torch modules, so that the Brevitas quantizer can quantize it
+        fp = build_model(str(args.fp), mean=args.mean, std=args.std)
+    else:
+        fp = args.fp
     data = load_dataset(args.data, cache_dir=args.cache_dir)
     _check_fits_data(args, data, fp=fp, quantized=args.quantized)
     config = ScanConfig(images=args.images, search=SearchConfig(steps=args.steps), seed=args.seed)
     with removed_on_error(args.out):
         report = scan(fp, data, out=args.out, quantized=args.quantized, spec=args.spec, config=config,
                       calib=_calib(args, data), device=device,
-                      source_sha256=None if is_onnx else sha256_file(args.fp), progress=True)
+                      source_sha256=None if fp is args.fp else sha256_file(args.fp), progress=True)
     print(report.summary())
     print(f"report: {args.out / 'report.json'}  trigger: {args.out / 'trigger.png'}  drift: {args.out / 'drift.png'}")
     return 1 if report.suspicious else 0
@@ -530,8 +577,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("train", help="train or fine-tune a clean model")
-    p.add_argument("--model", required=True, choices=list_models(), metavar="NAME",
-                   help=f"architecture: {', '.join(list_models())}")
+    _add_model_option(p)
     p.add_argument("--data", required=True, help="builtin[:SEED] | cifar10:PATH | folder:PATH (dir or .tar.gz)")
     p.add_argument("--init", type=_existing_file, default=None, help="start from these weights (fine-tune)")
     p.add_argument("--out", type=Path, required=True, help="output folder: model.pt, state.pt, report.json")
@@ -564,10 +610,10 @@ def build_parser() -> Parser:
     p.set_defaults(run=cmd_purify)
 
     p = sub.add_parser("export", help="export a quantized model (nearest PTQ or a purified one) to ONNX (QCDQ)")
-    p.add_argument("--model", required=True, choices=list_models(), metavar="NAME",
-                   help=f"architecture: {', '.join(list_models())}")
-    p.add_argument("--ckpt", type=_existing_file, required=True,
-                   help="the FP checkpoint (its sha256 goes into the ONNX metadata)")
+    _add_model_option(p)
+    p.add_argument("--ckpt", type=_existing_file, default=None,
+                   help="the FP checkpoint (its sha256 goes into the ONNX metadata; not needed for an .onnx "
+                        "--model)")
     p.add_argument("--data", default=None, help="data to calibrate the nearest model on (not needed with --purified)")
     p.add_argument("--spec", default=None, help="the deployment quantizer (default w8a8; with --purified: its own)")
     p.add_argument("--purified", type=Path, default=None, help="a folder written by `qcbdefense purify`: export it")
@@ -588,8 +634,8 @@ def build_parser() -> Parser:
     p.add_argument("--reference", type=Path, default=None,
                    help="what to agree with: an .onnx file, or (with --model) an FP checkpoint or the "
                         "folder of a purified model")
-    p.add_argument("--model", default=None, choices=list_models(), metavar="NAME",
-                   help="architecture of a --reference checkpoint or purified folder")
+    _add_model_option(p, required=False, what="architecture of a --reference checkpoint or purified folder "
+                                              "(default for a folder: the one it records)")
     _add_gate_args(p)
     p.add_argument("--crosscheck", action="store_true",
                    help="also quantize the FP --reference with onnxruntime's quantize_static (int8, int4 weights)")
@@ -619,8 +665,7 @@ def build_parser() -> Parser:
                                     "(exit 0 clean, 1 suspicious)")
     p.add_argument("--fp", type=_existing_file, required=True,
                    help="the FP model: an .onnx file, or a checkpoint with --model")
-    p.add_argument("--model", default=None, choices=list_models(), metavar="NAME",
-                   help="architecture of an --fp checkpoint")
+    _add_model_option(p, required=False, what="architecture of an --fp checkpoint")
     p.add_argument("--quantized", type=_existing_file, default=None, help="the quantized model that ships (.onnx)")
     p.add_argument("--spec", default=None, help="or: quantize the --fp checkpoint with this spec (round to nearest)")
     p.add_argument("--data", required=True, help="clean data: builtin[:SEED] | cifar10:PATH | folder:PATH")
@@ -634,8 +679,7 @@ def build_parser() -> Parser:
     p = sub.add_parser("attack", help="plant a QCB (Qu-ANTI-zation, CompArtifact, PQBackdoor) in a clean model")
     p.add_argument("--method", required=True, choices=ATTACK_METHODS, metavar="METHOD",
                    help=f"{', '.join(ATTACK_METHODS)}")
-    p.add_argument("--model", required=True, choices=list_models(), metavar="NAME",
-                   help=f"architecture: {', '.join(list_models())}")
+    _add_model_option(p)
     p.add_argument("--init", type=_existing_file, required=True, help="the clean model to fine-tune")
     p.add_argument("--data", required=True, help="builtin[:SEED] | cifar10:PATH | folder:PATH (dir or .tar.gz)")
     p.add_argument("--bits", default=None,

@@ -10,6 +10,8 @@ What is saved (`save_purified`, read back by `load_purified`):
     DIR/purified.pt   the quantized model's state_dict: hardened float weights (= (q - z) * s exactly), BN,
                       Normalize, and every quantizer's state (weight scales / zero points, activation ranges)
     DIR/spec.json     the QuantSpec
+    DIR/model.json    {"model": the model reference (models.reference)}, so that the folder alone rebuilds
+                      the architecture, zoo or not (spec.json stays a plain QuantSpec, usable as --spec)
     DIR/report.json   the PurifyReport (CA/ASR/agreement of FP, nearest, purified; per-layer losses and
                       times; options, spec, seed, environment)
     DIR/manifest.json the sha256 of each file above, written last: it binds them into one set, so a run killed
@@ -18,7 +20,7 @@ What is saved (`save_purified`, read back by `load_purified`):
 Examples:
     >>> purified, report = purify(model, load_dataset("builtin"), method="lac", spec="w4a4")  # doctest: +SKIP
     >>> save_purified(purified, "out", report=report)                                      # doctest: +SKIP
-    >>> same = load_purified("small_cnn", "out")                                           # doctest: +SKIP
+    >>> same = load_purified(None, "out")  # the architecture recorded in out/model.json      # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ from qcbdefense.runinfo import environment
 from qcbdefense.triggers import Trigger, parse_trigger, trigger_from_dict
 
 REPORT_VERSION = 1
-WEIGHTS_FILE, SPEC_FILE, REPORT_FILE, MANIFEST_FILE = "purified.pt", "spec.json", "report.json", "manifest.json"
+WEIGHTS_FILE, SPEC_FILE, REPORT_FILE, MODEL_FILE, MANIFEST_FILE = ("purified.pt", "spec.json", "report.json",
+                                                                   "model.json", "manifest.json")
 
 
 @dataclass
@@ -324,9 +327,12 @@ def _check_classes(model: nn.Module, data: Dataset) -> None:
 
 # ---- saving and loading ----------------------------------------------------------------------------------
 
-def save_purified(qmodel: nn.Module, out_dir: str | Path, *, report: PurifyReport | None = None) -> Path:
-    """Write DIR/purified.pt (the quantized state_dict), DIR/spec.json, given a report DIR/report.json, and
+def save_purified(qmodel: nn.Module, out_dir: str | Path, *, report: PurifyReport | None = None,
+                  arch: str | None = None) -> Path:
+    """Write DIR/purified.pt (the quantized state_dict), DIR/spec.json, DIR/model.json (the model reference:
+    `arch`, else the one the model was built from, else the report's), given a report DIR/report.json, and
     last DIR/manifest.json binding them (`load_purified` refuses a set that does not match it)."""
+    from models.reference import canonical, check_reference, model_reference
     from qcbdefense.checkpoints import save_model
 
     out_dir = Path(out_dir)
@@ -335,11 +341,16 @@ def save_purified(qmodel: nn.Module, out_dir: str | Path, *, report: PurifyRepor
         raise InputError("save_purified needs a model made by qcbdefense (quantize / purify): no qcb_spec")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"output {out_dir} exists and is not a folder")
+    reference = arch or model_reference(qmodel) or (report.arch if report is not None else None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # an old set is unbound before any new file lands
+    for stale in (MANIFEST_FILE, MODEL_FILE):  # an old set is unbound before any new file lands
+        (out_dir / stale).unlink(missing_ok=True)
     save_model(qmodel.state_dict(), out_dir / WEIGHTS_FILE)
     spec.save(out_dir / SPEC_FILE)
     written = [WEIGHTS_FILE, SPEC_FILE]
+    if reference is not None and reference != "model":
+        write_json(out_dir / MODEL_FILE, {"model": canonical(check_reference(reference))})
+        written.append(MODEL_FILE)
     if report is not None:
         report.save(out_dir / REPORT_FILE)
         written.append(REPORT_FILE)
@@ -369,33 +380,39 @@ def _check_set(folder: Path) -> None:
                              f"{MANIFEST_FILE}): a mixed or interrupted set; {redo}")
 
 
-def load_purified(arch: str, path: str | Path) -> nn.Module:
+def load_purified(arch: str | None, path: str | Path) -> nn.Module:
     """Rebuild a purified quantized model saved by `save_purified` (a folder, or its purified.pt).
 
-    `quantize(create_model(arch), spec)` with the saved state loaded: weights, BN and every quantizer's
+    `arch`: the model reference (`models.reference`); None reads the one recorded in the folder's
+    model.json. `quantize(model, spec)` with the saved state loaded: weights, BN and every quantizer's
     state, so the outputs are identical to the saved model's. InputError for a missing file, or a state that
     does not fit `arch` under the spec (wrong architecture, or a state_dict of a float model), or files that are
     not the set one `save_purified` wrote (manifest.json).
     """
-    from models import create_model
-    from models.registry import MODELS
+    import json
+
+    from models.reference import check_reference, model_for_state
     from qcbdefense.checkpoints import load_state_dict
 
-    MODELS.get(arch)
     path = Path(path)
     weights, spec_path = (path / WEIGHTS_FILE, path / SPEC_FILE) if path.is_dir() else (path, path.parent / SPEC_FILE)
     for needed in (weights, spec_path):
         if not needed.is_file():
             raise InputError(f"purified model file {needed} does not exist")
-    _check_set(weights.parent)
+    folder = weights.parent
+    _check_set(folder)
+    if arch is None:
+        recorded = folder / MODEL_FILE
+        if not recorded.is_file():
+            raise InputError(f"{folder} records no model reference ({MODEL_FILE}); give the architecture "
+                             f"(--model)")
+        try:
+            arch = json.loads(recorded.read_text())["model"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"{recorded} is not a model reference file") from None
+    check_reference(arch)
     spec = QuantSpec.load(spec_path)
-    state = load_state_dict(weights)
-    model = create_model(arch)
-    head = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if head and f"{head[-1]}.weight" in state and state[f"{head[-1]}.weight"].ndim == 2:
-        classes = int(state[f"{head[-1]}.weight"].shape[0])
-        if classes != model.get_submodule(head[-1]).out_features:
-            model = create_model(arch, num_classes=classes)
+    model, state = model_for_state(arch, load_state_dict(weights))
     qmodel = quantize(model, spec)
     try:
         result = qmodel.load_state_dict(state, strict=False)

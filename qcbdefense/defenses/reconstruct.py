@@ -242,8 +242,11 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         return fx.symbolic_trace(model)
     except Exception as err:  # fx raises many types for untraceable code
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
         raise InputError(f"layer-wise reconstruction needs a torch.fx-traceable model; tracing "
-                         f"{type(model).__name__} failed with {type(err).__name__}: {err}") from err
+                         f"{type(model).__name__} failed with {type(err).__name__}: {reason}. Export the model "
+                         f"with torch.onnx.export and pass the .onnx file as --model: it is converted into "
+                         f"traceable torch modules") from err
 
 
 def reconstruction_graph(fp_model: nn.Module, qmodel: nn.Module) -> tuple[fx.Graph, dict[str, nn.Module]]:

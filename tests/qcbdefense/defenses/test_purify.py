@@ -19,7 +19,7 @@ from qcbdefense.checkpoints import load_model, save_model
 from qcbdefense.cli import PURIFIED_FILES, PURIFY_METHODS, _schedule_options, build_parser, main
 from qcbdefense.data import to_float
 from qcbdefense.defenses import DEFENSES, PurifyReport, load_purified, purify, read_report, save_purified
-from qcbdefense.defenses.base import MANIFEST_FILE, REPORT_FILE, SPEC_FILE, WEIGHTS_FILE
+from qcbdefense.defenses.base import MANIFEST_FILE, MODEL_FILE, REPORT_FILE, SPEC_FILE, WEIGHTS_FILE
 from qcbdefense.defenses.guide import refine_patch, with_found_triggers
 from qcbdefense.defenses.lac import OffsetRounding
 from qcbdefense.defenses.reconstruct import (NearestRounding, Stream, WeightGrid, _UnitRunner, _value,
@@ -389,7 +389,7 @@ def test_a_mixed_or_unfinished_set_is_refused(shapes16, tmp_path, capsys):
 
 
 def test_purified_file_names_match_the_cli():
-    assert PURIFIED_FILES == (WEIGHTS_FILE, SPEC_FILE, REPORT_FILE, MANIFEST_FILE)
+    assert PURIFIED_FILES == (WEIGHTS_FILE, SPEC_FILE, MODEL_FILE, REPORT_FILE, MANIFEST_FILE)
 
 
 def test_cli_purify_writes_a_reloadable_model(tmp_path, capsys):
