@@ -63,10 +63,11 @@ class GraphProvenance:
         return ", ".join(parts)
 
     @property
-    def u8s8(self) -> bool:
-        """uint8 activations times int8 weights in full 8-bit range: the kernels that saturate without VNNI."""
-        return (self.activation_bits == 8 and self.activation_signed is False and self.weight_bits == 8
-                and bool(self.weight_signed) and not self.reduce_range)
+    def saturates_without_vnni(self) -> bool:
+        """8-bit activations times int8 weights in full 8-bit range: onnxruntime's x86 kernels without VNNI add
+        pairs of products in int16 (VPMADDUBSW; s8s8 too, shifted to u8s8), which can saturate."""
+        return (self.activation_bits == 8 and self.weight_bits == 8 and bool(self.weight_signed)
+                and not self.reduce_range)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "label": self.label}

@@ -14,8 +14,8 @@ QLinearAdd, ...: each computed as dequantize -> the float op -> quantize, i.e. e
 float rounding) and `quantize_dynamic` (DynamicQuantizeLinear, ConvInteger, MatMulInteger). Any other
 operator raises an InputError naming it.
 
-The replica is exact; onnxruntime is not always: its u8s8 kernels (uint8 activations, int8 weights) on a
-CPU without VNNI add pairs of products in int16 (VPMADDUBSW), which saturates
+The replica is exact; onnxruntime is not always: its 8-bit integer kernels on an x86 CPU without VNNI add
+pairs of products in int16 (VPMADDUBSW), which saturates with full-range int8 weights
 (../shared/docs/TOOLCHAIN.md). `check_agreement` names that cause and its remedy when the two part.
 """
 
@@ -320,7 +320,6 @@ class OnnxReplica(nn.Module):
                 self.qparams[node.output[0]] = (node.input[where[0]], zp, kwargs.get("axis", 1))
             self.kwargs.append(kwargs)
         self.layers = weight_layers(proto)
-        self.relu_outputs = activation_taps(proto)
 
     def _apply(self, fn, recurse=True):  # .to(device) moves the graph's constants, kept outside the buffers
         self.constants = {name: fn(value) for name, value in self.constants.items()}
@@ -366,10 +365,10 @@ def check_agreement(replica: OnnxReplica, images: torch.Tensor, ort_logits: np.n
 
     graph = describe_onnx(replica.path)
     cause = "the file computes something the replica does not model"
-    if graph.u8s8 and not has_vnni():
-        cause = ("onnxruntime's u8s8 integer kernels (uint8 activations x int8 weights) saturate on this CPU, "
-                 "which has no VNNI (../shared/docs/TOOLCHAIN.md); remedy: quantize with reduce_range=True "
-                 "(7-bit weights) or int8 activations (activation_type=QInt8)")
+    if graph.saturates_without_vnni and not has_vnni():
+        cause = ("onnxruntime's 8-bit integer kernels (int8 weights in full range) saturate on this CPU, which "
+                 "has no VNNI: they add pairs of products in int16 (../shared/docs/TOOLCHAIN.md); remedy: quantize "
+                 "with reduce_range=True (7-bit weights), or scan on a CPU with AVX-VNNI / AVX512-VNNI")
     raise InputError(f"cannot scan {replica.path} ({graph.label}): the torch replica agrees with onnxruntime on "
                      f"only {agree:.1f} % of images (minimum {minimum:g} %); likely cause: {cause}; or lower "
                      f"--min-replica-agreement to scan anyway")
@@ -408,19 +407,3 @@ def weight_layers(proto: onnx.ModelProto) -> list[LayerTap]:
             tensor = consumers[tensor][0].output[0]
         layers.append(LayerTap(node.op_type, shape, tensor))
     return layers
-
-
-def activation_taps(proto: onnx.ModelProto) -> list[str]:
-    """The tensor after each ReLU, followed through the activation quantizer (QuantizeLinear / Clip /
-    DequantizeLinear) that a QCDQ export places behind it, in graph order."""
-    consumers = _consumers(proto)
-    taps = []
-    for node in proto.graph.node:
-        if node.op_type != "Relu":
-            continue
-        name = node.output[0]
-        while len(consumers.get(name, [])) == 1 and consumers[name][0].op_type in (
-                "QuantizeLinear", "Clip", "DequantizeLinear"):
-            name = consumers[name][0].output[0]
-        taps.append(name)
-    return taps
