@@ -197,7 +197,7 @@ def _qlinear_concat(ys, yz, *inputs, axis, qrange=_UINT8):
 def _dynamic_quantize(x):
     """DynamicQuantizeLinear: uint8 over the batch's range (which always holds 0)."""
     low, high = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
-    scale = ((high - low) / 255.0).clamp_min(1e-12)
+    scale = ((high - low) / 255.0).clamp_min(torch.finfo(torch.float32).tiny)
     zero_point = torch.clamp(torch.round(-low / scale), 0, 255).detach()
     return _quantize(x, scale, zero_point), scale, zero_point
 
