@@ -293,7 +293,7 @@ class OnnxReplica(nn.Module):
         self.path = Path(path)
         self.nodes = list(graph.node)
         self.constants: dict[str, torch.Tensor] = {}
-        ranges: dict[str, tuple[int, int]] = {}  # an integer constant's range, from its ONNX type
+        types: dict[str, int] = {}  # each constant's ONNX data type
         tensors = list(graph.initializer) + [_attrs(n)["value"] for n in self.nodes if n.op_type == "Constant"]
         names = [i.name for i in graph.initializer] + [n.output[0] for n in self.nodes if n.op_type == "Constant"]
         for name, tensor in zip(names, tensors):
@@ -301,7 +301,7 @@ class OnnxReplica(nn.Module):
             if tensor.data_type in (21, 22):  # uint4 / int4: torch has no such dtype
                 array = array.astype(np.uint8 if tensor.data_type == 21 else np.int8)
             self.constants[name] = torch.from_numpy(np.array(array))
-            ranges[name] = _QRANGE.get(tensor.data_type, _UINT8)
+            types[name] = tensor.data_type
         inputs = [i.name for i in graph.input if i.name not in self.constants]
         if len(inputs) != 1 or len(graph.output) != 1:
             raise InputError(f"ONNX model {path} must have one image input and one logits output")
@@ -316,7 +316,10 @@ class OnnxReplica(nn.Module):
             where = _OUTPUT_QPARAMS.get(node.op_type)
             if where is not None and len(node.input) > where[0] and node.input[where[0]]:
                 zp = node.input[where[1]] if len(node.input) > where[1] and node.input[where[1]] else None
-                kwargs["qrange"] = ranges.get(zp, _UINT8)
+                if zp is not None and types.get(zp, 2) not in _QRANGE:
+                    raise InputError(f"ONNX model {path}: {node.op_type} quantizes to ONNX type {types[zp]}; the "
+                                     f"scanner runs 4, 8 and 16-bit integer quantizers only")
+                kwargs["qrange"] = _QRANGE[types.get(zp, 2)]
                 self.qparams[node.output[0]] = (node.input[where[0]], zp, kwargs.get("axis", 1))
             self.kwargs.append(kwargs)
         self.layers = weight_layers(proto)

@@ -168,3 +168,40 @@ def test_gate_judges_asr_against_the_fp_models_own(ort_files, clean_cnn16, shape
     assert [c["name"].split(" (")[0] for c in saved["checks"]] == ["ASR gain over FP", "agreement %"]
     assert code == (0 if all(c["passed"] for c in saved["checks"]) else 1)
     assert "RA %" in capsys.readouterr().out
+
+
+class _Blocks(torch.nn.Module):
+    """The activations and blocks of mobilenet_v3 / efficientnet / a user's module, small: Hardswish,
+    squeeze-excitation (ReduceMean, Hardsigmoid, Mul), SiLU (Sigmoid), GELU (Erf), LeakyReLU, Concat, AvgPool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.squeeze, self.excite = torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(4, 8, 1)
+        self.branch = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.hardswish(self.stem(x))
+        se = torch.nn.functional.hardsigmoid(self.excite(torch.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
+        x = x * se
+        y = torch.nn.functional.silu(self.branch(x))
+        z = torch.nn.functional.leaky_relu(torch.nn.functional.gelu(x), 0.1)
+        x = torch.nn.functional.avg_pool2d(torch.cat([y, z], 1), 2)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["float", "QDQ", "QOperator"])
+def test_replica_runs_the_blocks_of_mobile_networks(kind, shapes16, tmp_path):
+    torch.manual_seed(0)
+    path = export_float_onnx(_Blocks().eval(), tmp_path / "fp.onnx", input_size=(16, 16))
+    if kind != "float":  # int8 activations and 7-bit weights: no kernel saturation, the replica must match
+        path = ort_quantize(path, tmp_path / "q.onnx", calibration_images(shapes16, 64, seed=0),
+                            OrtQuantizer("s8s8", "QInt8", "QInt8"), quant_format=kind, reduce_range=True)
+    ops = {node.op_type for node in OnnxReplica(path).nodes}
+    assert {"HardSigmoid", "Sigmoid", "Erf"} <= ops or {"QLinearSigmoid", "QLinearMul", "QLinearConcat"} <= ops
+    x = to_float(shapes16.test_x[:100])
+    expected = OrtModel(path).logits(x)
+    with torch.no_grad():
+        got = OnnxReplica(path)(x).numpy()
+    assert np.abs(got - expected).max() <= (1e-4 if kind == "float" else 0.05) * np.abs(expected).max()
