@@ -88,8 +88,8 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
            spec: str | QuantSpec = "w8a8", method: str = "lac-pda", trigger: Trigger | str | None = None,
            target: int = 0, calib: int = 1024, seed: int = 0, device: str | torch.device = "cpu",
            source_sha256: str | None = None, max_asr: float | None = None, min_agreement: float | None = 99.0,
-           min_ca: float | None = None, max_asr_gain: float | None = None, threads: int | None = None, progress: bool = False,
-           **options: Any) -> HardenReport:
+           min_ca: float | None = None, max_asr_gain: float | None = None, threads: int | None = None,
+           progress: bool = False, **options: Any) -> HardenReport:
     """Purify `model` under `spec` with `method`, export the purified model to `out` (.onnx), verify the file.
 
     Args:
