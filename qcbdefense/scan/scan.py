@@ -21,6 +21,7 @@ checkered square lifted a class as much as a leaked trigger did (BENCHMARKS.md, 
 from __future__ import annotations
 
 import os
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,6 +180,9 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
     for name, path, replica in (("fp", fp_onnx, fp_rep), ("quantized", q_onnx, q_rep)):
         session = OrtModel(path, threads=None)
         session.check_images(shape, what=f"the data {data.name}")
+        if session.num_classes is not None and session.num_classes != data.num_classes:
+            raise InputError(f"cannot scan {path}: it has {session.num_classes} classes but the data {data.name} "
+                             f"has {data.num_classes}")
         agreement[name] = check_agreement(replica, x[:128], session.logits(x[:128]), config.min_replica_agreement)
         graph = describe_onnx(path)
         graphs[name] = {**graph.to_dict(), "metadata_conflicts": metadata_conflicts(session.metadata, graph)}
@@ -214,13 +218,19 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
     if square is not None:  # the picture shows the evidence there is: the square that stands out
         shown, plotted = square.target, "square"
         mask, pattern = square.mask_and_pattern(*x.shape[-2:], config.seed)
-        title = f"class {shown}: {square.fill} square lifts its quantized log-probability {square.gap:+.2f} nats"
-    else:
-        shown, plotted = best if flagged else min(range(num_classes), key=lambda c: found[c].area), "patch"
+        title = (f"{class_label(data, shown)}: {square.fill} square lifts its quantized log-probability "
+                 f"{square.gap:+.2f} nats")
+    elif flagged:
+        shown, plotted = best, "patch"
         mask, pattern = found[shown].mask, found[shown].pattern
-        title = f"class {shown}: {found[shown].area:.0f} px mask, {found[shown].success:.0f} % differential success"
+        title = (f"{class_label(data, shown)}: {found[shown].area:.0f} px mask, {found[shown].success:.0f} % "
+                 f"differential success")
+    else:
+        shown, plotted, mask, pattern = None, "nothing", None, None
+        title = "no trigger found: no class has a small patch or a square that moves only the quantized model"
     _plot_trigger(out / "trigger.png", mask, pattern, title, x[0].cpu())
-    plot_drift(out / "drift.png", {"quantized": layers}, note=pairing)
+    plot_drift(out / "drift.png", {"quantized": layers},
+               title=f"activation drift from FP: {fp_onnx.name} vs {q_onnx.name}", note=pairing)
     done = time.perf_counter()
     report = ScanReport(
         verdict="suspicious" if flagged else "clean", score=anomalies[best], target=best if flagged else None,
@@ -259,7 +269,15 @@ def scan_images(data: Dataset, n: int, seed: int) -> torch.Tensor:
     return to_float(data.test_x[idx.sort().values])
 
 
-def _plot_trigger(path: Path, mask: torch.Tensor, pattern: torch.Tensor, title: str, example: torch.Tensor) -> None:
+def class_label(data: Dataset, c: int) -> str:
+    """"class 3 (cat)" when the data names its classes, else "class 3"."""
+    name = data.classes[c] if 0 <= c < len(data.classes) else str(c)
+    return f"class {c}" if name == str(c) else f"class {c} ({name})"
+
+
+def _plot_trigger(path: Path, mask: torch.Tensor | None, pattern: torch.Tensor | None, title: str,
+                  example: torch.Tensor) -> None:
+    """The mask, the pattern it lets through and a stamped image; with no mask (nothing found), the image."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,9 +285,11 @@ def _plot_trigger(path: Path, mask: torch.Tensor, pattern: torch.Tensor, title: 
 
     from qcbdefense.scan.trigger_search import stamp
 
-    panels = [("mask", mask), ("mask x pattern", mask * pattern), ("stamped image", stamp(example, mask, pattern))]
-    fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
-    for ax, (name, img) in zip(axes, panels):
+    panels = ([("a scanned image, unchanged", example)] if mask is None else
+              [("mask", mask), ("mask x pattern", mask * pattern), ("stamped image", stamp(example, mask, pattern))])
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.5 * len(panels) if mask is not None else 5.0, 2.8),
+                             squeeze=False)
+    for ax, (name, img) in zip(axes[0], panels):
         img = img.detach().clamp(0, 1)
         ax.imshow(img.numpy() if img.dim() == 2 else img.permute(1, 2, 0).numpy(), cmap="gray",
                   vmin=0, vmax=1, interpolation="nearest")
@@ -282,29 +302,35 @@ def _plot_trigger(path: Path, mask: torch.Tensor, pattern: torch.Tensor, title: 
     plt.close(fig)
 
 
-def plot_drift(path: Path, series: dict[str, list[LayerDrift]], note: str = "") -> None:
-    """Bars of each layer's worst-channel drift, one series per quantized model (e.g. nearest, purified); with
-    no layer to show, the plot says so (`note`: why)."""
-    import matplotlib
+def plot_drift(path: Path, series: dict[str, list[LayerDrift]], *, title: str, note: str = "") -> None:
+    """Bars of each layer's worst-channel drift, one series per quantized model (e.g. nearest, purified); `note`
+    says why no layer was paired, when none was."""
+    with atomic_path(path) as tmp:
+        drift_figure(series, title=title, note=note).savefig(tmp, format="png", dpi=100)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def drift_figure(series: dict[str, list[LayerDrift]], *, title: str, note: str = ""):
+    """The figure `plot_drift` saves; when no layer could be paired it says so (and why: `note`) instead of
+    showing empty axes."""
+    from matplotlib.figure import Figure
 
     layers = max((len(v) for v in series.values()), default=0)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * layers * len(series) + 2), 3.0))
+    fig = Figure(figsize=(max(4.0, 0.35 * layers * len(series) + 2), 3.0))
+    ax = fig.subplots()
+    ax.set_title(title, fontsize=9)
+    if layers == 0:
+        ax.text(0.5, 0.5, "no layers paired, so only the outputs were compared (report.json: disagreement):\n"
+                + textwrap.fill(note or "the two graphs do not pair", 90),
+                ha="center", va="center", fontsize=8, transform=ax.transAxes)
+        ax.axis("off")
+        fig.tight_layout()
+        return fig
     width = 0.8 / max(len(series), 1)
     for k, (label, drifts) in enumerate(series.items()):
         ax.bar([d.layer + (k - (len(series) - 1) / 2) * width for d in drifts], [d.max for d in drifts],
                width=width, label=label)
     ax.set_xlabel("conv/linear layer, from the input")
     ax.set_ylabel("worst channel |q - FP| / FP std")
-    ax.set_title("activation drift, FP vs quantized", fontsize=9)
-    if layers:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no layer paired:\n" + (note or "the two graphs do not pair"), ha="center", va="center",
-                wrap=True, fontsize=8, transform=ax.transAxes)
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    return fig

@@ -105,7 +105,7 @@ def test_drift_pairs_a_qdq_file_whose_relus_onnxruntime_removed(ort_files, shape
     other = OnnxReplica(ort_files["dynamic"])  # no layer with float-scaled weights to pair with
     layers, _, _, pairing = measure_drift(fp, other, x)
     assert layers == [] and pairing.startswith("cannot pair layers")
-    plot_drift(tmp_path / "drift.png", {"quantized": layers}, note=pairing)
+    plot_drift(tmp_path / "drift.png", {"quantized": layers}, title="t", note=pairing)
     assert (tmp_path / "drift.png").stat().st_size > 0
 
 

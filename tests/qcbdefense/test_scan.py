@@ -63,6 +63,30 @@ def test_clean_model_is_not_flagged(clean_cnn16, shapes16, tmp_path):
     report = scan(clean_cnn16, shapes16, out=tmp_path, spec="pqbackdoor-w4a4")
     assert not report.suspicious and report.target is None
     assert len(report.squares) == 10 and not any(find.found for find in report.squares)
+    # trigger.png says nothing was found (it showed the closest class's empty "1024 px mask" before)
+    assert report.config["plotted"] == "nothing" and report.config["plotted_class"] is None
+    assert (tmp_path / "trigger.png").stat().st_size > 0
+
+
+def test_drift_plot_has_a_title_and_says_when_no_layer_pairs():
+    from qcbdefense.scan.drift import LayerDrift
+    from qcbdefense.scan.scan import drift_figure
+
+    empty = drift_figure({"quantized": []}, title="activation drift from FP: a.onnx vs b.onnx")
+    texts = [t.get_text() for t in empty.axes[0].texts]
+    assert empty.axes[0].get_title() == "activation drift from FP: a.onnx vs b.onnx"
+    assert len(texts) == 1 and texts[0].startswith("no layers paired")
+    drift = LayerDrift(layer=0, tensor="relu", mean=0.1, max=0.5, concentration=5.0, top_channels=[(3, 0.5)])
+    full = drift_figure({"nearest": [drift], "LAC+PDA": [drift]}, title="t")
+    assert full.axes[0].get_title() == "t" and not full.axes[0].texts and len(full.axes[0].patches) == 2
+
+
+def test_class_labels_use_the_data_class_names(shapes16):
+    from qcbdefense.scan.scan import class_label
+
+    assert class_label(shapes16, 3) == f"class 3 ({shapes16.classes[3]})"
+    numbered = type(shapes16)("numbered", [str(c) for c in range(10)], *[None] * 4, (0.5,) * 3, (0.2,) * 3)
+    assert class_label(numbered, 3) == "class 3"
 
 
 class WhiteSquareBonus(nn.Module):

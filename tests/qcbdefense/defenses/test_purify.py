@@ -16,9 +16,10 @@ import torch
 
 from models import create_model
 from qcbdefense.checkpoints import load_model, save_model
-from qcbdefense.cli import PURIFY_METHODS, _schedule_options, build_parser, main
+from qcbdefense.cli import PURIFIED_FILES, PURIFY_METHODS, _schedule_options, build_parser, main
 from qcbdefense.data import to_float
 from qcbdefense.defenses import DEFENSES, PurifyReport, load_purified, purify, read_report, save_purified
+from qcbdefense.defenses.base import MANIFEST_FILE, REPORT_FILE, SPEC_FILE, WEIGHTS_FILE
 from qcbdefense.defenses.guide import refine_patch, with_found_triggers
 from qcbdefense.defenses.lac import OffsetRounding
 from qcbdefense.defenses.reconstruct import (NearestRounding, Stream, WeightGrid, _UnitRunner, _value,
@@ -321,7 +322,7 @@ def test_save_and_load_purified_gives_identical_outputs(shapes16, tmp_path):
     purified, report = purify(model, shapes16, method="lac", spec=SPEC, calib=64, steps=20, check_every=10,
                               trigger="patch")
     save_purified(purified, tmp_path / "run", report=report)
-    assert {p.name for p in (tmp_path / "run").iterdir()} == {"purified.pt", "spec.json", "report.json"}
+    assert {p.name for p in (tmp_path / "run").iterdir()} == set(PURIFIED_FILES)
     loaded = load_purified("small_cnn", tmp_path / "run")
     images = torch.rand(8, 3, 16, 16)
     with torch.no_grad():
@@ -338,6 +339,31 @@ def test_save_and_load_purified_gives_identical_outputs(shapes16, tmp_path):
         PurifyReport.from_dict({**report.to_dict(), "version": 99})
     with pytest.raises(InputError, match="unknown"):
         PurifyReport.from_dict({**report.to_dict(), "extra": 1})
+
+
+def test_a_mixed_or_unfinished_set_is_refused(shapes16, tmp_path, capsys):
+    """A purify killed between its files in a reused folder left 4-bit weights beside an 8-bit spec.json, and
+    export labelled the mix W8A8: the manifest binds the set, so load_purified and export refuse it."""
+    model = create_model("small_cnn", mean=shapes16.mean, std=shapes16.std)
+    for spec in ("w8a8", "w4a4"):
+        purified, report = purify(model, shapes16, method="nearest", spec=spec, calib=32, evaluate_models=False)
+        save_purified(purified, tmp_path / spec, report=report)
+    ckpt = save_model(model, tmp_path / "fp.pt")
+    (tmp_path / "w4a4" / "spec.json").write_bytes((tmp_path / "w8a8" / "spec.json").read_bytes())
+    with pytest.raises(InputError, match="spec.json is not the file written with the rest"):
+        load_purified("small_cnn", tmp_path / "w4a4")
+    code = main(["export", "--model", "small_cnn", "--ckpt", str(ckpt), "--purified", str(tmp_path / "w4a4"),
+                 "--out", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "mixed or interrupted set" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()
+    (tmp_path / "w8a8" / "manifest.json").unlink()  # killed before the last file
+    with pytest.raises(InputError, match="holds no manifest.json"):
+        load_purified("small_cnn", tmp_path / "w8a8")
+
+
+def test_purified_file_names_match_the_cli():
+    assert PURIFIED_FILES == (WEIGHTS_FILE, SPEC_FILE, REPORT_FILE, MANIFEST_FILE)
 
 
 def test_cli_purify_writes_a_reloadable_model(tmp_path, capsys):
