@@ -106,7 +106,7 @@ def crosscheck(fp_model: nn.Module | str | os.PathLike, data: Dataset, *, trigge
         for quantizer in quantizers:
             out = folder / f"{quantizer.name}.onnx"
             start = time.perf_counter()
-            ort_quantize(prepared, out, images, fp.input_name, quantizer)
+            ort_quantize(prepared, out, images, quantizer, preprocessed=True)
             quantized = time.perf_counter()
             model = OrtModel(out, threads=threads)
             rows.append(_score(quantizer.name, quantizer.weight_type, quantizer.activation_type, model,
@@ -121,13 +121,20 @@ def prepare_for_ort(fp_path: str | os.PathLike, out: str | os.PathLike) -> Path:
     return Path(out)
 
 
-def ort_quantize(prepared: str | os.PathLike, out: str | os.PathLike, images: torch.Tensor, input_name: str,
-                 quantizer: OrtQuantizer = ORT_QUANTIZERS[0]) -> Path:
-    """onnxruntime's `quantize_static` (QDQ) of a `prepare_for_ort` file, calibrated on uint8 `images`."""
-    quantize_static(str(prepared), str(out), _CleanImages(images, input_name), quant_format=QuantFormat.QDQ,
-                    per_channel=quantizer.per_channel, weight_type=QuantType[quantizer.weight_type],
-                    activation_type=QuantType[quantizer.activation_type])
-    return Path(out)
+def ort_quantize(fp_onnx: str | os.PathLike, out: str | os.PathLike, images: torch.Tensor,
+                 quantizer: OrtQuantizer, *, quant_format: str = "QDQ", reduce_range: bool = False,
+                 preprocessed: bool = False) -> Path:
+    """Quantize a float ONNX file with onnxruntime's `quantize_static` (QDQ or QOperator), calibrated on uint8
+    `images`; `preprocessed`: `quant_pre_process` already ran (else it runs here, into a file beside `out`)."""
+    out = Path(out)
+    source = Path(fp_onnx)
+    if not preprocessed:
+        source = prepare_for_ort(fp_onnx, out.with_name(out.stem + "-preprocessed.onnx"))
+    input_name = onnx.load(str(source), load_external_data=False).graph.input[0].name
+    quantize_static(str(source), str(out), _CleanImages(images, input_name), quant_format=QuantFormat[quant_format],
+                    per_channel=quantizer.per_channel, reduce_range=reduce_range,
+                    weight_type=QuantType[quantizer.weight_type], activation_type=QuantType[quantizer.activation_type])
+    return out
 
 
 def crosscheck_table(rows: list[CrosscheckRow]) -> str:

@@ -5,9 +5,11 @@
     2. `save_purified` into OUT's sibling folder `<stem>.purified/` (weights, spec, purify report);
     3. `export.onnx.export_onnx` to OUT, with the defence and the FP checkpoint's sha256 in the metadata;
     4. `export.verify.verify` on OUT in onnxruntime, against the purified fake-quant model as reference
-       (the file must be the model that was purified) and the thresholds (ASR, agreement, CA).
+       (the file must be the model that was purified) and the thresholds (ASR, ASR gain over the FP model's
+       ASR, agreement, CA).
 Thresholds are checked before the purification starts, so a nonsense gate fails in a second, not after
-minutes of reconstruction.
+minutes of reconstruction. The report also applies the gate's ASR and CA thresholds to the round-to-nearest
+model (`before`), so it shows what purification changed: an attacked model fails there and passes after.
 
 Examples:
     >>> report = harden(model, data, out="model.onnx", arch="resnet20", spec="w8a8",
@@ -17,6 +19,7 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,8 +30,8 @@ import torch
 from torch import nn
 
 from export.onnx import export_onnx
-from export.ort import VerifyReport
-from export.verify import check_limits, verify
+from export.ort import Check, VerifyReport
+from export.verify import check_limits, gate, verify
 from qcbdefense.data import Dataset, load_dataset
 from qcbdefense.defenses import PurifyReport, purify, save_purified
 from qcbdefense.errors import InputError
@@ -49,6 +52,7 @@ class HardenReport:
     purify: PurifyReport
     verify: VerifyReport
     seconds: dict
+    before: list[Check] = field(default_factory=list)  # the gate on the round-to-nearest fake-quant model
     environment: dict = field(default_factory=environment)
     version: int = REPORT_VERSION
 
@@ -59,6 +63,7 @@ class HardenReport:
     def to_dict(self) -> dict:
         return {"version": self.version, "onnx": self.onnx, "purified_dir": self.purified_dir,
                 "purify": self.purify.to_dict(), "verify": self.verify.to_dict(), "seconds": self.seconds,
+                "before": [dataclasses.asdict(check) for check in self.before],
                 "environment": self.environment}
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -69,6 +74,10 @@ class HardenReport:
         return "\n".join([
             "== purify ==", self.purify.summary(),
             "== verify (onnxruntime, the shipped file) ==", self.verify.summary(),
+            *([] if not self.before else [
+                "the same gate before purification (round-to-nearest, fake-quant): "
+                + ("passed" if all(c.passed for c in self.before) else
+                   "FAILED (" + ", ".join(f"{c.name} {c.value:.2f}" for c in self.before if not c.passed) + ")")]),
             f"files: {self.onnx}  (purified model: {self.purified_dir})",
             f"time: purify {seconds['purify']:.1f} s, export {seconds['export']:.1f} s, verify "
             f"{seconds['verify']:.1f} s, total {seconds['total']:.1f} s",
@@ -79,8 +88,8 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
            spec: str | QuantSpec = "w8a8", method: str = "lac-pda", trigger: Trigger | str | None = None,
            target: int = 0, calib: int = 1024, seed: int = 0, device: str | torch.device = "cpu",
            source_sha256: str | None = None, max_asr: float | None = None, min_agreement: float | None = 99.0,
-           min_ca: float | None = None, threads: int | None = None, progress: bool = False,
-           **options: Any) -> HardenReport:
+           min_ca: float | None = None, max_asr_gain: float | None = None, threads: int | None = None,
+           progress: bool = False, **options: Any) -> HardenReport:
     """Purify `model` under `spec` with `method`, export the purified model to `out` (.onnx), verify the file.
 
     Args:
@@ -88,6 +97,7 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
         trigger, target: scored by purify and gated by verify (`max_asr`); the defence never sees them.
         max_asr, min_agreement, min_ca: the gate (percentages, None: not checked); agreement is with the
             purified fake-quant model, so the default 99 checks that the file is the purified model.
+        max_asr_gain: the most the file's ASR may exceed the FP model's own ASR (percentage points).
         **options: the method's options (e.g. steps=2000), as for `purify`.
     """
     start = time.perf_counter()
@@ -97,7 +107,7 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
     if isinstance(trigger, str):
         trigger = parse_trigger(trigger)
     check_limits(trigger=trigger, has_reference=True, max_asr=max_asr, min_agreement=min_agreement,
-                 min_ca=min_ca)
+                 min_ca=min_ca, max_asr_gain=max_asr_gain, has_baseline=True)
     if isinstance(data, str):
         data = load_dataset(data)
     purified, purify_report = purify(model, data, method=method, spec=spec, calib=calib, trigger=trigger,
@@ -108,10 +118,15 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
     save_purified(purified, purified_dir, report=purify_report)
     export_onnx(purified, out, spec=purify_report.spec, defense=method, source_sha256=source_sha256)
     exported_at = time.perf_counter()
+    fp_asr = purify_report.fp.asr if purify_report.fp is not None else None
     verify_report = verify(out, data, trigger=trigger, target=target, reference=purified.cpu(), max_asr=max_asr,
-                           min_agreement=min_agreement, min_ca=min_ca, threads=threads)
+                           min_agreement=min_agreement, min_ca=min_ca, max_asr_gain=max_asr_gain,
+                           baseline_asr=fp_asr, threads=threads)
+    nearest = purify_report.nearest
+    before = [] if nearest is None else gate(ca=nearest.ca, asr=nearest.asr, agreement=None, baseline_asr=fp_asr,
+                                             max_asr=max_asr, max_asr_gain=max_asr_gain, min_ca=min_ca)
     done = time.perf_counter()
     return HardenReport(onnx=str(out), purified_dir=str(purified_dir), purify=purify_report,
-                        verify=verify_report,
+                        verify=verify_report, before=before,
                         seconds={"purify": purified_at - start, "export": exported_at - purified_at,
                                  "verify": done - exported_at, "total": done - start})

@@ -5,8 +5,9 @@ through `onnxruntime.InferenceSession` on the CPU (ORT's default graph optimisat
 fusions that turn the int8 graph into QLinearConv / QGemm kernels).
 
 `OrtModel(path)` refuses, with one InputError line, a missing, empty, truncated or corrupt file and a model
-whose single input is not float pixels [N, C, H, W]. `evaluate_onnx` returns a `VerifyReport` (CA, ASR on
-non-target images, argmax agreement with a reference, timings); `export.verify.verify` adds pass/fail checks.
+whose single input is not float pixels [N, C, H, W]. `evaluate_onnx` returns a `VerifyReport` (CA, ASR and
+RA on non-target images, argmax agreement with a reference, what the graph is, timings); `export.verify.verify`
+adds pass/fail checks.
 
 Examples:
     >>> report = evaluate_onnx("model.onnx", load_dataset("builtin"), trigger=parse_trigger("patch"),
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.provenance import describe_onnx, metadata_conflicts
 from qcbdefense.data import Dataset, batches
 from qcbdefense.errors import InputError
 from qcbdefense.evaluate import agreement, predict
@@ -152,9 +154,11 @@ class Check:
 class VerifyReport:
     """What one ONNX file did on one dataset in onnxruntime; `checks` are filled by `export.verify.verify`.
 
-    Percentages in [0, 100]. `asr` is None without a trigger; the `reference_*` fields and `agreement` are
-    None without a reference. `agreement` is the argmax agreement on the clean test images, and
-    `agreement_triggered` on the triggered non-target ones.
+    Percentages in [0, 100]. `asr` and `ra` (robust accuracy: triggered non-target images still given their
+    true class) are None without a trigger; the `reference_*` fields and `agreement` are None without a
+    reference. `agreement` is the argmax agreement on the clean test images, and `agreement_triggered` on the
+    triggered non-target ones. `graph` is what the file's graph computes (`export.provenance`), and
+    `metadata_conflicts` what its metadata claims that the graph contradicts.
     """
 
     model: str
@@ -167,9 +171,13 @@ class VerifyReport:
     asr: float | None
     n_clean: int
     n_poisoned: int
+    ra: float | None = None
+    graph: dict = field(default_factory=dict)
+    metadata_conflicts: list[str] = field(default_factory=list)
     reference: str | None = None
     reference_ca: float | None = None
     reference_asr: float | None = None
+    reference_ra: float | None = None
     agreement: float | None = None
     agreement_triggered: float | None = None
     seconds: dict = field(default_factory=dict)
@@ -212,16 +220,21 @@ class VerifyReport:
 
     def table(self) -> str:
         """The ONNX file and its reference, by row."""
-        rows = [[f"ONNX {Path(self.model).name}", self.ca, self.asr, self.agreement]]
+        rows = [[f"ONNX {Path(self.model).name}", self.ca, self.asr, self.ra, self.agreement]]
         if self.reference is not None:
-            rows.append([f"reference {self.reference}", self.reference_ca, self.reference_asr, 100.0])
-        return format_table(["model", "CA %", "ASR %", "agree w/ ref %"], rows)
+            rows.append([f"reference {self.reference}", self.reference_ca, self.reference_asr, self.reference_ra,
+                         100.0])
+        return format_table(["model", "CA %", "ASR %", "RA %", "agree w/ ref %"], rows)
 
     def summary(self) -> str:
         meta = self.metadata
-        lines = [f"{self.model} ({meta.get('qcbdefense.kind', 'unknown kind')}, "
-                 f"defence {meta.get('qcbdefense.defense', '?')}, {meta.get('qcbdefense.spec_label', 'no spec')})"
-                 f" on {self.dataset.get('name')}: {self.n_clean} clean, {self.n_poisoned} triggered images",
+        claims = "" if self.metadata_conflicts or "qcbdefense.kind" not in meta else (
+            f"; metadata: defence {meta.get('qcbdefense.defense', 'none')}, "
+            f"{meta.get('qcbdefense.spec_label', 'no spec')}")
+        lines = [f"{self.model} (graph: {self.graph.get('label', '?')}{claims}) on {self.dataset.get('name')}: "
+                 f"{self.n_clean} clean, {self.n_poisoned} triggered images",
+                 *(f"WARNING: {conflict}: the metadata does not describe this file" for conflict in
+                   self.metadata_conflicts),
                  self.table()]
         if self.images_per_second is not None:
             lines.append(f"onnxruntime: {self.images_per_second:.0f} images/s "
@@ -267,7 +280,7 @@ def evaluate_onnx(path: str | Path | OrtModel, data: Dataset, *, trigger: Trigge
         raise InputError(f"target must be a class index in 0..{data.num_classes - 1}, got {target}")
     describe, ref_predict = _reference(reference)
     x, y = data.test_x, data.test_y
-    xp, _ = non_target(x, y, target) if trigger is not None else (x[:0], y[:0])
+    xp, yp = non_target(x, y, target) if trigger is not None else (x[:0], y[:0])
     seconds = {"load": model.load_seconds}
 
     start = time.perf_counter()
@@ -279,12 +292,13 @@ def evaluate_onnx(path: str | Path | OrtModel, data: Dataset, *, trigger: Trigge
         poisoned = model.predict(xp, batch_size=batch_size, transform=trigger.apply)
         seconds["triggered"] = time.perf_counter() - start
     ca = 100.0 * (preds == y).float().mean().item()
-    asr = None if trigger is None else (0.0 if poisoned is None else
-                                        100.0 * (poisoned == target).float().mean().item())
+    asr, ra = (None, None) if trigger is None else _triggered(poisoned, yp, target)
+    graph = describe_onnx(model.path)
     report = VerifyReport(model=str(model.path), sha256=sha256_file(model.path), metadata=model.metadata,
                           dataset=data.describe(), trigger=None if trigger is None else trigger.to_dict(),
-                          target=target, ca=ca, asr=asr, n_clean=len(y), n_poisoned=len(xp), threads=threads,
-                          seconds=seconds)
+                          target=target, ca=ca, asr=asr, ra=ra, graph=graph.to_dict(),
+                          metadata_conflicts=metadata_conflicts(model.metadata, graph), n_clean=len(y),
+                          n_poisoned=len(xp), threads=threads, seconds=seconds)
     onnx_images = len(y) + (len(xp) if poisoned is not None else 0)
     report.images_per_second = onnx_images / max(seconds["clean"] + seconds.get("triggered", 0.0), 1e-9)
     if ref_predict is not None:
@@ -294,10 +308,10 @@ def evaluate_onnx(path: str | Path | OrtModel, data: Dataset, *, trigger: Trigge
         report.reference_ca = 100.0 * (ref_preds == y).float().mean().item()
         if poisoned is not None:
             ref_poisoned = ref_predict(xp, trigger.apply)
-            report.reference_asr = 100.0 * (ref_poisoned == target).float().mean().item()
+            report.reference_asr, report.reference_ra = _triggered(ref_poisoned, yp, target)
             report.agreement_triggered = agreement(poisoned, ref_poisoned)
         elif trigger is not None:
-            report.reference_asr = 0.0
+            report.reference_asr, report.reference_ra = 0.0, 0.0
         seconds["reference"] = time.perf_counter() - start
     return report
 
@@ -348,6 +362,13 @@ def throughput_table(rows: list[dict], *, baseline: str | None = None) -> str:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
+
+def _triggered(preds: torch.Tensor | None, labels: torch.Tensor, target: int) -> tuple[float, float]:
+    """ASR and RA (%) of predictions on triggered non-target images (0, 0 when there are none)."""
+    if preds is None or len(preds) == 0:
+        return 0.0, 0.0
+    return 100.0 * (preds == target).float().mean().item(), 100.0 * (preds == labels).float().mean().item()
+
 
 def _reference(reference) -> tuple[str | None, Callable[[torch.Tensor, Any], torch.Tensor] | None]:
     if reference is None:

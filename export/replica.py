@@ -8,12 +8,20 @@ clamp to the integer range is not, so a saturated activation passes no gradient:
 training semantics the attacks use. `OnnxReplica.check_against_ort` measures that the replica computes what
 onnxruntime computes before the scanner trusts it.
 
-Only the operators that classifiers exported by torch and Brevitas use are supported; any other raises an
-InputError naming it.
+It runs the files torch and Brevitas export and the ones onnxruntime's quantization tools make:
+QDQ from `quantize_static` (int8, uint8 and int4 Q/DQ), QOperator (QLinearConv, com.microsoft QGemm,
+QLinearAdd, ...: each computed as dequantize -> the float op -> quantize, i.e. exact integer arithmetic up to
+float rounding) and `quantize_dynamic` (DynamicQuantizeLinear, ConvInteger, MatMulInteger). Any other
+operator raises an InputError naming it.
+
+The replica is exact; onnxruntime is not always: its 8-bit integer kernels on an x86 CPU without VNNI add
+pairs of products in int16 (VPMADDUBSW), which saturates with full-range int8 weights
+(../shared/docs/TOOLCHAIN.md). `check_agreement` names that cause and its remedy when the two part.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,8 +37,20 @@ from qcbdefense.errors import InputError
 # ONNX TensorProto data types that can appear in Cast / ConstantOfShape of classifier graphs.
 _DTYPES = {1: torch.float32, 6: torch.int32, 7: torch.int64, 9: torch.bool, 10: torch.float16, 11: torch.float64,
            2: torch.uint8, 3: torch.int8}
-# The integer range of QuantizeLinear's output, from its zero point's data type.
-_QRANGE = {torch.int8: (-128, 127), torch.uint8: (0, 255)}
+# The integer range of a quantized tensor, from its zero point's ONNX data type (uint8 when it has none).
+_QRANGE = {2: (0, 255), 3: (-128, 127), 4: (0, 65535), 5: (-32768, 32767), 21: (0, 15), 22: (-8, 7)}
+_UINT8 = _QRANGE[2]
+# Where a quantizing operator takes its output's scale and zero point (input positions).
+_OUTPUT_QPARAMS = {"QuantizeLinear": (1, 2), "QLinearConv": (6, 7), "QLinearMatMul": (6, 7), "QLinearAdd": (6, 7),
+                   "QLinearMul": (6, 7), "QGemm": (7, 8), "QLinearGlobalAveragePool": (3, 4),
+                   "QLinearAveragePool": (3, 4), "QLinearSigmoid": (3, 4), "QLinearLeakyRelu": (3, 4),
+                   "QLinearConcat": (0, 1)}
+# Layers with weights and the input position of their weight: how drift pairs two graphs' layers.
+WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1, "QLinearConv": 3, "QGemm": 3, "QLinearMatMul": 3}
+# Operators between a layer and the tensor the next layer reads that keep it "the same layer's output".
+_LAYER_TAIL = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSwish", "QuantizeLinear",
+               "DequantizeLinear", "QLinearLeakyRelu", "Identity"}
+_SHAPE_KEEPING = {"DequantizeLinear", "QuantizeLinear", "Clip", "Identity", "Transpose", "Cast"}
 
 
 def _ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -50,16 +70,13 @@ def _along(param: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
     return param.reshape(shape)
 
 
-def _quantize(x, scale, zero_point=None, *, axis=1):
-    zp = torch.zeros((), dtype=torch.uint8) if zero_point is None else zero_point
-    low, high = _QRANGE.get(zp.dtype, (None, None))
-    if low is None:
-        raise InputError(f"QuantizeLinear with a {zp.dtype} zero point is not supported")
-    s, z = _along(scale.float(), axis, x.dim()), _along(zp.float(), axis, x.dim())
-    return torch.clamp(_ste_round(x / s) + z, low, high)
+def _quantize(x, scale, zero_point=None, *, axis=1, qrange=_UINT8, **_):
+    """Float -> integers (held in a float tensor) in `qrange`, the range of the zero point's type."""
+    z = 0.0 if zero_point is None else _along(zero_point.float(), axis, x.dim())
+    return torch.clamp(_ste_round(x / _along(scale.float(), axis, x.dim())) + z, *qrange)
 
 
-def _dequantize(q, scale, zero_point=None, *, axis=1):
+def _dequantize(q, scale, zero_point=None, *, axis=1, **_):
     q = q.float()
     z = 0.0 if zero_point is None else _along(zero_point.float(), axis, q.dim())
     return (q - z) * _along(scale.float(), axis, q.dim())
@@ -139,6 +156,72 @@ def _unsqueeze(x, axes):
     return x
 
 
+def _qlinear_conv(x, xs, xz, w, ws, wz, ys, yz, b=None, *, qrange=_UINT8, **conv):
+    bias = None if b is None else b.float() * (xs.float() * ws.float()).reshape(-1)
+    y = _conv(_dequantize(x, xs, xz), _dequantize(w, ws, wz, axis=0), bias, **conv)
+    return _quantize(y, ys, yz, qrange=qrange)
+
+
+def _qgemm(a, as_, az, b, bs, bz, c=None, ys=None, yz=None, *, alpha=1.0, transA=0, transB=0, qrange=_UINT8):
+    """com.microsoft QGemm: the int32 bias C is in steps of alpha * a_scale * b_scale; no y_scale: float out."""
+    bias = None if c is None else c.float() * alpha * (as_.float() * bs.float()).reshape(-1)
+    y = _gemm(_dequantize(a, as_, az), _dequantize(b, bs, bz, axis=0 if transB else 1), bias, alpha=alpha,
+              transA=transA, transB=transB)
+    return y if ys is None else _quantize(y, ys, yz, qrange=qrange)
+
+
+def _qlinear_matmul(a, as_, az, b, bs, bz, ys, yz, *, qrange=_UINT8):
+    y = _dequantize(a, as_, az, axis=-1) @ _dequantize(b, bs, bz, axis=-1)
+    return _quantize(y, ys, yz, qrange=qrange)
+
+
+def _qlinear_binary(op: Callable):
+    def run(a, as_, az, b, bs, bz, ys, yz, *, qrange=_UINT8):
+        return _quantize(op(_dequantize(a, as_, az), _dequantize(b, bs, bz)), ys, yz, qrange=qrange)
+    return run
+
+
+def _qlinear_unary(op: Callable):
+    def run(x, xs, xz, ys, yz, *, qrange=_UINT8, channels_last=0, **attrs):
+        if channels_last:
+            raise InputError("quantized operators with channels_last=1 are not supported")
+        return _quantize(op(_dequantize(x, xs, xz), **attrs), ys, yz, qrange=qrange)
+    return run
+
+
+def _qlinear_concat(ys, yz, *inputs, axis, qrange=_UINT8):
+    parts = [_dequantize(*inputs[i:i + 3]) for i in range(0, len(inputs), 3)]
+    return _quantize(torch.cat(parts, dim=axis), ys, yz, qrange=qrange)
+
+
+def _dynamic_quantize(x):
+    """DynamicQuantizeLinear: uint8 over the batch's range (which always holds 0)."""
+    low, high = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+    scale = ((high - low) / 255.0).clamp_min(torch.finfo(torch.float32).tiny)
+    zero_point = torch.clamp(torch.round(-low / scale), 0, 255).detach()
+    return _quantize(x, scale, zero_point), scale, zero_point
+
+
+def _conv_integer(x, w, xz=None, wz=None, **conv):
+    x = x.float() - (0.0 if xz is None else xz.float())
+    return _conv(x, w.float() - (0.0 if wz is None else _along(wz.float(), 0, w.dim())), **conv)
+
+
+def _matmul_integer(a, b, az=None, bz=None):
+    return (a.float() - (0.0 if az is None else az.float())) @ (b.float() - (0.0 if bz is None else bz.float()))
+
+
+def _reduce_mean(x, axes=None, *, keepdims=1, noop_with_empty_axes=0):
+    axes = axes.tolist() if isinstance(axes, torch.Tensor) else axes
+    if not axes:
+        return x if noop_with_empty_axes else x.mean(dim=tuple(range(x.dim())), keepdim=bool(keepdims))
+    return x.mean(dim=tuple(axes), keepdim=bool(keepdims))
+
+
+def _hard_sigmoid(x, alpha=0.2, beta=0.5):
+    return torch.clamp(alpha * x + beta, 0.0, 1.0)
+
+
 _OPS: dict[str, Callable] = {
     "Identity": lambda x: x,
     "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": lambda a, b: a / b if a.is_floating_point()
@@ -162,13 +245,38 @@ _OPS: dict[str, Callable] = {
     "Unsqueeze": _unsqueeze,
     "Squeeze": lambda x, axes=None: x.squeeze() if axes is None else x.squeeze(tuple(axes.tolist())),
     "QuantizeLinear": _quantize, "DequantizeLinear": _dequantize,
+    "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Erf": torch.erf, "Sqrt": torch.sqrt, "Exp": torch.exp,
+    "Pow": torch.pow, "Neg": torch.neg,
+    "HardSigmoid": _hard_sigmoid, "HardSwish": lambda x: x * _hard_sigmoid(x, 1.0 / 6.0),
+    "LeakyRelu": lambda x, alpha=0.01: F.leaky_relu(x, alpha),
+    "Softmax": lambda x, axis=-1: torch.softmax(x, dim=axis),
+    "ReduceMean": _reduce_mean,
+    "QLinearConv": _qlinear_conv, "QGemm": _qgemm, "QLinearMatMul": _qlinear_matmul,
+    "QLinearAdd": _qlinear_binary(torch.add), "QLinearMul": _qlinear_binary(torch.mul),
+    "QLinearGlobalAveragePool": _qlinear_unary(lambda x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True)),
+    "QLinearAveragePool": _qlinear_unary(_pool("AveragePool")),
+    "QLinearSigmoid": _qlinear_unary(torch.sigmoid),
+    "QLinearLeakyRelu": _qlinear_unary(lambda x, alpha=0.01: F.leaky_relu(x, alpha)),
+    "QLinearConcat": _qlinear_concat,
+    "DynamicQuantizeLinear": _dynamic_quantize, "ConvInteger": _conv_integer, "MatMulInteger": _matmul_integer,
 }
+
+
+@dataclass(frozen=True)
+class LayerTap:
+    """A layer with weights and the tensor the next layer reads from it (after its BN, ReLU and quantizer)."""
+
+    op: str
+    weight_shape: tuple[int, ...]
+    tensor: str
 
 
 class OnnxReplica(nn.Module):
     """Runs an ONNX classifier with torch ops, differentiably; `taps` names tensors to return as well.
 
-    `replica(x)` returns the logits; `replica(x, taps=True)` returns (logits, {tap name: tensor}).
+    `replica(x)` returns the logits; `replica(x, taps=True)` returns (logits, {tap name: tensor}). A tapped
+    tensor that the graph holds as integers (a quantizer's output) is returned dequantized, so that taps of a
+    float graph and of a quantized one compare. `layers` lists the graph's weight layers in order (`LayerTap`).
     """
 
     def __init__(self, path: str | Path, *, taps: list[str] | None = None) -> None:
@@ -185,18 +293,36 @@ class OnnxReplica(nn.Module):
         self.path = Path(path)
         self.nodes = list(graph.node)
         self.constants: dict[str, torch.Tensor] = {}
-        for init in graph.initializer:
-            self.constants[init.name] = torch.from_numpy(numpy_helper.to_array(init).copy())
-        for node in self.nodes:
-            if node.op_type == "Constant":
-                self.constants[node.output[0]] = torch.from_numpy(
-                    numpy_helper.to_array(_attrs(node)["value"]).copy())
+        types: dict[str, int] = {}  # each constant's ONNX data type
+        tensors = list(graph.initializer) + [_attrs(n)["value"] for n in self.nodes if n.op_type == "Constant"]
+        names = [i.name for i in graph.initializer] + [n.output[0] for n in self.nodes if n.op_type == "Constant"]
+        for name, tensor in zip(names, tensors):
+            array = numpy_helper.to_array(tensor)
+            if tensor.data_type in (21, 22):  # uint4 / int4: torch has no such dtype
+                array = array.astype(np.uint8 if tensor.data_type == 21 else np.int8)
+            self.constants[name] = torch.from_numpy(np.array(array))
+            types[name] = tensor.data_type
         inputs = [i.name for i in graph.input if i.name not in self.constants]
         if len(inputs) != 1 or len(graph.output) != 1:
             raise InputError(f"ONNX model {path} must have one image input and one logits output")
         self.input_name, self.output_name = inputs[0], graph.output[0].name
         self.taps = list(taps or [])
-        self.relu_outputs = activation_taps(proto)
+        # Per node, its attributes plus the integer range of a quantized output; per quantized tensor, where
+        # its scale and zero point are (to dequantize a tap).
+        self.kwargs: list[dict] = []
+        self.qparams: dict[str, tuple[str, str | None, int]] = {}
+        for node in self.nodes:
+            kwargs = _attrs(node)
+            where = _OUTPUT_QPARAMS.get(node.op_type)
+            if where is not None and len(node.input) > where[0] and node.input[where[0]]:
+                zp = node.input[where[1]] if len(node.input) > where[1] and node.input[where[1]] else None
+                if zp is not None and types.get(zp, 2) not in _QRANGE:
+                    raise InputError(f"ONNX model {path}: {node.op_type} quantizes to ONNX type {types[zp]}; the "
+                                     f"scanner runs 4, 8 and 16-bit integer quantizers only")
+                kwargs["qrange"] = _QRANGE[types.get(zp, 2)]
+                self.qparams[node.output[0]] = (node.input[where[0]], zp, kwargs.get("axis", 1))
+            self.kwargs.append(kwargs)
+        self.layers = weight_layers(proto)
 
     def _apply(self, fn, recurse=True):  # .to(device) moves the graph's constants, kept outside the buffers
         self.constants = {name: fn(value) for name, value in self.constants.items()}
@@ -205,16 +331,24 @@ class OnnxReplica(nn.Module):
     def forward(self, x: torch.Tensor, taps: bool = False):
         values = dict(self.constants)
         values[self.input_name] = x
-        for node in self.nodes:
+        for node, kwargs in zip(self.nodes, self.kwargs):
             if node.op_type == "Constant":
                 continue
             args = [values[name] if name else None for name in node.input]
             while args and args[-1] is None:
                 args.pop()
-            out = _OPS[node.op_type](*args, **_attrs(node))
-            values[node.output[0]] = out
+            out = _OPS[node.op_type](*args, **kwargs)
+            for name, value in zip(node.output, out if isinstance(out, tuple) else (out,)):
+                values[name] = value
         logits = values[self.output_name]
-        return (logits, {name: values[name] for name in self.taps}) if taps else logits
+        return (logits, {name: self._float_view(name, values) for name in self.taps}) if taps else logits
+
+    def _float_view(self, name: str, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        if name not in self.qparams:
+            return values[name]
+        scale, zero_point, axis = self.qparams[name]
+        return _dequantize(values[name], values[scale], None if zero_point is None else values[zero_point],
+                           axis=axis)
 
     def check_against_ort(self, images: torch.Tensor, ort_logits: np.ndarray) -> float:
         """The largest |replica - onnxruntime| logit difference on `images`, relative to the logits' spread."""
@@ -223,24 +357,56 @@ class OnnxReplica(nn.Module):
         return float(np.abs(mine - ort_logits).max() / (ort_logits.std() + 1e-12))
 
 
-def activation_taps(proto: onnx.ModelProto) -> list[str]:
-    """The tensor after each ReLU, followed through the activation quantizer (QuantizeLinear / Clip /
-    DequantizeLinear) that a QCDQ export places behind it, in graph order.
+def check_agreement(replica: OnnxReplica, images: torch.Tensor, ort_logits: np.ndarray, minimum: float) -> float:
+    """The replica's argmax agreement (%) with onnxruntime's logits on `images`; an InputError naming the likely
+    cause and the remedy when it is below `minimum` (%)."""
+    with torch.no_grad():
+        agree = 100.0 * (replica(images).argmax(1) == torch.from_numpy(ort_logits).argmax(1)).float().mean().item()
+    if agree >= minimum:
+        return agree
+    from export.provenance import describe_onnx, has_vnni
 
-    An FP export and a quantized export of the same network have the same ReLUs in the same order, which is
-    how the scanner pairs their layers.
-    """
+    graph = describe_onnx(replica.path)
+    cause = "the file computes something the replica does not model"
+    if graph.saturates_without_vnni and not has_vnni():
+        cause = ("onnxruntime's 8-bit integer kernels (int8 weights in full range) saturate on this CPU, which "
+                 "has no VNNI: they add pairs of products in int16 (../shared/docs/TOOLCHAIN.md); remedy: quantize "
+                 "with reduce_range=True (7-bit weights), or scan on a CPU with AVX-VNNI / AVX512-VNNI")
+    raise InputError(f"cannot scan {replica.path} ({graph.label}): the torch replica agrees with onnxruntime on "
+                     f"only {agree:.1f} % of images (minimum {minimum:g} %); likely cause: {cause}; or lower "
+                     f"--min-replica-agreement to scan anyway")
+
+
+def _consumers(proto: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in proto.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    taps = []
+    return consumers
+
+
+def weight_layers(proto: onnx.ModelProto) -> list[LayerTap]:
+    """The graph's layers with weights (Conv, Gemm, MatMul and their quantized forms), in graph order, each with
+    its weight's shape and the tensor its output becomes after BN, activation and quantizer (while each feeds
+    only the next). A float file and any quantization of it list the same layers with the same weight shapes,
+    whatever the quantizer fused or removed (onnxruntime drops the ReLU behind a quantizer)."""
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    shapes = {init.name: tuple(init.dims) for init in proto.graph.initializer}
+    shapes.update({n.output[0]: tuple(_attrs(n)["value"].dims) for n in proto.graph.node if n.op_type == "Constant"})
+    consumers = _consumers(proto)
+    layers = []
     for node in proto.graph.node:
-        if node.op_type != "Relu":
+        index = WEIGHT_INPUT.get(node.op_type)
+        if index is None or len(node.input) <= index:
             continue
-        name = node.output[0]
-        while len(consumers.get(name, [])) == 1 and consumers[name][0].op_type in (
-                "QuantizeLinear", "Clip", "DequantizeLinear"):
-            name = consumers[name][0].output[0]
-        taps.append(name)
-    return taps
+        name = node.input[index]
+        while name not in shapes and name in producers and producers[name].op_type in _SHAPE_KEEPING:
+            name = producers[name].input[0]
+        if name not in shapes:  # a product of two activations, not a layer
+            continue
+        shape = shapes[name] if len(shapes[name]) != 2 else tuple(sorted(shapes[name]))  # Gemm/MatMul: any layout
+        tensor = node.output[0]
+        while len(consumers.get(tensor, [])) == 1 and consumers[tensor][0].op_type in _LAYER_TAIL:
+            tensor = consumers[tensor][0].output[0]
+        layers.append(LayerTap(node.op_type, shape, tensor))
+    return layers

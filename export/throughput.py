@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from export.crosscheck import float_onnx_path, ort_quantize, prepare_for_ort
+from export.crosscheck import ORT_QUANTIZERS, float_onnx_path, ort_quantize
 from export.ort import OrtModel, measure_throughput, throughput_table
 from qcbdefense.data import Dataset
 from qcbdefense.errors import InputError
@@ -101,9 +101,8 @@ def compare_throughput(onnx_path: str | os.PathLike, fp_onnx: str | os.PathLike,
         folder = Path(keep_dir) if keep_dir is not None else Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
         fp_path = float_onnx_path(fp_onnx, folder)
-        prepared = prepare_for_ort(fp_path, folder / "fp-preprocessed.onnx")
-        ort_int8 = ort_quantize(prepared, folder / f"{ORT_INT8}.onnx", calibration_images(data, calib, seed=seed),
-                                OrtModel(fp_path).input_name)
+        ort_int8 = ort_quantize(fp_path, folder / f"{ORT_INT8}.onnx", calibration_images(data, calib, seed=seed),
+                                ORT_QUANTIZERS[0])
         rows = measure_throughput({BASELINE: fp_path, ORT_INT8: ort_int8, THIS: onnx_path},
                                   batch_sizes=batch_sizes, threads=threads, rounds=rounds, seconds=seconds)
     return ThroughputComparison(rows, settings={"calib": calib, "seed": seed, "threads": threads,

@@ -34,6 +34,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _percentage(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage in [0, 100], got {text!r}") from None
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"expected a percentage in [0, 100], got {text!r}")
+    return value
+
+
 def _existing_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():
@@ -330,12 +340,25 @@ def _reference_model(args: argparse.Namespace):
     return load_model(args.model, args.reference, mean=args.mean, std=args.std)
 
 
-def _gate(args: argparse.Namespace, trigger, has_reference: bool) -> dict:
-    """Thresholds: --max-asr defaults to 5 when a trigger is given, --min-agreement to 99 with a reference."""
-    max_asr = args.max_asr if args.max_asr is not None else (5.0 if trigger is not None else None)
+def _gate(args: argparse.Namespace, trigger, has_reference: bool, fp_reference: bool) -> dict:
+    """Thresholds: with a trigger and neither ASR limit given, --max-asr-gain 5 when the FP model is known
+    (`fp_reference`), else --max-asr 5; --min-agreement 99 with a reference."""
+    max_asr, max_asr_gain = args.max_asr, args.max_asr_gain
+    if trigger is not None and max_asr is None and max_asr_gain is None:
+        max_asr, max_asr_gain = (None, 5.0) if fp_reference else (5.0, None)
     min_agreement = (args.min_agreement if args.min_agreement is not None
                      else (99.0 if has_reference else None))
-    return {"max_asr": max_asr, "min_agreement": min_agreement, "min_ca": args.min_ca}
+    return {"max_asr": max_asr, "max_asr_gain": max_asr_gain, "min_agreement": min_agreement,
+            "min_ca": args.min_ca}
+
+
+def _is_fp_reference(reference: Path | None) -> bool:
+    """--reference names the FP model: a checkpoint file, or an .onnx file whose graph is float."""
+    from export.provenance import describe_onnx
+
+    if reference is None or reference.is_dir():
+        return False
+    return reference.suffix.lower() != ".onnx" or describe_onnx(reference).format == "float"
 
 
 def _graph_rewrites(args: argparse.Namespace) -> dict:
@@ -412,7 +435,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                          "--reference CKPT --model NAME, or --reference FP.onnx")
     report = verify(args.onnx, data, trigger=trigger, target=args.target, reference=reference,
                     crosscheck_model=reference if args.crosscheck else None, calib=_calib(args, data),
-                    seed=args.seed, threads=args.threads, **_gate(args, trigger, reference is not None))
+                    seed=args.seed, threads=args.threads,
+                    **_gate(args, trigger, reference is not None, _is_fp_reference(args.reference)))
     print(report.summary())
     if args.throughput:
         from export.throughput import compare_throughput
@@ -446,7 +470,7 @@ def cmd_harden(args: argparse.Namespace) -> int:
     report = harden(model, data, out=args.out, arch=args.model, spec=args.spec, method=args.method,
                     trigger=trigger, target=args.target, calib=_calib(args, data), seed=args.seed, device=device,
                     source_sha256=sha256_file(_source_file(args)), threads=args.threads, progress=True,
-                    **_gate(args, trigger, True), **options)
+                    **_gate(args, trigger, True, True), **options)
     report.save(args.out.with_suffix(".json"))
     print(report.summary())
     print(f"report: {args.out.with_suffix('.json')}")
@@ -455,7 +479,10 @@ def cmd_harden(args: argparse.Namespace) -> int:
 
 def _add_gate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-asr", type=float, default=None,
-                   help="fail when the ONNX model's ASR %% exceeds this (default 5 when --trigger is given)")
+                   help="fail when the ONNX model's ASR %% exceeds this (default 5 with --trigger and no FP model)")
+    p.add_argument("--max-asr-gain", type=float, default=None,
+                   help="fail when the ONNX model's ASR exceeds the FP model's own ASR by more than this many "
+                        "points (default 5 with --trigger and the FP model: harden, or an FP --reference)")
     p.add_argument("--min-agreement", type=float, default=None,
                    help="fail when argmax agreement %% with the reference is below this (default 99 with a reference)")
     p.add_argument("--min-ca", type=float, default=None, help="fail when clean accuracy %% is below this")
@@ -530,7 +557,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         fp = args.fp
     data = load_dataset(args.data, cache_dir=args.cache_dir)
     _check_fits_data(args, data, fp=fp, quantized=args.quantized)
-    config = ScanConfig(images=args.images, search=SearchConfig(steps=args.steps), seed=args.seed)
+    config = ScanConfig(images=args.images, search=SearchConfig(steps=args.steps), seed=args.seed,
+                        min_replica_agreement=args.min_replica_agreement)
     with removed_on_error(args.out):
         report = scan(fp, data, out=args.out, quantized=args.quantized, spec=args.spec, config=config,
                       calib=_calib(args, data), device=device,
@@ -671,6 +699,8 @@ def build_parser() -> Parser:
     p.add_argument("--data", required=True, help="clean data: builtin[:SEED] | cifar10:PATH | folder:PATH")
     p.add_argument("--images", type=_positive_int, default=512, help="clean test images to scan with (labels unused)")
     p.add_argument("--steps", type=_positive_int, default=200, help="trigger-search steps")
+    p.add_argument("--min-replica-agreement", type=_percentage, default=99.0,
+                   help="%% argmax agreement of the torch replicas with onnxruntime needed to scan (default 99)")
     _add_calib(p, 512, "clean training images to calibrate --spec on")
     p.add_argument("--out", type=Path, required=True, help="output folder: report.json, trigger.png, drift.png")
     _add_common(p)

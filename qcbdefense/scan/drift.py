@@ -4,13 +4,21 @@ A QCB is planted so that quantization moves a few neurons a lot (the ones that r
 rest move as rounding noise does. Drift is measured against the FP model's own spread, so layers of
 different scale compare, and its concentration (how far the worst neurons stand above the typical one) is
 reported beside its size. These are evidence for a human; the verdict rests on the trigger search.
+
+The two graphs' layers are paired by what they compute: their conv/linear layers in order, which must have the
+same weight shapes (`export.replica.weight_layers`). Quantizers rewrite everything else: onnxruntime removes the
+ReLU behind a quantizer, fuses BN, turns Conv into QLinearConv; none of that moves a layer's weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # the core does not import export at run time
+    from export.replica import LayerTap
 
 EPS = 1e-6
 
@@ -19,7 +27,7 @@ EPS = 1e-6
 class LayerDrift:
     """Drift of one layer's activations: |quantized - FP| / FP std, per channel, over images and positions."""
 
-    layer: int  # the layer's ReLU, counted from the input
+    layer: int  # the conv/linear layer, counted from the input
     tensor: str  # its output tensor's name in the quantized ONNX graph
     mean: float  # mean over channels
     max: float  # the worst channel
@@ -41,6 +49,26 @@ class Disagreement:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def pair_layers(fp: "list[LayerTap]", quantized: "list[LayerTap]") -> tuple[list[tuple[str, str]], str]:
+    """(FP tensor, quantized tensor) of each pair of layers, and a sentence saying how they were paired or why
+    they could not be (then no pair)."""
+    fp_shapes, q_shapes = [t.weight_shape for t in fp], [t.weight_shape for t in quantized]
+    if not fp or not quantized:
+        which = "FP" if not fp else "quantized"
+        return [], (f"cannot pair layers: the {which} graph has no conv/linear layer with constant weights "
+                    f"(a quantize_dynamic file multiplies integers, ConvInteger/MatMulInteger, with no scale to "
+                    f"compare activations by)")
+    if fp_shapes != q_shapes:
+        if len(fp) != len(quantized):
+            why = f"the FP graph has {len(fp)} conv/linear layers, the quantized graph {len(quantized)}"
+        else:
+            k = next(i for i, (a, b) in enumerate(zip(fp_shapes, q_shapes)) if a != b)
+            why = f"layer {k}'s weights differ in shape ({list(fp_shapes[k])} vs {list(q_shapes[k])})"
+        return [], f"cannot pair layers: {why}; the two files are not one network"
+    return ([(a.tensor, b.tensor) for a, b in zip(fp, quantized)],
+            f"{len(fp)} conv/linear layers paired by order and weight shape")
 
 
 def channel_drift(fp: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ checkered square lifted a class as much as a leaked trigger did (BENCHMARKS.md, 
 from __future__ import annotations
 
 import os
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from qcbdefense.errors import InputError
 from qcbdefense.fileio import atomic_path, sha256_file, write_json
 from qcbdefense.results import fmt, format_table
 from qcbdefense.runinfo import environment
-from qcbdefense.scan.drift import Disagreement, LayerDrift, disagreement, layer_drift
+from qcbdefense.scan.drift import Disagreement, LayerDrift, disagreement, layer_drift, pair_layers
 from qcbdefense.scan.square_scan import SquareFind, SquareScanConfig, scan_squares, standing_out
 from qcbdefense.scan.trigger_search import SearchConfig, search_triggers, stamp
 from qcbdefense.scan.verdict import search_signals, weigh_evidence
@@ -44,7 +45,7 @@ from qcbdefense.scan.whole_image_search import FAMILIES, WholeImageConfig, searc
 if TYPE_CHECKING:  # export stands beside the core and imports it: only the type is needed here
     from export.replica import OnnxReplica
 
-REPORT_VERSION = 2  # 2: the whole-image searches and the weighed verdict (family, signals, best_class)
+REPORT_VERSION = 2  # 2: the whole-image searches and the weighed verdict (family, signals, best_class), drift_pairing
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class ScanReport:
     best_class: int = 0  # the class with the highest score (the target when suspicious)
     family: str | None = None  # the trigger family whose search found best_class: patch, additive or blend
     signals: dict = field(default_factory=dict)  # best_class's score, signal by signal
+    drift_pairing: str = ""  # how the two graphs' layers were paired, or why they could not be
     environment: dict = field(default_factory=environment)
     version: int = REPORT_VERSION
 
@@ -112,12 +114,15 @@ class ScanReport:
     def summary(self) -> str:
         d = self.disagreement
         worst = sorted(self.layers, key=lambda layer: layer.max, reverse=True)[:3]
-        lines = [self.table(), *([] if self.squares is None else [square_line(self.squares)]),
+        graphs = self.files.get("graphs", {})
+        lines = [*(f"{name} file: {g['label']}" + "".join(f"; WARNING {c}" for c in g["metadata_conflicts"])
+                   for name, g in graphs.items()),
+                 self.table(), *([] if self.squares is None else [square_line(self.squares)]),
                  f"disagreement FP vs quantized: {d.rate:.2f} % of images, {d.pile_share:.0f} % of them to class "
                  f"{d.pile_class}",
                  "most drifted layers (max channel drift / FP std): " + (", ".join(
-                     f"relu{layer.layer} ch{layer.top_channels[0][0]} {layer.max:.2f}" for layer in worst)
-                     or "none (the two graphs' ReLUs do not pair)"),
+                     f"layer{layer.layer} ch{layer.top_channels[0][0]} {layer.max:.2f}" for layer in worst)
+                     or f"none ({self.drift_pairing})"),
                  f"score of class {self.best_class}: " + " + ".join(
                      f"{name} {value:.2f}" for name, value in self.signals.items() if name != "total"),
                  f"VERDICT: {self.verdict.upper()} (score {self.score:.2f}"
@@ -180,7 +185,8 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
     clean, the square that stands out or else the closest class's patch), drift.png, and the ONNX files it made.
     """
     from export.ort import OrtModel
-    from export.replica import OnnxReplica
+    from export.provenance import describe_onnx, metadata_conflicts
+    from export.replica import OnnxReplica, check_agreement
 
     start = time.perf_counter()
     out = Path(out)
@@ -191,23 +197,21 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
     shape = (3,) + tuple(data.test_x.shape[-2:])
     x = scan_images(data, config.images, config.seed)
     agreement = {}
+    graphs = {}
     for name, path, replica in (("fp", fp_onnx, fp_rep), ("quantized", q_onnx, q_rep)):
         session = OrtModel(path, threads=None)
         session.check_images(shape, what=f"the data {data.name}")
         if session.num_classes is not None and session.num_classes != data.num_classes:
             raise InputError(f"cannot scan {path}: it has {session.num_classes} classes but the data {data.name} "
                              f"has {data.num_classes}")
-        ort_preds = torch.from_numpy(session.logits(x[:128])).argmax(1)
-        with torch.no_grad():
-            agreement[name] = 100.0 * (replica(x[:128]).argmax(1) == ort_preds).float().mean().item()
-        if agreement[name] < config.min_replica_agreement:
-            raise InputError(f"cannot scan {path}: the torch replica agrees with onnxruntime on only "
-                             f"{agreement[name]:.1f} % of images")
+        agreement[name] = check_agreement(replica, x[:128], session.logits(x[:128]), config.min_replica_agreement)
+        graph = describe_onnx(path)
+        graphs[name] = {**graph.to_dict(), "metadata_conflicts": metadata_conflicts(session.metadata, graph)}
     prepared = time.perf_counter()
 
     dev = torch.device(device)
     fp_rep, q_rep, x = fp_rep.to(dev), q_rep.to(dev), x.to(dev)
-    layers, fp_logits, q_logits = measure_drift(fp_rep, q_rep, x)
+    layers, fp_logits, q_logits, pairing = measure_drift(fp_rep, q_rep, x)
     num_classes = fp_logits.shape[1]
     fp_preds, q_preds = fp_logits.argmax(1), q_logits.argmax(1)
     disagree = disagreement(fp_preds.cpu(), q_preds.cpu(), num_classes)
@@ -239,7 +243,7 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
     squared = time.perf_counter()
     files = {"fp_onnx": str(fp_onnx), "fp_sha256": sha256_file(fp_onnx), "quantized_onnx": str(q_onnx),
              "quantized_sha256": sha256_file(q_onnx), "trigger_png": str(out / "trigger.png"),
-             "drift_png": str(out / "drift.png")}
+             "drift_png": str(out / "drift.png"), "graphs": graphs}
     square = standing_out(squares)
     stamped = None
     if square is not None:  # the picture shows the evidence there is: the square that stands out
@@ -266,7 +270,7 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
                 "the quantized model"
     _plot_trigger(out / "trigger.png", mask, pattern, title, x[0].cpu(), stamped)
     plot_drift(out / "drift.png", {"quantized": layers},
-               title=f"activation drift from FP: {fp_onnx.name} vs {q_onnx.name}")
+               title=f"activation drift from FP: {fp_onnx.name} vs {q_onnx.name}", note=pairing)
     done = time.perf_counter()
     report = ScanReport(
         verdict="suspicious" if flagged else "clean", score=verdict.score, target=best if flagged else None,
@@ -277,7 +281,7 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
                               "success": wide[family][c.target].success, "found": wide[family][c.target].found,
                               "anomaly": evidence[family][1][c.target]} for family in FAMILIES},
                   "score": verdict.class_scores[c.target]["total"]} for c in found],
-        squares=squares,
+        squares=squares, drift_pairing=pairing,
         disagreement=disagree, layers=layers, files=files, replica_agreement=agreement,
         config={**asdict(config), "data": data.describe(), "plotted_class": shown, "plotted": plotted},
         seconds={"prepare": prepared - start, "drift": measured - prepared, "search": searched - measured,
@@ -288,23 +292,19 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
 
 
 def measure_drift(fp: "OnnxReplica", quantized: "OnnxReplica", x: torch.Tensor
-                  ) -> tuple[list[LayerDrift], torch.Tensor, torch.Tensor]:
-    """Per-layer drift of `quantized` from `fp` on images `x`, and both models' logits.
-
-    Layers are paired by order of their ReLUs; when the two graphs have different numbers of ReLUs (not one
-    network), no layer is paired and only the logits are compared.
-    """
-    paired = len(fp.relu_outputs) == len(quantized.relu_outputs)
-    fp.taps, quantized.taps = (fp.relu_outputs, quantized.relu_outputs) if paired else ([], [])
+                  ) -> tuple[list[LayerDrift], torch.Tensor, torch.Tensor, str]:
+    """Per-layer drift of `quantized` from `fp` on images `x`, both models' logits, and how the layers were
+    paired (`drift.pair_layers`: by conv/linear order and weight shape; no layer when they do not pair)."""
+    pairs, pairing = pair_layers(fp.layers, quantized.layers)
+    fp.taps, quantized.taps = [f for f, _ in pairs], [q for _, q in pairs]
     try:
         with torch.no_grad():
             fp_logits, fp_acts = fp(x, taps=True)
             q_logits, q_acts = quantized(x, taps=True)
     finally:
         fp.taps, quantized.taps = [], []
-    names = zip(fp.relu_outputs, quantized.relu_outputs) if paired else []
-    layers = [layer_drift(i, q_name, fp_acts[f_name], q_acts[q_name]) for i, (f_name, q_name) in enumerate(names)]
-    return layers, fp_logits, q_logits
+    layers = [layer_drift(i, q_name, fp_acts[f_name], q_acts[q_name]) for i, (f_name, q_name) in enumerate(pairs)]
+    return layers, fp_logits, q_logits, pairing
 
 
 def scan_images(data: Dataset, n: int, seed: int) -> torch.Tensor:
@@ -349,14 +349,16 @@ def _plot_trigger(path: Path, mask: torch.Tensor | None, pattern: torch.Tensor |
     plt.close(fig)
 
 
-def plot_drift(path: Path, series: dict[str, list[LayerDrift]], *, title: str) -> None:
-    """Bars of each layer's worst-channel drift, one series per quantized model (e.g. nearest, purified)."""
+def plot_drift(path: Path, series: dict[str, list[LayerDrift]], *, title: str, note: str = "") -> None:
+    """Bars of each layer's worst-channel drift, one series per quantized model (e.g. nearest, purified); `note`
+    says why no layer was paired, when none was."""
     with atomic_path(path) as tmp:
-        drift_figure(series, title=title).savefig(tmp, format="png", dpi=100)
+        drift_figure(series, title=title, note=note).savefig(tmp, format="png", dpi=100)
 
 
-def drift_figure(series: dict[str, list[LayerDrift]], *, title: str):
-    """The figure `plot_drift` saves; when no layer could be paired it says so instead of showing empty axes."""
+def drift_figure(series: dict[str, list[LayerDrift]], *, title: str, note: str = ""):
+    """The figure `plot_drift` saves; when no layer could be paired it says so (and why: `note`) instead of
+    showing empty axes."""
     from matplotlib.figure import Figure
 
     layers = max((len(v) for v in series.values()), default=0)
@@ -364,8 +366,8 @@ def drift_figure(series: dict[str, list[LayerDrift]], *, title: str):
     ax = fig.subplots()
     ax.set_title(title, fontsize=9)
     if layers == 0:
-        ax.text(0.5, 0.5, "no layers paired: the two graphs' ReLUs do not match one to one,\n"
-                          "so only their outputs were compared (report.json: disagreement)",
+        ax.text(0.5, 0.5, "no layers paired, so only the outputs were compared (report.json: disagreement):\n"
+                + textwrap.fill(note or "the two graphs do not pair", 90),
                 ha="center", va="center", fontsize=8, transform=ax.transAxes)
         ax.axis("off")
         fig.tight_layout()
@@ -374,7 +376,7 @@ def drift_figure(series: dict[str, list[LayerDrift]], *, title: str):
     for k, (label, drifts) in enumerate(series.items()):
         ax.bar([d.layer + (k - (len(series) - 1) / 2) * width for d in drifts], [d.max for d in drifts],
                width=width, label=label)
-    ax.set_xlabel("layer (ReLU, from the input)")
+    ax.set_xlabel("conv/linear layer, from the input")
     ax.set_ylabel("worst channel |q - FP| / FP std")
     ax.legend(fontsize=8)
     fig.tight_layout()

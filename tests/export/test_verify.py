@@ -84,10 +84,15 @@ def test_harden_purifies_exports_and_verifies(trained, tmp_path, capsys):
     out = tmp_path / "model.onnx"
     code = main(["harden", "--model", "small_cnn", "--ckpt", str(trained.ckpt), "--data", "builtin",
                  "--spec", "w8a8", "--method", "lac", "--steps", "20", "--calib", "128", "--trigger", "patch",
-                 "--max-asr", "100", "--out", str(out)])
-    assert code == 0, capsys.readouterr().err
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err  # a clean model passes the default gate
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["verify"]["agreement"] >= 99.5  # the file is the model that was purified
+    # the default gate is the ASR gain over the FP model's own ASR, also applied before purification
+    fp_asr = report["purify"]["fp"]["asr"]
+    assert [c["name"] for c in report["verify"]["checks"]] == [f"ASR gain over FP ({fp_asr:.2f} %) pts", "agreement %"]
+    assert report["verify"]["checks"][0]["value"] == pytest.approx(report["verify"]["asr"] - fp_asr)
+    assert [c["passed"] for c in report["before"]] == [True] and report["verify"]["ra"] is not None
     # the purified folder beside the file is a valid --reference for a later verify
     assert main(["verify", str(out), "--data", "builtin", "--reference", str(tmp_path / "model.purified"),
                  "--model", "small_cnn", "--min-agreement", "99.5"]) == 0
@@ -119,3 +124,19 @@ def test_throughput_is_measured_side_by_side(files):
     assert [(r["model"], r["batch"]) for r in rows] == [("fp32", 1), ("int8", 1), ("fp32", 8), ("int8", 8)]
     assert all(r["best"] >= r["median"] > 0 and r["rounds"] == 2 for r in rows)
     assert "x median" in throughput_table(rows, baseline="fp32")
+
+
+def test_harden_gate_fails_an_attacked_model_before_purification(tmp_path):
+    from pathlib import Path
+
+    from export.harden import harden
+    from qcbdefense.checkpoints import load_model
+    from qcbdefense.data import load_dataset
+
+    # PQBackdoor for pqbackdoor-w8a8 on the built-in data (tests/qcbdefense/test_scan.py): FP ASR 11.92 %
+    attacked = load_model("small_cnn", Path(__file__).parents[1] / "fixtures" / "pq-small-cnn-builtin.safetensors")
+    report = harden(attacked, load_dataset("builtin"), out=tmp_path / "m.onnx", spec="pqbackdoor-w8a8",
+                    method="nearest", trigger="patch", max_asr_gain=5.0, calib=128)
+    (before,) = report.before
+    assert not before.passed and before.value > 50  # the quantized model obeys its trigger
+    assert not report.passed and "the same gate before purification" in report.summary()

@@ -152,7 +152,7 @@ def test_scan_writes_its_evidence(attacked_scan):
     out, report = attacked_scan
     for name in ("report.json", "trigger.png", "drift.png", "fp.onnx", "quantized-pqbackdoor-w4a4.onnx"):
         assert (out / name).stat().st_size > 0
-    assert len(report.classes) == 10 and len(report.layers) == 5  # small_cnn: 5 ReLUs paired FP <-> quantized
+    assert len(report.classes) == 10 and len(report.layers) == 6  # small_cnn: 5 convs + the linear, paired
     assert report.replica_agreement == {"fp": 100.0, "quantized": 100.0}
     assert 0 < report.disagreement.rate < 50 and sum(report.disagreement.counts) > 0
     assert all(layer.max >= layer.mean > 0 for layer in report.layers)
