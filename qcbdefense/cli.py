@@ -66,6 +66,8 @@ def _add_trigger_args(p: argparse.ArgumentParser) -> None:
 def _add_optimisation(p: argparse.ArgumentParser, *, epochs: int, lr: float, optimizer: str = "sgd",
                       weight_decay: float = 5e-4) -> None:
     p.add_argument("--epochs", type=_positive_int, default=epochs)
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="train this many optimizer steps instead of --epochs, whatever the dataset's size")
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=optimizer)
     p.add_argument("--lr", type=float, default=lr)
@@ -80,7 +82,7 @@ def _add_optimisation(p: argparse.ArgumentParser, *, epochs: int, lr: float, opt
 def _train_config(args: argparse.Namespace):
     from qcbdefense.training import TrainConfig
 
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+    return TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                        augment=not args.no_augment, train_subset=args.train_subset, seed=args.seed)
 
@@ -350,8 +352,6 @@ _ATTACK_SHARED = ("calib", "sync_every", "monitor", "victim_calib", "transfer_im
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from qcbdefense.attacks import ATTACKS, attack
     from qcbdefense.attacks.base import MODEL_FILE, REPORT_FILE, SAFETENSORS_FILE
     from qcbdefense.checkpoints import load_model, save_model
@@ -360,10 +360,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     entry = ATTACKS.get(args.method)
-    given = {key: getattr(args, key) for key in ("epochs", "batch_size", "optimizer", "lr", "weight_decay",
-                                                 "warmup_epochs", "train_subset")
+    given = {key: getattr(args, key) for key in ("epochs", "steps", "batch_size", "optimizer", "lr",
+                                                 "weight_decay", "warmup_epochs", "train_subset")
              if getattr(args, key) is not None}
-    config = dataclasses.replace(entry.train, **given, augment=not args.no_augment, seed=args.seed)
+    config = entry.train.updated(**given, augment=not args.no_augment, seed=args.seed)
     options = {key: getattr(args, key) for key in _ATTACK_OPTIONS + _ATTACK_SHARED if getattr(args, key) is not None}
     if args.bn is not None:
         options["freeze_bn"] = args.bn == "frozen"
