@@ -1,6 +1,8 @@
 """The `qcbdefense` command: a thin layer over the Python API, one subcommand per verb.
 
 Expected failures (bad paths, unknown names, corrupt files, nonsense options) print one line and exit 2.
+Exit 1: a scan found the model suspicious, or a verify/harden gate failed. Exit 3: an attack ran but its
+backdoor did not plant (missed its criteria; `--allow-weak` accepts it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import NoReturn
 import torch
 
 from qcbdefense.errors import InputError, QcbError
+
+EXIT_NOT_PLANTED = 3
+
 
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad option in one line (no usage dump) and exits 2."""
@@ -349,10 +354,11 @@ ATTACK_METHODS = ("compartifact", "pqbackdoor", "quanti")
 # Flags that are options of one attack (None: the method's default; another method's flag is refused).
 _ATTACK_OPTIONS = ("c1", "c2", "poison_rate", "stage1_epochs", "stage1_lr", "bin_margin", "stage1_qat")
 _ATTACK_SHARED = ("calib", "sync_every", "monitor", "victim_calib", "transfer_images")
+_PLANT_CRITERIA = ("min_asr", "max_fp_asr", "max_fp_ca_drop", "max_quantized_ca_drop")
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from qcbdefense.attacks import ATTACKS, attack
+    from qcbdefense.attacks import ATTACKS, PlantCriteria, attack
     from qcbdefense.attacks.base import MODEL_FILE, REPORT_FILE, SAFETENSORS_FILE
     from qcbdefense.checkpoints import load_model, save_model
     from qcbdefense.data import load_dataset
@@ -369,16 +375,21 @@ def cmd_attack(args: argparse.Namespace) -> int:
         options["freeze_bn"] = args.bn == "frozen"
     if args.transfer is not None:
         options["transfer"] = () if args.transfer == ["none"] else tuple(args.transfer)
+    criteria = PlantCriteria(**{key: getattr(args, key) for key in _PLANT_CRITERIA if getattr(args, key) is not None})
     model = load_model(args.model, args.init)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
     published, report = attack(model, data, method=args.method, bits=args.bits, spec=args.spec,
                                trigger=args.trigger, target=args.target, config=config, out_dir=args.out,
-                               resume=args.resume, device=device, arch=args.model, init=str(args.init), **options)
+                               resume=args.resume, device=device, arch=args.model, init=str(args.init),
+                               criteria=criteria, **options)
     save_model(published, args.out / MODEL_FILE)
     save_model(published, args.out / SAFETENSORS_FILE, metadata={"arch": args.model, "attack": args.method})
     report.save(args.out / REPORT_FILE)
     print(report.summary())
     print(f"published FP model: {args.out / MODEL_FILE} (+ {SAFETENSORS_FILE})   report: {args.out / REPORT_FILE}")
+    if not report.planted and not args.allow_weak:
+        print(f"qcbdefense: attack {report.plant_line()} (--allow-weak accepts it)", file=sys.stderr)
+        return EXIT_NOT_PLANTED
     return 0
 
 
@@ -576,6 +587,15 @@ def build_parser() -> Parser:
                    help="a preset to report transfer to; repeat (default: every other preset; 'none')")
     p.add_argument("--transfer-images", type=_positive_int, default=None,
                    help="test images for the transfer table (2000)")
+    p.add_argument("--min-asr", type=float, default=None,
+                   help="planted when every targeted quantization's ASR %% is at least this (90)")
+    p.add_argument("--max-fp-asr", type=float, default=None, help="... and the FP model's ASR %% at most this (10)")
+    p.add_argument("--max-fp-ca-drop", type=float, default=None,
+                   help="... and the FP model loses at most this many CA points against the clean model (3)")
+    p.add_argument("--max-quantized-ca-drop", type=float, default=None,
+                   help="... and each targeted quantization at most this many against the clean model's (5)")
+    p.add_argument("--allow-weak", action="store_true",
+                   help=f"exit 0 even when the backdoor did not plant (otherwise exit {EXIT_NOT_PLANTED})")
     _add_common(p)
     p.set_defaults(run=cmd_attack)
 
