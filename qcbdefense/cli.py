@@ -87,8 +87,8 @@ def _add_optimisation(p: argparse.ArgumentParser, *, epochs: int, lr: float, opt
 def _train_config(args: argparse.Namespace):
     from qcbdefense.training import TrainConfig
 
-    return TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+    return TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, optimizer=args.optimizer,
+                       lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                        augment=not args.no_augment, train_subset=args.train_subset, seed=args.seed)
 
 
@@ -433,7 +433,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig.load(args.config)
     out = args.out if args.out is not None else Path("runs/bench") / config.name
-    rows = run_bench(config, out, device=resolve_device(args.device))
+    if args.ray or args.address is not None:
+        from qcbdefense.bench_ray import run_bench_on_ray
+
+        rows = run_bench_on_ray(config, out, device=resolve_device(args.device), address=args.address,
+                                num_cpus=args.ray_cpus, cpus_per_task=args.task_cpus, gpus_per_task=args.task_gpus)
+    else:
+        rows = run_bench(config, out, device=resolve_device(args.device))
     print(results_table(config, rows))
     print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.json'}")
     return 0
@@ -609,6 +615,14 @@ def build_parser() -> Parser:
     p.add_argument("--config", type=_existing_file, required=True, help="a bench YAML (see benchmarks/*.yaml)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench/<config name>)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--ray", action="store_true",
+                   help="run the steps as Ray tasks side by side on a local Ray (pip install 'qcbdefense[cluster]')")
+    p.add_argument("--address", default=None,
+                   help="run them on this Ray cluster (e.g. auto, ray://HOST:10001); --out must be shared")
+    p.add_argument("--ray-cpus", type=_positive_int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--task-cpus", type=float, default=1, help="CPUs (torch threads) each task asks for (1)")
+    p.add_argument("--task-gpus", type=float, default=None,
+                   help="GPUs each task asks for, a fraction shares one (default 1 with CUDA, else 0)")
     p.set_defaults(run=cmd_bench)
 
     return parser
