@@ -508,7 +508,8 @@ class AttackReport:
 
     def summary(self) -> str:
         c = self.config
-        epochs = ", ".join(f"{stage} {len(records)} epochs" for stage, records in self.history.items())
+        epochs = ", ".join(f"{stage} {len(records)} epochs ({sum(r.steps for r in records)} steps)"
+                           for stage, records in self.history.items())
         lines = [f"{c.method} on {self.model} / {self.dataset['name']}: target {c.target}, bits "
                  f"{','.join(map(str, c.bits))}, {epochs}, {self.seconds.get('train', 0):.0f} s of training",
                  self.table()]
