@@ -15,10 +15,25 @@ TINY = yaml.safe_load((Path(__file__).parents[2] / "benchmarks" / "tiny.yaml").r
 STEPS = 1 + 2 + 2 * (2 + 1)  # clean, two attacks, the clean and the planted model x (2 defences + scan)
 
 
-def test_bench_writes_its_tables_and_resumes_from_its_cache(one_thread, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """The tiny bench, run once sequentially on one thread: its folder, rows and log lines."""
+    import torch
+
+    folder, lines = tmp_path_factory.mktemp("tiny"), []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = run_bench(BenchConfig.from_dict(TINY), folder, log=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    return folder, rows, lines
+
+
+def test_bench_writes_its_tables_and_resumes_from_its_cache(one_thread, tiny_bench):
     config = BenchConfig.from_dict(TINY)
-    lines: list[str] = []
-    rows = run_bench(config, tmp_path, log=lines.append)
+    tmp_path, rows, lines = tiny_bench
+    lines = list(lines)
     assert [(r.model, r.spec) for r in rows] == [("clean", "w8a8"), ("pq", "pqbackdoor-w4a4"),
                                                  ("pq-unmet", "pqbackdoor-w4a4")]
     planted, unmet = rows[:2], rows[2]
@@ -83,7 +98,7 @@ def _without_timings(value):
     return value
 
 
-def test_bench_on_a_local_ray_gives_the_sequential_results(one_thread, tmp_path):
+def test_bench_on_a_local_ray_gives_the_sequential_results(one_thread, tiny_bench, tmp_path):
     """The tiny bench sequentially and as Ray tasks on a local Ray with 2 CPUs: the same results files (every
     score, verdict and not-planted row; only wall times differ), and a Ray rerun on the sequential bench's folder
     only reads its cache."""
@@ -92,8 +107,8 @@ def test_bench_on_a_local_ray_gives_the_sequential_results(one_thread, tmp_path)
     from qcbdefense.bench_ray import run_bench_on_ray
 
     config = BenchConfig.from_dict(TINY)
-    sequential, on_ray = tmp_path / "sequential", tmp_path / "ray"
-    rows = run_bench(config, sequential, log=lambda line: None)
+    sequential, rows, _ = tiny_bench
+    on_ray = tmp_path / "ray"
     lines: list[str] = []
     ray_rows = run_bench_on_ray(config, on_ray, num_cpus=2, log=lines.append)
     assert sum(line.startswith("[run]") for line in lines) == STEPS
