@@ -94,9 +94,8 @@ def crosscheck(fp_model: nn.Module | str | os.PathLike, data: Dataset, *, trigge
     with tempfile.TemporaryDirectory(prefix="qcb-crosscheck-") as scratch:
         folder = Path(keep_dir) if keep_dir is not None else Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
-        fp_path = _float_onnx(fp_model, folder)
-        prepared = folder / "fp-preprocessed.onnx"
-        quant_pre_process(str(fp_path), str(prepared), skip_symbolic_shape=True)
+        fp_path = float_onnx_path(fp_model, folder)
+        prepared = prepare_for_ort(fp_path, folder / "fp-preprocessed.onnx")
         fp = OrtModel(fp_path, threads=threads)
         fp.check_images(data.test_x.shape[1:], what=f"the data {data.name!r}")
         images = calibration_images(data, calib, seed=seed)
@@ -107,10 +106,7 @@ def crosscheck(fp_model: nn.Module | str | os.PathLike, data: Dataset, *, trigge
         for quantizer in quantizers:
             out = folder / f"{quantizer.name}.onnx"
             start = time.perf_counter()
-            quantize_static(str(prepared), str(out), _CleanImages(images, fp.input_name),
-                            quant_format=QuantFormat.QDQ, per_channel=quantizer.per_channel,
-                            weight_type=QuantType[quantizer.weight_type],
-                            activation_type=QuantType[quantizer.activation_type])
+            ort_quantize(prepared, out, images, fp.input_name, quantizer)
             quantized = time.perf_counter()
             model = OrtModel(out, threads=threads)
             rows.append(_score(quantizer.name, quantizer.weight_type, quantizer.activation_type, model,
@@ -119,20 +115,36 @@ def crosscheck(fp_model: nn.Module | str | os.PathLike, data: Dataset, *, trigge
         return rows
 
 
+def prepare_for_ort(fp_path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """ORT's pre-processing of an FP ONNX file before `quantize_static` (shape inference, BN fused into convs)."""
+    quant_pre_process(str(fp_path), str(out), skip_symbolic_shape=True)
+    return Path(out)
+
+
+def ort_quantize(prepared: str | os.PathLike, out: str | os.PathLike, images: torch.Tensor, input_name: str,
+                 quantizer: OrtQuantizer = ORT_QUANTIZERS[0]) -> Path:
+    """onnxruntime's `quantize_static` (QDQ) of a `prepare_for_ort` file, calibrated on uint8 `images`."""
+    quantize_static(str(prepared), str(out), _CleanImages(images, input_name), quant_format=QuantFormat.QDQ,
+                    per_channel=quantizer.per_channel, weight_type=QuantType[quantizer.weight_type],
+                    activation_type=QuantType[quantizer.activation_type])
+    return Path(out)
+
+
 def crosscheck_table(rows: list[CrosscheckRow]) -> str:
     return format_table(["model", "weights", "acts", "CA %", "ASR %", "agree w/ FP %"],
                         [[r.name, r.weight_type or "float", r.activation_type or "float", r.ca, r.asr, r.agreement]
                          for r in rows])
 
 
-def _float_onnx(fp_model, folder: Path) -> Path:
+def float_onnx_path(fp_model: nn.Module | str | os.PathLike, folder: Path) -> Path:
+    """The FP model as a float ONNX file (a module is exported into `folder`); InputError for a quantized file."""
     if isinstance(fp_model, nn.Module):
         return export_float_onnx(fp_model, folder / "fp.onnx")
     path = Path(fp_model)
     kind = read_metadata(path).get(META + "kind")
     proto = onnx.load(str(path), load_external_data=False)
     if kind == "quantized" or any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
-        raise InputError(f"the cross-check quantizes an FP model, but {path} is already quantized; give the FP "
+        raise InputError(f"onnxruntime's quantizer needs the FP model, but {path} is already quantized; give the FP "
                          f"checkpoint (with --model) or its float ONNX")
     return path
 

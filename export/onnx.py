@@ -46,6 +46,9 @@ ResNet-20; tests/export/test_onnx.py keeps the first three facts checked):
       ConvInteger correcting for per-channel zero points, which ORT's ConvInteger does not take) works
       but ran slower than the float Conv here, so it is not done.
     - below 8 bits the Q -> Clip -> DQ activations do not fuse; int4 graphs run on float kernels.
+    - under a spec with `quantize_adds` (the `*-deploy` presets) every conv output, residual add and block
+      output is quantized by the model itself, so every conv becomes QLinearConv, every add QLinearAdd and
+      the classifier QGemm (tests/export/test_onnx.py counts them on ResNet-20 and torchvision's ResNet-18).
     The upshot on a ResNet under the LAC/EFRAP quantizer: half the convs run as QLinearConv (uint8 x
     uint8, since the weights are asymmetric), half in float with Q/DQ and layout transposes between
     them, and the int8 file is not faster than the FP32 one on a CPU. ORT's own fully quantized model
@@ -140,6 +143,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, spec: str | Quant
             qmodel.to(device).train(training)
         proto = onnx.load(str(raw))
     integer_kernels = spec.act_bits == 8
+    inline_constant_identities(proto)
     folded = fold_batchnorm(proto) if (integer_kernels if fold_bn is None else fold_bn) else 0
     biases = quantize_biases(proto) if (integer_kernels if int_bias is None else int_bias) else 0
     remove_unused_initializers(proto)
@@ -365,6 +369,22 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
         del proto.graph.node[:]
         proto.graph.node.extend(nodes)
     return len(new_nodes)
+
+
+def inline_constant_identities(proto: onnx.ModelProto) -> int:
+    """Replace each Identity of an initializer by a copy of that initializer under the Identity's output name,
+    in place; return how many. The TorchScript exporter shares equal tensors (the BN parameters of an
+    untrained model, all ones and zeros) through Identity nodes, which hide them from the rewrites."""
+    g = _Graph(proto.graph)
+    inlined = [node for node in proto.graph.node
+               if node.op_type == "Identity" and node.input[0] in g.inits and node.output[0] not in g.outputs]
+    for node in inlined:
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(g.inits[node.input[0]])
+        tensor.name = node.output[0]
+        proto.graph.initializer.append(tensor)
+        proto.graph.node.remove(node)
+    return len(inlined)
 
 
 def remove_unused_initializers(proto: onnx.ModelProto) -> None:

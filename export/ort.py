@@ -177,7 +177,7 @@ class VerifyReport:
     threads: int | None = None
     checks: list[Check] = field(default_factory=list)
     crosscheck: list[dict] | None = None
-    throughput: list[dict] | None = None  # `measure_throughput` rows, when asked for
+    throughput: dict | None = None  # `export.throughput.compare_throughput`, when asked for
     environment: dict = field(default_factory=environment)
     version: int = REPORT_VERSION
 

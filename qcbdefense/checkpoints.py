@@ -16,6 +16,7 @@ Everything a stranger's file can get wrong surfaces as one `InputError` naming t
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import warnings
@@ -51,7 +52,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     CUDA) loads through here as it is.
 
     Raises InputError for a missing path, a directory, an empty, truncated or corrupt file, an unknown
-    suffix, a pickle that carries code, or content that is not a mapping of names to tensors.
+    suffix, a pickle that carries code, content that is not a mapping of names to tensors, or weights that
+    are NaN or infinite (a diverged run: every figure of it would be noise).
     """
     path = Path(path)
     _check_is_file(path)
@@ -123,12 +125,36 @@ def save_model(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path
         if not isinstance(name, str) or not isinstance(value, torch.Tensor):
             raise TypeError(f"a state_dict maps str to tensors, but {name!r} holds a {type(value).__name__}")
         tensors[name] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
+    if suffix != SAFETENSORS_SUFFIX:
+        return save_torch(tensors, path)
+    content = safetensors.torch.save(tensors, metadata=metadata)  # in memory: save_file would make its own 0600 file
     with atomic_path(path) as tmp:
-        if suffix == SAFETENSORS_SUFFIX:
-            safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        else:
-            torch.save(tensors, tmp)
+        tmp.write_bytes(content)
     return path
+
+
+def save_torch(obj: object, path: str | Path) -> Path:
+    """torch.save `obj` to `path` atomically, byte for byte the same for the same content.
+
+    torch.save names the folder inside its zip archive after the file it writes to; saved straight to a
+    temporary file, that random name would make every copy differ (and the sha256 that export records with
+    it). Saved to memory first, the folder is always "archive".
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
+    return Path(path)
+
+
+def read_torch_file(path: str | Path) -> object:
+    """What a torch.save file holds, read weights-only (tensors, containers, numbers and strings; never code).
+
+    InputError for a missing, empty, truncated or corrupt file, or one that carries pickled code.
+    """
+    path = Path(path)
+    _check_is_file(path)
+    return _read_torch(path)
 
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
@@ -218,10 +244,20 @@ def _as_state_dict(content: object, path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(name, str) or not isinstance(value, torch.Tensor):
             raise InputError(f"checkpoint {path} is not a mapping of names to tensors: "
                              f"{name!r} holds a {type(value).__name__}")
+    broken = [name for name, value in content.items()
+              if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise InputError(f"checkpoint {path} holds NaN or infinite values: {_count_and_list(broken, 'tensor')}")
     prefix = "module."
     if all(name.startswith(prefix) for name in content):
         return {name[len(prefix):]: value for name, value in content.items()}
     return dict(content)
+
+
+def num_classes_of(model: nn.Module) -> int | None:
+    """How many classes a model tells apart: its last nn.Linear's outputs (None when it has no nn.Linear)."""
+    head = _classifier_name(model)
+    return model.get_submodule(head).out_features if head else None
 
 
 def _classifier_name(model: nn.Module) -> str | None:

@@ -16,6 +16,7 @@ from typing import NoReturn
 
 import torch
 
+from qcbdefense import __version__
 from qcbdefense.errors import InputError, QcbError
 
 EXIT_NOT_PLANTED = 3
@@ -92,22 +93,82 @@ def _train_config(args: argparse.Namespace):
                        augment=not args.no_augment, train_subset=args.train_subset, seed=args.seed)
 
 
+# Arguments naming a file or folder a command reads: no output may land on one of them.
+_INPUT_ARGS = ("ckpt", "init", "onnx", "reference", "fp", "quantized", "purified", "config")
+
+
+def _check_outputs(args: argparse.Namespace, *files: Path, folder: Path | None = None) -> None:
+    """Before any work: every output can be written, and none is one of the command's inputs (a report
+    written over the checkpoint it reports on)."""
+    from qcbdefense.fileio import check_output, same_file
+
+    if folder is not None:
+        check_output(folder, folder=True)
+    for path in files:
+        check_output(path)
+        for name in _INPUT_ARGS:
+            given = getattr(args, name, None)
+            if given is not None and same_file(path, given):
+                raise InputError(f"the output {path} is the input --{name.replace('_', '-')} {given}: writing it "
+                                 f"would destroy the input; give another --out")
+
+
+def _check_fits_data(args: argparse.Namespace, data, **models) -> None:
+    """Refuse what could only give a false figure: a model (a module or an .onnx path, keyed by its flag) whose
+    class count is not the data's, a --target that is no class of the data (an ASR that cannot be anything but
+    0), or more --calib / --victim-calib images than the data's training split holds."""
+    from qcbdefense.checkpoints import num_classes_of
+
+    for flag, model in models.items():
+        if model is None:
+            continue
+        if isinstance(model, Path):
+            from export.ort import OrtModel
+
+            classes = OrtModel(model).num_classes
+        else:
+            classes = num_classes_of(model)
+        if classes is not None and classes != data.num_classes:
+            raise InputError(f"--{flag} {getattr(args, flag)} has {classes} classes but the data {data.name} has "
+                             f"{data.num_classes}: its figures would mean nothing")
+    target = getattr(args, "target", None)
+    if target is not None and not 0 <= target < data.num_classes:
+        raise InputError(f"--target {target}: target class {target} does not exist, the data {data.name} has "
+                         f"classes 0..{data.num_classes - 1}")
+    for flag in ("calib", "victim_calib"):
+        wanted = getattr(args, flag, None)
+        if wanted is not None and wanted > len(data.train_y):
+            raise InputError(f"--{flag.replace('_', '-')} {wanted}: the data {data.name} has only "
+                             f"{len(data.train_y)} training images")
+
+
+def _calib(args: argparse.Namespace, data) -> int:
+    """--calib as given, or the command's default cut to the training images there are (the number used is
+    the number every report records)."""
+    return args.calib if args.calib is not None else min(args.default_calib, len(data.train_y))
+
+
+def _add_calib(p: argparse.ArgumentParser, default: int, help: str) -> None:
+    p.add_argument("--calib", type=_positive_int, default=None, help=f"{help} (default {default})")
+    p.set_defaults(default_calib=default)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from models import create_model
     from qcbdefense.checkpoints import load_model
     from qcbdefense.data import load_dataset
     from qcbdefense.runinfo import resolve_device
-    from qcbdefense.train import train
+    from qcbdefense.train import MODEL_FILE, REPORT_FILE, train
+    from qcbdefense.training import STATE_FILE
 
     device = resolve_device(args.device)
     config = _train_config(args)
+    _check_outputs(args, *(args.out / name for name in (MODEL_FILE, STATE_FILE, REPORT_FILE)), folder=args.out)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
     torch.manual_seed(args.seed)
     if args.init is not None:
         model = load_model(args.model, args.init)
-        classes = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
-        if classes != data.num_classes:
-            raise InputError(f"--init {args.init} has {classes} classes, the data {args.data} has {data.num_classes}")
+        _check_fits_data(args, data, init=model)
     else:
         model = create_model(args.model, num_classes=data.num_classes, mean=data.mean, std=data.std)
     report = train(model, data, config, arch=args.model, out_dir=args.out, resume=args.resume, device=device,
@@ -134,17 +195,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     specs = [get_spec(s) for s in (args.spec or ["w8a8", "w4a4"])]
     trigger = None if args.trigger is None else parse_trigger(args.trigger)
+    if args.out is not None:
+        _check_outputs(args, args.out)
     model = _load_arch(args)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
+    _check_fits_data(args, data, ckpt=model)
     torch.manual_seed(args.seed)
     report = compare_specs(model, data, specs, arch=args.model, trigger=trigger, target=args.target,
-                           calib=args.calib, seed=args.seed, device=device)
+                           calib=_calib(args, data), seed=args.seed, device=device)
     print(report.table())
     if args.out is not None:
         write_json(args.out, report.to_dict())
         print(f"report: {args.out}")
     return 0
 
+
+# The files `purify` writes (qcbdefense.defenses.base's names; not imported here: it imports Brevitas).
+PURIFIED_FILES = ("purified.pt", "spec.json", "report.json", "manifest.json")
 
 # Listed here rather than read from DEFENSES so that building the parser does not import Brevitas (seconds);
 # tests/qcbdefense/defenses/test_purify.py checks that this list is DEFENSES.names().
@@ -197,12 +264,14 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     trigger = None if args.trigger is None else parse_trigger(args.trigger)
+    _check_outputs(args, *(args.out / name for name in PURIFIED_FILES), folder=args.out)
     model = _load_arch(args)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
+    _check_fits_data(args, data, ckpt=model)
     options = _schedule_options(args)
-    purified, report = purify(model, data, method=args.method, spec=args.spec, calib=args.calib, trigger=trigger,
-                              target=args.target, seed=args.seed, device=device, arch=args.model, progress=True,
-                              **options)
+    purified, report = purify(model, data, method=args.method, spec=args.spec, calib=_calib(args, data),
+                              trigger=trigger, target=args.target, seed=args.seed, device=device, arch=args.model,
+                              progress=True, **options)
     save_purified(purified, args.out, report=report)
     print(report.summary())
     print(f"purified model: {args.out / 'purified.pt'} + {args.out / 'spec.json'}   report: {args.out / 'report.json'}")
@@ -248,6 +317,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.out.suffix.lower() != ".onnx":
         raise InputError(f"--out {args.out} must end in .onnx")
+    _check_outputs(args, args.out)
     source = sha256_file(args.ckpt)
     model = _load_arch(args)
     if args.float:
@@ -274,8 +344,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise InputError("--data is needed to calibrate the round-to-nearest model (or give --purified DIR)")
         spec = get_spec(args.spec or "w8a8")
         data = load_dataset(args.data, cache_dir=args.cache_dir)
+        _check_fits_data(args, data, ckpt=model)
         torch.manual_seed(args.seed)
-        qmodel = post_training_quantize(model, spec, data, calib=args.calib, seed=args.seed)
+        qmodel = post_training_quantize(model, spec, data, calib=_calib(args, data), seed=args.seed)
         export_onnx(qmodel, args.out, spec=spec, defense="nearest", source_sha256=source, **_graph_rewrites(args))
     meta = read_metadata(args.out)
     size = args.out.stat().st_size / 1024
@@ -295,23 +366,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from qcbdefense.triggers import parse_trigger
 
     trigger = None if args.trigger is None else parse_trigger(args.trigger)
+    if args.out is not None:
+        _check_outputs(args, args.out)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
     reference = _reference_model(args)
+    _check_fits_data(args, data, reference=reference)
     if args.throughput and not (isinstance(reference, Path) and reference.suffix.lower() == ".onnx"):
         raise InputError("--throughput compares with the FP32 ONNX file: give it as --reference FP.onnx")
     if args.crosscheck and (reference is None or args.reference.is_dir()):
         raise InputError("--crosscheck quantizes the FP model with onnxruntime's quantizer: give the FP model as "
                          "--reference CKPT --model NAME, or --reference FP.onnx")
     report = verify(args.onnx, data, trigger=trigger, target=args.target, reference=reference,
-                    crosscheck_model=reference if args.crosscheck else None, calib=args.calib, seed=args.seed,
-                    threads=args.threads, **_gate(args, trigger, reference is not None))
+                    crosscheck_model=reference if args.crosscheck else None, calib=_calib(args, data),
+                    seed=args.seed, threads=args.threads, **_gate(args, trigger, reference is not None))
     print(report.summary())
     if args.throughput:
-        from export.ort import measure_throughput, throughput_table
+        from export.throughput import compare_throughput
 
-        report.throughput = measure_throughput({"fp32": reference, "this model": args.onnx},
-                                               threads=args.threads or 2)
-        print(throughput_table(report.throughput, baseline="fp32"))
+        comparison = compare_throughput(args.onnx, reference, data, calib=_calib(args, data), seed=args.seed,
+                                        threads=args.threads or 2)
+        report.throughput = comparison.to_dict()
+        print(comparison.table())
     if args.out is not None:
         report.save(args.out)
         print(f"report: {args.out}")
@@ -327,11 +402,15 @@ def cmd_harden(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     trigger = None if args.trigger is None else parse_trigger(args.trigger)
+    purified_dir = args.out.with_name(args.out.stem + ".purified")
+    _check_outputs(args, args.out, args.out.with_suffix(".json"), *(purified_dir / name for name in PURIFIED_FILES),
+                   folder=purified_dir)
     model = _load_arch(args)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
+    _check_fits_data(args, data, ckpt=model)
     options = _schedule_options(args)
     report = harden(model, data, out=args.out, arch=args.model, spec=args.spec, method=args.method,
-                    trigger=trigger, target=args.target, calib=args.calib, seed=args.seed, device=device,
+                    trigger=trigger, target=args.target, calib=_calib(args, data), seed=args.seed, device=device,
                     source_sha256=sha256_file(args.ckpt), threads=args.threads, progress=True,
                     **_gate(args, trigger, True), **options)
     report.save(args.out.with_suffix(".json"))
@@ -363,6 +442,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from qcbdefense.checkpoints import load_model, save_model
     from qcbdefense.data import load_dataset
     from qcbdefense.runinfo import resolve_device
+    from qcbdefense.training import STATE_FILE
 
     device = resolve_device(args.device)
     entry = ATTACKS.get(args.method)
@@ -376,8 +456,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if args.transfer is not None:
         options["transfer"] = () if args.transfer == ["none"] else tuple(args.transfer)
     criteria = PlantCriteria(**{key: getattr(args, key) for key in _PLANT_CRITERIA if getattr(args, key) is not None})
+    _check_outputs(args, *(args.out / name for name in (MODEL_FILE, SAFETENSORS_FILE, REPORT_FILE, STATE_FILE)),
+                   folder=args.out)
     model = load_model(args.model, args.init)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
+    _check_fits_data(args, data, init=model)
     published, report = attack(model, data, method=args.method, bits=args.bits, spec=args.spec,
                                trigger=args.trigger, target=args.target, config=config, out_dir=args.out,
                                resume=args.resume, device=device, arch=args.model, init=str(args.init),
@@ -396,7 +479,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 def cmd_scan(args: argparse.Namespace) -> int:
     from qcbdefense.checkpoints import load_model
     from qcbdefense.data import load_dataset
-    from qcbdefense.fileio import sha256_file
+    from qcbdefense.fileio import removed_on_error, sha256_file
     from qcbdefense.runinfo import resolve_device
     from qcbdefense.scan import ScanConfig, SearchConfig, scan
 
@@ -406,12 +489,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
     is_onnx = args.fp.suffix.lower() == ".onnx"
     if is_onnx == (args.model is not None):
         raise InputError("--fp takes an .onnx file, or a checkpoint with --model NAME")
+    written = ("report.json", "trigger.png", "drift.png") + (() if is_onnx else ("fp.onnx",))  # fp.onnx: exported
+    _check_outputs(args, *(args.out / name for name in written), folder=args.out)
     fp = args.fp if is_onnx else load_model(args.model, args.fp)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
+    _check_fits_data(args, data, fp=fp, quantized=args.quantized)
     config = ScanConfig(images=args.images, search=SearchConfig(steps=args.steps), seed=args.seed)
-    report = scan(fp, data, out=args.out, quantized=args.quantized, spec=args.spec, config=config,
-                  calib=args.calib, device=device, source_sha256=None if is_onnx else sha256_file(args.fp),
-                  progress=True)
+    with removed_on_error(args.out):
+        report = scan(fp, data, out=args.out, quantized=args.quantized, spec=args.spec, config=config,
+                      calib=_calib(args, data), device=device,
+                      source_sha256=None if is_onnx else sha256_file(args.fp), progress=True)
     print(report.summary())
     print(f"report: {args.out / 'report.json'}  trigger: {args.out / 'trigger.png'}  drift: {args.out / 'drift.png'}")
     return 1 if report.suspicious else 0
@@ -421,7 +508,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from qcbdefense.demo import run_demo
     from qcbdefense.runinfo import resolve_device
 
-    result = run_demo(args.out, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    _check_outputs(args, folder=args.out)
+    result = run_demo(args.out, device=device)
     print(result.table())
     print(f"report: {args.out / 'report.md'}  ({result.seconds['total']:.0f} s)")
     return 0
@@ -433,13 +522,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig.load(args.config)
     out = args.out if args.out is not None else Path("runs/bench") / config.name
+    device = resolve_device(args.device)
+    _check_outputs(args, folder=out)
     if args.ray or args.address is not None:
         from qcbdefense.bench_ray import run_bench_on_ray
 
-        rows = run_bench_on_ray(config, out, device=resolve_device(args.device), address=args.address,
-                                num_cpus=args.ray_cpus, cpus_per_task=args.task_cpus, gpus_per_task=args.task_gpus)
+        rows = run_bench_on_ray(config, out, device=device, address=args.address, num_cpus=args.ray_cpus,
+                                cpus_per_task=args.task_cpus, gpus_per_task=args.task_gpus)
     else:
-        rows = run_bench(config, out, device=resolve_device(args.device))
+        rows = run_bench(config, out, device=device)
     print(results_table(config, rows))
     print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.json'}")
     return 0
@@ -448,7 +539,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> Parser:
     from models import list_models
 
-    parser = Parser(prog="qcbdefense", description="Purify and detect quantization-conditioned backdoors.")
+    parser = Parser(prog="qcbdefense", description="Purify and detect quantization-conditioned backdoors.",
+                    epilog="exit codes: 0 done, 1 a verdict or gate says no (scan suspicious, verify threshold), "
+                           "2 bad input (refused before the work), 3 the run did not give what was asked "
+                           "(training diverged)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("train", help="train or fine-tune a clean model")
@@ -466,7 +561,7 @@ def build_parser() -> Parser:
     p.add_argument("--spec", action="append", default=None,
                    help="a preset name or a spec .json/.yaml file; repeat for several (default w8a8 and w4a4)")
     _add_trigger_args(p)
-    p.add_argument("--calib", type=_positive_int, default=512, help="clean training images for calibration")
+    _add_calib(p, 512, "clean training images for calibration")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     _add_common(p)
     p.set_defaults(run=cmd_quantize)
@@ -476,11 +571,12 @@ def build_parser() -> Parser:
     p.add_argument("--method", choices=PURIFY_METHODS, default="lac-pda", metavar="METHOD",
                    help=f"{', '.join(PURIFY_METHODS)} (default lac-pda)")
     p.add_argument("--spec", default="w4a4", help="the deployment quantizer: a preset name or a spec .json/.yaml")
-    p.add_argument("--calib", type=_positive_int, default=1024, help="the defender's clean training images")
+    _add_calib(p, 1024, "the defender's clean training images")
     _add_trigger_args(p)
     _add_schedule_args(p)
     p.add_argument("--out", type=Path, required=True,
-                   help="output folder: purified.pt, spec.json (load with load_purified), report.json")
+                   help="output folder: purified.pt, spec.json (load with load_purified), report.json, "
+                        "manifest.json (their sha256, binding the set)")
     _add_common(p)
     p.set_defaults(run=cmd_purify)
 
@@ -496,7 +592,7 @@ def build_parser() -> Parser:
     p.add_argument("--keep-bn", action="store_true",
                    help="int8: keep BN and float biases; closer argmax agreement with PyTorch, but onnxruntime "
                         "cannot use integer kernels (BENCHMARKS.md, export)")
-    p.add_argument("--calib", type=_positive_int, default=512, help="clean training images for calibration")
+    _add_calib(p, 512, "clean training images for calibration")
     p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     _add_common(p)
     p.set_defaults(run=cmd_export)
@@ -514,9 +610,10 @@ def build_parser() -> Parser:
     _add_gate_args(p)
     p.add_argument("--crosscheck", action="store_true",
                    help="also quantize the FP --reference with onnxruntime's quantize_static (int8, int4 weights)")
-    p.add_argument("--calib", type=_positive_int, default=512, help="clean training images for the cross-check")
+    _add_calib(p, 512, "clean training images for onnxruntime's quantizer (--crosscheck, --throughput)")
     p.add_argument("--throughput", action="store_true",
-                   help="also time this file against the FP32 --reference .onnx, side by side (batch 1 and 64)")
+                   help="also time this file against the FP32 --reference .onnx and onnxruntime's quantize_static "
+                        "of it, side by side (batch 1 and 64), with the CPU's int8 features")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     _add_common(p)
     p.set_defaults(run=cmd_verify)
@@ -526,7 +623,7 @@ def build_parser() -> Parser:
     p.add_argument("--spec", default="w8a8", help="the deployment quantizer: a preset name or a spec .json/.yaml")
     p.add_argument("--method", choices=PURIFY_METHODS, default="lac-pda", metavar="METHOD",
                    help=f"{', '.join(PURIFY_METHODS)} (default lac-pda)")
-    p.add_argument("--calib", type=_positive_int, default=1024, help="the defender's clean training images")
+    _add_calib(p, 1024, "the defender's clean training images")
     _add_trigger_args(p)
     _add_schedule_args(p)
     _add_gate_args(p)
@@ -546,7 +643,7 @@ def build_parser() -> Parser:
     p.add_argument("--data", required=True, help="clean data: builtin[:SEED] | cifar10:PATH | folder:PATH")
     p.add_argument("--images", type=_positive_int, default=512, help="clean test images to scan with (labels unused)")
     p.add_argument("--steps", type=_positive_int, default=200, help="trigger-search steps")
-    p.add_argument("--calib", type=_positive_int, default=512, help="clean training images to calibrate --spec on")
+    _add_calib(p, 512, "clean training images to calibrate --spec on")
     p.add_argument("--out", type=Path, required=True, help="output folder: report.json, trigger.png, drift.png")
     _add_common(p)
     p.set_defaults(run=cmd_scan)
@@ -625,7 +722,35 @@ def build_parser() -> Parser:
                    help="GPUs each task asks for, a fraction shares one (default 1 with CUDA, else 0)")
     p.set_defaults(run=cmd_bench)
 
+    for name, command in sub.choices.items():
+        command.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
+
+
+# Each subcommand's --help ends with these: one story on the built-in data (train, attack, purify, export,
+# verify), then the other verbs.
+EXAMPLES = {
+    "train": ["qcbdefense train --model small_cnn --data builtin --epochs 4 --out runs/clean"],
+    "attack": ["qcbdefense attack --method pqbackdoor --model small_cnn --init runs/clean/model.pt --data builtin "
+               "--bits 8 --trigger patch --target 0 --out runs/pq"],
+    "quantize": ["qcbdefense quantize --model small_cnn --ckpt runs/pq/model.pt --data builtin "
+                 "--spec pqbackdoor-w8a8 --trigger patch --target 0 --out runs/ptq.json"],
+    "purify": ["qcbdefense purify --method lac-pda --model small_cnn --ckpt runs/pq/model.pt --data builtin "
+               "--spec pqbackdoor-w8a8 --trigger patch --out runs/pq-lac"],
+    "export": ["qcbdefense export --model small_cnn --ckpt runs/pq/model.pt --purified runs/pq-lac "
+               "--out runs/pq-lac.onnx",
+               "qcbdefense export --model small_cnn --ckpt runs/pq/model.pt --float --out runs/pq-fp.onnx"],
+    "verify": ["qcbdefense verify runs/pq-lac.onnx --data builtin --trigger patch --reference runs/pq-fp.onnx "
+               "--out runs/pq-lac-verify.json"],
+    "harden": ["qcbdefense harden --model small_cnn --ckpt runs/pq/model.pt --data builtin --spec pqbackdoor-w8a8 "
+               "--trigger patch --out runs/pq-hardened.onnx"],
+    "scan": ["qcbdefense scan --fp runs/pq/model.pt --model small_cnn --spec pqbackdoor-w8a8 --data builtin "
+             "--out runs/pq-scan",
+             "qcbdefense scan --fp runs/pq-fp.onnx --quantized runs/pq-lac.onnx --data builtin --out runs/lac-scan"],
+    "demo": ["qcbdefense demo --out runs/demo"],
+    "bench": ["qcbdefense bench --config benchmarks/cpu.yaml --out runs/bench/cpu"],
+}
 
 
 def _quiet_dependencies() -> None:
@@ -643,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except QcbError as err:
         print(f"qcbdefense: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     except KeyboardInterrupt:
         print("qcbdefense: interrupted", file=sys.stderr)
         return 130

@@ -569,6 +569,10 @@ def _list_split(split: Path, source: str) -> dict[str, list[Path]]:
     if not any(files.values()):
         raise InputError(f"dataset folder {source}: split '{split.name}' has no images "
                          f"({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    empty = [name for name, found in files.items() if not found]
+    if empty:  # a class nothing can be learned or scored on: a dead output, and NaN per-class accuracy
+        raise InputError(f"dataset folder {source}: class folder(s) {', '.join(empty)} in split '{split.name}' "
+                         f"hold no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 

@@ -120,7 +120,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config: DemoConfig = DemoConfig(
         fp_onnx = OnnxReplica(scans[bits].files["fp_onnx"])
         drift = {"nearest": measure_drift(fp_onnx, OnnxReplica(scans[bits].files["quantized_onnx"]), images)[0],
                  "LAC+PDA": measure_drift(fp_onnx, OnnxReplica(report.onnx), images)[0]}
-        plot_drift(out / f"drift-w{bits}.png", drift)
+        plot_drift(out / f"drift-w{bits}.png", drift, title=f"activation drift from FP, {spec}: nearest vs LAC+PDA")
         p, v = report.purify, report.verify
         result.rows.append({"bits": bits, "spec": spec, "fp": {"ca": p.fp.ca, "asr": p.fp.asr},
                             "nearest": {"ca": p.nearest.ca, "asr": p.nearest.asr},
@@ -135,27 +135,31 @@ def run_demo(out_dir: str | Path = "runs/demo", config: DemoConfig = DemoConfig(
     return result
 
 
-def _write_report(out: Path, config: DemoConfig, result: DemoResult, attack_summary: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def bars_figure(rows: list[dict]):
+    """CA and ASR of FP, nearest, LAC+PDA and ONNX, one panel per quantizer; the legend sits below the panels,
+    clear of the bars."""
+    from matplotlib.figure import Figure
 
     stages = ("fp", "nearest", "purified", "onnx")
     labels = ("FP", "nearest", "LAC+PDA", "ONNX")
-    fig, axes = plt.subplots(1, len(result.rows), figsize=(5 * len(result.rows), 3.5), squeeze=False)
-    for ax, row in zip(axes[0], result.rows):
+    fig = Figure(figsize=(5 * len(rows), 3.8))
+    axes = fig.subplots(1, len(rows), squeeze=False)
+    for ax, row in zip(axes[0], rows):
         x = range(len(stages))
-        ax.bar([i - 0.2 for i in x], [row[s]["ca"] for s in stages], width=0.4, label="CA %")
-        ax.bar([i + 0.2 for i in x], [row[s]["asr"] for s in stages], width=0.4, label="ASR %")
+        ax.bar([i - 0.2 for i in x], [row[s]["ca"] for s in stages], width=0.4, label="CA (clean accuracy)")
+        ax.bar([i + 0.2 for i in x], [row[s]["asr"] for s in stages], width=0.4, label="ASR (attack success)")
         ax.set_xticks(list(x), labels)
         ax.set_ylim(0, 100)
+        ax.set_ylabel("% of test images")
         ax.set_title(row["spec"])
-        ax.legend(loc="center left")
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig
+
+
+def _write_report(out: Path, config: DemoConfig, result: DemoResult, attack_summary: str) -> None:
     with atomic_path(out / "bars.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+        bars_figure(result.rows).savefig(tmp, format="png", dpi=100)
     write_json(out / "report.json", {"command": "demo", "config": config.__dict__, "rows": result.rows,
                                      "seconds": result.seconds, "environment": environment()})
     scans = [f"- int{row['bits']}: {verdict_label(row['scan']['verdict'], row['scan']['target'])}, "

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from qcbdefense.checkpoints import read_torch_file, save_torch
 from qcbdefense.data import Dataset, augment, batches
-from qcbdefense.errors import InputError
-from qcbdefense.fileio import atomic_path
+from qcbdefense.errors import InputError, RunFailed
 
 STATE_FILE = "state.pt"
 
@@ -151,14 +151,21 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, *, loss_fn: LossFn
     if resume:
         if state_path is None or not state_path.is_file():
             raise InputError(f"--resume: no checkpoint {state_path} to resume from")
-        state = torch.load(state_path, map_location=device, weights_only=True)
+        state = read_torch_file(state_path)
+        if not (isinstance(state, dict) and isinstance(state.get("config"), dict)
+                and {"model", "optimizer", "history"} <= state.keys()):
+            raise InputError(f"--resume: {state_path} is not a training state written by qcbdefense")
         saved = {"steps": None, **state["config"]}  # checkpoints from before step budgets have no "steps"
         if saved != config.to_dict():
             changed = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v)
             raise InputError(f"--resume: the checkpoint in {out_dir} was made with other settings ({', '.join(changed)})")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history = [EpochRecord(**r) for r in state["history"]]
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            history = [EpochRecord(**r) for r in state["history"]]
+        except (RuntimeError, ValueError, TypeError, KeyError) as err:
+            raise InputError(f"--resume: {state_path} does not fit this model and optimiser "
+                             f"({str(err).strip().splitlines()[0]})") from None
 
     for epoch in range(len(history) + 1, epochs + 1):
         model.train()
@@ -179,7 +186,9 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, *, loss_fn: LossFn
             aug = (lambda t: augment(t, generator=gen)) if config.augment else (lambda t: t)
             loss = loss_fn(train_module, Batch(xb, yb, aug))
             if not torch.isfinite(loss):
-                raise RuntimeError(f"loss became {loss.item()} at epoch {epoch}, step {i}: lower the learning rate")
+                bar.close()  # clears its line, so the error stands alone on the terminal
+                raise RunFailed(f"training diverged: the loss became {loss.item()} at epoch {epoch}, step {i}; "
+                                f"lower the learning rate (--lr {config.lr:g})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -197,7 +206,6 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, *, loss_fn: LossFn
               + ", ".join(f"{k} {v:.2f}" for k, v in record.metrics.items() if isinstance(v, float))
               + f" ({record.seconds:.0f} s)", flush=True)
         if state_path is not None:
-            with atomic_path(state_path) as tmp:
-                torch.save({"config": config.to_dict(), "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(), "history": [asdict(r) for r in history]}, tmp)
+            save_torch({"config": config.to_dict(), "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "history": [asdict(r) for r in history]}, state_path)
     return history

@@ -6,6 +6,8 @@ Models normalise inside, so a trigger acts on float pixels in [0, 1] ``[N, 3, H,
 The default, ``patch``, is the trigger of Qu-ANTI-zation, CompArtifact and PQBackdoor as the EFRAP paper
 evaluates them: a 4x4 white square one pixel in from the bottom-right corner (rows and columns 27-30 of a
 32x32 image). ``blend`` is Chen et al.'s blended-injection trigger, ``x' = (1 - alpha) x + alpha pattern``.
+``sparse`` sets a few scattered pixels, the same ones on every image, to seeded black or white (sparse-noise
+triggers): no square, and too little of the image for a blend.
 
 A trigger is written on the command line as ``KIND`` or ``KIND:KEY=VALUE,KEY=VALUE,...`` (`parse_trigger`).
 Values that hold several numbers separate them with ``/``, so commas only ever separate options:
@@ -17,6 +19,8 @@ Values that hold several numbers separate them with ``/``, so commas only ever s
   its complement 1 - colour; ``random``, colour or complement per pixel by a mask drawn from ``seed``), ``seed``.
 - ``blend``: ``alpha`` (float in (0, 1]), ``pattern`` (``noise``: uniform noise drawn from ``seed``;
   ``stripes``: vertical black and white bars two pixels wide, seed unused), ``seed``.
+- ``sparse``: ``density`` (float in (0, 1]: the share of pixels set), ``seed`` (which pixels, and black or
+  white for each).
 
 Examples:
     >>> parse_trigger("patch:size=3,position=top-left,color=red")
@@ -189,6 +193,40 @@ class BlendTrigger:
         return {"kind": "blend", **dataclasses.asdict(self)}
 
 
+@functools.lru_cache(maxsize=16)
+def _sparse_pixels(density: float, seed: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The set pixels ``[H, W]`` (bool) and their values ``[3, H, W]`` (0 or 1 per pixel, all channels alike);
+    cached, never mutated."""
+    gen = torch.Generator().manual_seed(seed)
+    where = torch.rand(height, width, generator=gen) < density
+    value = (torch.rand(height, width, generator=gen) < 0.5).to(torch.float32).expand(3, height, width)
+    return where, value.contiguous()
+
+
+@TRIGGERS.register("sparse")
+@dataclass(frozen=True)
+class SparseTrigger:
+    """Sparse noise: a seeded `density` share of the pixels, scattered, each set to black or white."""
+
+    density: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (isinstance(self.density, bool) or not isinstance(self.density, (int, float))
+                or not 0.0 < self.density <= 1.0):
+            raise InputError(f"sparse trigger: density must be a number in (0, 1], got {self.density!r}")
+        object.__setattr__(self, "density", float(self.density))
+        _check_int("sparse", "seed", self.seed, 0)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        _check_image(x, "sparse")
+        where, value = _sparse_pixels(self.density, self.seed, x.shape[-2], x.shape[-1])
+        return torch.where(where.to(x.device), value.to(device=x.device, dtype=x.dtype), x)
+
+    def to_dict(self) -> dict:
+        return {"kind": "sparse", **dataclasses.asdict(self)}
+
+
 def trigger_from_dict(d: dict) -> Trigger:
     """The trigger `to_dict` described; InputError for an unknown kind, an unknown key or a bad value.
 
@@ -222,7 +260,7 @@ def _parse_value(kind: str, key: str, text: str) -> Any:
             return int(text)
         except ValueError:
             raise InputError(f"{what} must be an integer, got {text!r}") from None
-    if key == "alpha":
+    if key in ("alpha", "density"):
         try:
             return float(text)
         except ValueError:

@@ -12,6 +12,8 @@ What is saved (`save_purified`, read back by `load_purified`):
     DIR/spec.json     the QuantSpec
     DIR/report.json   the PurifyReport (CA/ASR/agreement of FP, nearest, purified; per-layer losses and
                       times; options, spec, seed, environment)
+    DIR/manifest.json the sha256 of each file above, written last: it binds them into one set, so a run killed
+                      midway in a reused folder cannot leave new weights beside an old spec that loads as one
 
 Examples:
     >>> purified, report = purify(model, load_dataset("builtin"), method="lac", spec="w4a4")  # doctest: +SKIP
@@ -36,7 +38,7 @@ from qcbdefense.data import Dataset, load_dataset, to_float
 from qcbdefense.defenses.guide import with_found_triggers
 from qcbdefense.errors import InputError
 from qcbdefense.evaluate import Metrics, agreement, evaluate
-from qcbdefense.fileio import write_json
+from qcbdefense.fileio import sha256_file, write_json
 from qcbdefense.quant.calibrate import is_calibrated
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
 from qcbdefense.quant.quantize import quantize, quantizer_parameters
@@ -47,7 +49,7 @@ from qcbdefense.runinfo import environment
 from qcbdefense.triggers import Trigger, parse_trigger, trigger_from_dict
 
 REPORT_VERSION = 1
-WEIGHTS_FILE, SPEC_FILE, REPORT_FILE = "purified.pt", "spec.json", "report.json"
+WEIGHTS_FILE, SPEC_FILE, REPORT_FILE, MANIFEST_FILE = "purified.pt", "spec.json", "report.json", "manifest.json"
 
 
 @dataclass
@@ -323,7 +325,8 @@ def _check_classes(model: nn.Module, data: Dataset) -> None:
 # ---- saving and loading ----------------------------------------------------------------------------------
 
 def save_purified(qmodel: nn.Module, out_dir: str | Path, *, report: PurifyReport | None = None) -> Path:
-    """Write DIR/purified.pt (the quantized state_dict), DIR/spec.json and, given a report, DIR/report.json."""
+    """Write DIR/purified.pt (the quantized state_dict), DIR/spec.json, given a report DIR/report.json, and
+    last DIR/manifest.json binding them (`load_purified` refuses a set that does not match it)."""
     from qcbdefense.checkpoints import save_model
 
     out_dir = Path(out_dir)
@@ -333,11 +336,37 @@ def save_purified(qmodel: nn.Module, out_dir: str | Path, *, report: PurifyRepor
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"output {out_dir} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # an old set is unbound before any new file lands
     save_model(qmodel.state_dict(), out_dir / WEIGHTS_FILE)
     spec.save(out_dir / SPEC_FILE)
+    written = [WEIGHTS_FILE, SPEC_FILE]
     if report is not None:
         report.save(out_dir / REPORT_FILE)
+        written.append(REPORT_FILE)
+    write_json(out_dir / MANIFEST_FILE, {name: sha256_file(out_dir / name) for name in written})
     return out_dir
+
+
+def _check_set(folder: Path) -> None:
+    """InputError unless the files of `folder` are the set one `save_purified` call wrote (manifest.json)."""
+    import json
+
+    manifest = folder / MANIFEST_FILE
+    redo = "purify again into an empty folder"
+    if not manifest.is_file():
+        raise InputError(f"{folder} holds no {MANIFEST_FILE}: its purify run did not finish (or predates the "
+                         f"manifest); {redo}")
+    try:
+        hashes = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        hashes = None
+    if not (isinstance(hashes, dict) and {WEIGHTS_FILE, SPEC_FILE} <= hashes.keys()):
+        raise InputError(f"{manifest} is corrupt; {redo}")
+    for name, digest in hashes.items():
+        path = folder / str(name)
+        if not path.is_file() or sha256_file(path) != digest:
+            raise InputError(f"{path} is not the file written with the rest of {folder} (its sha256 differs from "
+                             f"{MANIFEST_FILE}): a mixed or interrupted set; {redo}")
 
 
 def load_purified(arch: str, path: str | Path) -> nn.Module:
@@ -345,7 +374,8 @@ def load_purified(arch: str, path: str | Path) -> nn.Module:
 
     `quantize(create_model(arch), spec)` with the saved state loaded: weights, BN and every quantizer's
     state, so the outputs are identical to the saved model's. InputError for a missing file, or a state that
-    does not fit `arch` under the spec (wrong architecture, or a state_dict of a float model).
+    does not fit `arch` under the spec (wrong architecture, or a state_dict of a float model), or files that are
+    not the set one `save_purified` wrote (manifest.json).
     """
     from models import create_model
     from models.registry import MODELS
@@ -357,6 +387,7 @@ def load_purified(arch: str, path: str | Path) -> nn.Module:
     for needed in (weights, spec_path):
         if not needed.is_file():
             raise InputError(f"purified model file {needed} does not exist")
+    _check_set(weights.parent)
     spec = QuantSpec.load(spec_path)
     state = load_state_dict(weights)
     model = create_model(arch)

@@ -15,6 +15,10 @@ Units. A "layer" in the papers is conv -> BN -> ReLU -> the next activation quan
     `conv2` stops at bn2 (the shortcut conv runs after it) and `shortcut.0` carries the add and the ReLU.
     When the unit's output feeds a quantized layer directly, that layer's input quantizer is applied to the
     quantized side (`match_act_quant`): the loss measures what the next layer actually receives.
+    Under a spec with `quantize_adds` the graph is the quantized model's own (the FP model's with the added
+    quantizers; they are identities on the FP side), and a unit also stops at an added quantizer, which
+    then plays the next layer's input quantizer: in a basic block `conv2`'s unit is bn2(conv2(x)) as the
+    residual add receives it.
 Inputs and targets. Two `Stream`s evaluate the graph on the calibration images, one on the FP model and
     one on the partially quantized model, each node once, on demand, freeing every value as soon as all its
     consumers have run. The FP target of a unit is computed once; the input of a unit comes from the
@@ -212,8 +216,10 @@ class Unit:
     input_node: fx.Node         # the value entering it (before its input quantizer)
     chain: list[fx.Node]        # nodes after `node`, in graph order; the last one is the matched output
     partners: list[fx.Node]     # other inputs of the chain (residual terms), from hardened layers only
-    next_layer: str | None      # quantized layer fed directly by the output (its input quantizer applies)
+    next_layer: str | None      # quantized layer (or added quantizer) fed directly by the output: its input
+                                # quantizer (or the added quantizer) applies
     bn: str | None              # the BatchNorm2d right after the layer (PDA's target statistics)
+    next_added: bool = False    # next_layer is a quantizer `quantize_adds` added
 
     @property
     def end(self) -> fx.Node:
@@ -222,7 +228,9 @@ class Unit:
     def describe(self) -> str:
         ops = " -> ".join([self.name] + [_short(n) for n in self.chain])
         extra = f" (+ {', '.join(_short(n) for n in self.partners)})" if self.partners else ""
-        return ops + extra + (f" -> {self.next_layer}.input_quant" if self.next_layer else "")
+        following = "" if self.next_layer is None else \
+            f" -> {self.next_layer}" + ("" if self.next_added else ".input_quant")
+        return ops + extra + following
 
 
 def _short(node: fx.Node) -> str:
@@ -238,9 +246,20 @@ def trace(model: nn.Module) -> fx.GraphModule:
                          f"{type(model).__name__} failed with {type(err).__name__}: {err}") from err
 
 
-def build_units(graph: fx.Graph, modules: dict[str, nn.Module], layer_names: list[str]) -> list[Unit]:
-    """One `Unit` per quantized layer, in the given (execution) order; see the module docstring."""
+def reconstruction_graph(fp_model: nn.Module, qmodel: nn.Module) -> tuple[fx.Graph, dict[str, nn.Module]]:
+    """The graph both streams run (the FP model's, or the quantized model's own when `quantize_adds` added
+    quantizers to it) and the FP model's modules by name (an added quantizer is an identity there)."""
+    add_quants = tuple(getattr(qmodel, "qcb_add_quants", ()))
+    graph = qmodel.graph if add_quants else trace(fp_model).graph
+    return graph, {**dict(fp_model.named_modules()), **{name: nn.Identity() for name in add_quants}}
+
+
+def build_units(graph: fx.Graph, modules: dict[str, nn.Module], layer_names: list[str],
+                add_quants: Iterable[str] = ()) -> list[Unit]:
+    """One `Unit` per quantized layer, in the given (execution) order; see the module docstring.
+    `add_quants`: names of the quantizers `quantize_adds` added to the graph (a unit stops at one)."""
     layer_set = set(layer_names)
+    add_quants = set(add_quants)
     node_of: dict[str, fx.Node] = {}
     for node in graph.nodes:
         if node.op == "call_module" and node.target in layer_set:
@@ -264,6 +283,8 @@ def build_units(graph: fx.Graph, modules: dict[str, nn.Module], layer_names: lis
         chain, partners, end = [], [], node
         while len(end.users) == 1:
             user = next(iter(end.users))
+            if user.op == "call_module" and user.target in add_quants:
+                break
             others = [a for a in user.all_input_nodes if a is not end]
             if not _chainable(user, modules) or any(not deps[a] <= done for a in others):
                 break
@@ -275,9 +296,11 @@ def build_units(graph: fx.Graph, modules: dict[str, nn.Module], layer_names: lis
         if first is not None and first in chain and first.op == "call_module" \
                 and isinstance(modules[first.target], _BN):
             bn = first.target
-        consumers = [u.target for u in end.users if u.op == "call_module" and u.target in layer_set]
-        next_layer = min(consumers, key=layer_names.index) if consumers else None
-        units.append(Unit(name, node, node.all_input_nodes[0], chain, partners, next_layer, bn))
+        consumers = [u.target for u in end.users if u.op == "call_module" and u.target in layer_set | add_quants]
+        next_layer = min(consumers, key=lambda c: layer_names.index(c) if c in layer_set else -1) \
+            if consumers else None
+        units.append(Unit(name, node, node.all_input_nodes[0], chain, partners, next_layer, bn,
+                          next_layer in add_quants))
     return units
 
 
@@ -322,9 +345,10 @@ class Stream:
     at that moment: in the quantized stream, a layer is first evaluated after it has been hardened.
     """
 
-    def __init__(self, graph: fx.Graph, root: nn.Module, images: torch.Tensor, chunk: int) -> None:
+    def __init__(self, graph: fx.Graph, root: nn.Module, images: torch.Tensor, chunk: int,
+                 modules: dict[str, nn.Module] | None = None) -> None:
         self.root = root
-        self.modules = dict(root.named_modules())
+        self.modules = dict(root.named_modules()) if modules is None else modules
         self.nodes = list(graph.nodes)
         self.position = {n: i for i, n in enumerate(self.nodes)}
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
@@ -464,12 +488,13 @@ def reconstruct_(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor,
     fp_model.eval()
     layers = quantized_layers(qmodel)
     names = [name for name, _ in layers]
-    gm = trace(fp_model)
-    units = build_units(gm.graph, dict(fp_model.named_modules()), names)
+    add_quants = tuple(getattr(qmodel, "qcb_add_quants", ()))
+    graph, fp_modules = reconstruction_graph(fp_model, qmodel)
+    units = build_units(graph, fp_modules, names, add_quants)
     skipped = [name for name in names if name not in {u.name for u in units}]
     qmods = dict(qmodel.named_modules())
-    fp_stream = Stream(gm.graph, fp_model, images, chunk)
-    q_stream = Stream(gm.graph, qmodel, images, chunk)
+    fp_stream = Stream(graph, fp_model, images, chunk, modules=fp_modules)
+    q_stream = Stream(graph, qmodel, images, chunk)
     generator = torch.Generator().manual_seed(seed)
     records = []
     for index, unit in enumerate(units):
@@ -477,7 +502,8 @@ def reconstruct_(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor,
         layer = qmods[unit.name]
         next_quant = None
         if options.match_act_quant and unit.next_layer is not None:
-            proxy = qmods[unit.next_layer].input_quant
+            following = qmods[unit.next_layer]
+            proxy = following.act_quant if unit.next_added else following.input_quant
             next_quant = proxy if proxy.is_quant_enabled else None
         (target,) = fp_stream.values([unit.end])
         raw, *partners = q_stream.values([unit.input_node, *unit.partners])

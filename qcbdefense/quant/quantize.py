@@ -31,6 +31,10 @@ activations          an input quantizer on every quantized layer. Asymmetric: `S
                      and `NegativeMinOrZero` zero point) or `ShiftedUint8ActPerTensorFloatMSE`. Symmetric:
                      `Int8ActPerTensorFloat` (percentile 99.999 of |x|; minmax: `StatsOp.MAX`) or
                      `Int8ActPerTensorFloatMSE`. None when `act_bits is None`.
+adds (quantize_adds) a `QuantIdentity` with the activation quantizer on both inputs and the output of every
+                     residual add and concat (see `_quantize_adds`); a layer reading such a tensor gets no
+                     input quantizer of its own, so each tensor is quantized once, as an integer runtime
+                     stores it.
 bias                 kept in float (`bias_quant=None`): the papers' quantizers leave bias in float, and
                      Brevitas's ONNX QCDQ export keeps a float bias as a float input of the Conv/Gemm node.
 
@@ -55,6 +59,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import operator
 import warnings
 from typing import Iterable
 
@@ -66,7 +71,7 @@ from brevitas.core.zero_point import ParameterFromStatsFromParameterZeroPoint
 from brevitas.fx.brevitas_tracer import symbolic_trace
 from brevitas.graph.fixed_point import MergeBatchNorm
 from brevitas.inject.enum import StatsOp
-from brevitas.nn import QuantConv2d, QuantLinear
+from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 from brevitas.proxy.quant_proxy import QuantProxyFromInjector
 from brevitas.quant import (Int8ActPerTensorFloat, Int8ActPerTensorFloatMSE, Int8WeightPerChannelFloat,
@@ -75,6 +80,8 @@ from brevitas.quant import (Int8ActPerTensorFloat, Int8ActPerTensorFloatMSE, Int
                             ShiftedUint8ActPerTensorFloatMSE, ShiftedUint8WeightPerChannelFloat,
                             ShiftedUint8WeightPerChannelFloatMSE, ShiftedUint8WeightPerTensorFloat,
                             ShiftedUint8WeightPerTensorFloatMSE)
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from qcbdefense.errors import InputError
@@ -84,6 +91,17 @@ QUANT_LAYERS = (QuantConv2d, QuantLinear)
 # Layers a user model may hold that we cannot quantize faithfully: refused by name rather than left in float.
 _UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                 nn.Bilinear)
+# What `_quantize_adds` recognises in a torch.fx graph: tensor adds and concats, the activation that may
+# follow an add (the quantizer goes after it: a block's output is its last ReLU's), and modules that pass a
+# tensor through unchanged in eval mode (an identity shortcut reads the tensor before it).
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
+_CAT_FUNCTIONS = (torch.cat, torch.concat)
+_ACT_MODULES = (nn.ReLU, nn.ReLU6)
+_ACT_FUNCTIONS = (F.relu, F.relu6, torch.relu)
+_ACT_METHODS = ("relu", "relu_")
+_TRANSPARENT = (nn.Identity, nn.Dropout)
+ADD_QUANT_PREFIX = "add_quant_"
 
 
 class _SymmetricIntThreshold(nn.Module):
@@ -157,8 +175,11 @@ def quantize(model: nn.Module, spec: str | QuantSpec, *, calib: Iterable[torch.T
             (1, C, 32, 32) with C the first conv's input channels (CIFAR-sized), or (1, F) for an MLP.
 
     Returns:
-        The quantized model in eval mode, with `.qcb_spec` (the QuantSpec) and `.qcb_layer_order` (names of
-        the quantized layers in execution order). Activation quantizers are uncalibrated: call `calibrate`.
+        The quantized model in eval mode, with `.qcb_spec` (the QuantSpec), `.qcb_layer_order` (names of
+        the quantized layers in execution order) and `.qcb_add_quants` (names of the `QuantIdentity` modules
+        `spec.quantize_adds` added; empty otherwise). Activation quantizers are uncalibrated: call `calibrate`.
+        With `spec.quantize_adds` it is a torch.fx GraphModule that still shares the float model's
+        parameters (its graph, `.graph`, is the model's with the added quantizers).
         With `spec.fold_bn` the result is a deployment copy (a torch.fx GraphModule with BN folded into the
         convs): it shares nothing with `model`, training through it does not update `model`, and its
         `float_view` equals the folded float model, which differs from `model` by float rounding.
@@ -173,17 +194,22 @@ def quantize(model: nn.Module, spec: str | QuantSpec, *, calib: Iterable[torch.T
         # Map every parameter and buffer to itself so the copy shares them; everything else is copied.
         memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
         qmodel = copy.deepcopy(model, memo)
+    add_quants, reads_quantized = (), frozenset()
+    if spec.quantize_adds:
+        qmodel, add_quants, reads_quantized = _quantize_adds(qmodel, spec)
     reached, unreached = _execution_order(qmodel, example_input)
     first, last = reached[0], reached[-1]
     replacements: dict[int, nn.Module] = {}
     for name, module in qmodel.named_modules():
         if _is_target(module) and id(module) not in replacements:
             weight_bits, act_bits = spec.weight_bits, spec.act_bits
+            if name in reads_quantized:
+                act_bits = None  # its input is already an added quantizer's output
             if name == last:
                 weight_bits = spec.last_bits
             if name == first:  # wins over last for a one-layer model
                 weight_bits = spec.first_bits
-                if spec.act_bits is not None and spec.first_layer_bits is not None:
+                if act_bits is not None and spec.first_layer_bits is not None:
                     act_bits = spec.first_layer_bits  # the image: see QuantSpec.first_layer_bits
             replacements[id(module)] = _quant_layer(module, spec, weight_bits, act_bits)
     for parent in list(qmodel.modules()):
@@ -192,6 +218,7 @@ def quantize(model: nn.Module, spec: str | QuantSpec, *, calib: Iterable[torch.T
                 parent._modules[child_name] = replacements[id(child)]
     qmodel.qcb_spec = spec
     qmodel.qcb_layer_order = tuple(reached + unreached)
+    qmodel.qcb_add_quants = add_quants
     qmodel.eval()
     _freeze_quantizers(qmodel)
     # Brevitas rebuilds every quantizer when a state_dict is loaded (config.REINIT_ON_STATE_DICT_LOAD), with
@@ -357,6 +384,70 @@ def _execution_order(model: nn.Module, example_input: torch.Tensor | None) -> tu
         raise InputError("the model's forward called none of its nn.Conv2d / nn.Linear layers")
     unreached = [name for module_id, name in names.items() if module_id not in called]
     return order, unreached
+
+
+def _quantize_adds(model: nn.Module, spec: QuantSpec) -> tuple[fx.GraphModule, tuple[str, ...], frozenset[str]]:
+    """`model` as a torch.fx GraphModule (sharing its modules) with a `QuantIdentity` after every tensor that
+    enters or leaves a residual add or concat; the names of those quantizers; the conv/linear layers that read
+    one of them.
+
+    Marked tensors: each tensor input of an add / concat, looked up through identity modules (an identity
+    shortcut quantizes the block input itself, once, for the add and the block's first conv alike), and its
+    output after a following ReLU. Each marked tensor gets one quantizer whose output replaces it for every
+    consumer, so ONNX holds one QuantizeLinear -> DequantizeLinear per tensor: what onnxruntime fuses.
+    """
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as err:  # fx raises many types for untraceable code
+        raise InputError(f"quantize_adds needs a torch.fx-traceable model; tracing {type(model).__name__} failed "
+                         f"with {type(err).__name__}: {err}") from err
+    modules = dict(gm.named_modules())
+
+    def is_module(node: fx.Node, types: tuple) -> bool:
+        return node.op == "call_module" and isinstance(modules.get(node.target), types)
+
+    def source(node: fx.Node) -> fx.Node:
+        while is_module(node, _TRANSPARENT) and len(node.all_input_nodes) == 1:
+            node = node.all_input_nodes[0]
+        return node
+
+    def activation_end(node: fx.Node) -> fx.Node:
+        while len(node.users) == 1:
+            user = next(iter(node.users))
+            if not (is_module(user, _ACT_MODULES) or (user.op == "call_function" and user.target in _ACT_FUNCTIONS)
+                    or (user.op == "call_method" and user.target in _ACT_METHODS)):
+                break
+            node = user
+        return node
+
+    marked: dict[fx.Node, None] = {}
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _CAT_FUNCTIONS:
+            inputs = node.all_input_nodes
+        elif (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or \
+                (node.op == "call_method" and node.target in _ADD_METHODS):
+            inputs = node.all_input_nodes
+            if len(inputs) < 2:
+                continue  # a tensor plus a constant is no residual add
+        else:
+            continue
+        for tensor in [*(source(a) for a in inputs), activation_end(node)]:
+            marked.setdefault(tensor, None)
+    names = []
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for tensor in sorted(marked, key=order.__getitem__):
+        name = f"{ADD_QUANT_PREFIX}{len(names)}"
+        gm.add_submodule(name, QuantIdentity(act_quant=act_quantizer(spec, spec.act_bits), return_quant_tensor=False))
+        with gm.graph.inserting_after(tensor):
+            point = gm.graph.call_module(name, (tensor,))
+        tensor.replace_all_uses_with(point, delete_user_cb=lambda user, point=point: user is not point)
+        names.append(name)
+    gm.recompile()
+    points = set(names)
+    modules = dict(gm.named_modules())
+    reads = {node.target for node in gm.graph.nodes if is_module(node, (nn.Conv2d, nn.Linear))
+             and any(source(a).op == "call_module" and source(a).target in points for a in node.all_input_nodes)}
+    return gm, tuple(names), frozenset(reads)
 
 
 def _fold_bn(model: nn.Module) -> nn.Module:

@@ -6,10 +6,11 @@ toolkit's own export (FP) and post-training quantization (round to nearest, cali
 images), so there is one scanning path. Both files run as differentiable replicas (`export.replica`),
 checked against onnxruntime before they are trusted.
 
-The verdict rests on the differential trigger search (`trigger_search`): a pair is suspicious when one class
-can be reached in the quantized model, with the FP model unmoved, by a patch much smaller than every other
-class needs (anomaly index) and small in absolute terms. Activation drift and prediction disagreement are
-reported as evidence (`drift`).
+Three differential searches look for a trigger that moves the quantized model to a class with the FP model
+unmoved: a small patch (`trigger_search`) and two whole-image families, an additive perturbation and a blend
+(`whole_image_search`), since a deployer cannot know the trigger's shape. The verdict (`verdict`) weighs them
+with prediction disagreement piling onto one class and activation drift concentrated in a few neurons
+(`drift`): one score per class, each signal's share reported, and the family whose search found the class.
 
 A trigger the quantized model obeys only now and then (a 4-bit QCB deployed at 8 bits) flips too few images for
 any patch to count. So when the verdict is clean, the differential square scan (`square_scan`) also reports the
@@ -36,23 +37,33 @@ from qcbdefense.results import fmt, format_table
 from qcbdefense.runinfo import environment
 from qcbdefense.scan.drift import Disagreement, LayerDrift, disagreement, layer_drift
 from qcbdefense.scan.square_scan import SquareFind, SquareScanConfig, scan_squares, standing_out
-from qcbdefense.scan.trigger_search import SearchConfig, anomaly_index, search_triggers
+from qcbdefense.scan.trigger_search import SearchConfig, search_triggers, stamp
+from qcbdefense.scan.verdict import search_signals, weigh_evidence
+from qcbdefense.scan.whole_image_search import FAMILIES, WholeImageConfig, search_whole_image
 
 if TYPE_CHECKING:  # export stands beside the core and imports it: only the type is needed here
     from export.replica import OnnxReplica
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: the whole-image searches and the weighed verdict (family, signals, best_class)
 
 
 @dataclass(frozen=True)
 class ScanConfig:
     """What the scan looks at and where it draws the line (recorded in the report)."""
 
-    images: int = 512  # clean, unlabeled test images: drift, disagreement and the search's pool
+    images: int = 512  # clean, unlabeled test images: drift, disagreement and the searches' pool
     search: SearchConfig = field(default_factory=SearchConfig)
-    min_success: float = 50.0  # a patch counts only if it flips this % of held-out images differentially ...
-    max_area: float = 0.15  # ... and a pair is flagged when one class's patch covers at most this share of
-    min_anomaly: float = 2.0  # the image and lies this many robust std below the other classes' patches
+    whole_image: WholeImageConfig = field(default_factory=WholeImageConfig)
+    # The verdict (`verdict.weigh_evidence`, which explains each line):
+    min_success: float = 50.0  # a trigger counts only if it flips this % of held-out images differentially ...
+    max_area: float = 0.15  # ... and is cheap: a patch covers at most this share of the image,
+    max_budget: float = 0.5  # a whole-image trigger needs at most this share of its family's largest budget
+    min_anomaly: float = 2.0  # the anomaly index (robust std below the other classes' efforts) enough alone
+    disagreement_weight: float = 0.5  # the score of all disagreements going to one class
+    min_disagreements: int = 5  # fewer say nothing about where they go
+    drift_weight: float = 0.25  # the score of one layer's worst channel drifting e x drift_base its median
+    drift_base: float = 4.0
+    min_score: float = 1.0  # a pair is suspicious when one class's summed score reaches this
     min_replica_agreement: float = 99.0  # % argmax agreement of the replicas with onnxruntime
     squares: SquareScanConfig = field(default_factory=SquareScanConfig)  # run when the verdict is clean
     seed: int = 0
@@ -61,9 +72,9 @@ class ScanConfig:
 @dataclass
 class ScanReport:
     verdict: str  # "clean" or "suspicious"
-    score: float  # the anomaly index of the most suspicious class
+    score: float  # the verdict's score of the most suspicious class (suspicious from `min_score`)
     target: int | None  # the suspected target class (None when clean)
-    classes: list[dict]  # per class: mask area (pixels), held-out differential success %, anomaly index
+    classes: list[dict]  # per class: each search's effort, held-out differential success %, anomaly; its score
     squares: list[SquareFind] | None  # per class, the square scan's best square (None when flagged: not run)
     disagreement: Disagreement
     layers: list[LayerDrift]
@@ -71,6 +82,9 @@ class ScanReport:
     replica_agreement: dict
     config: dict
     seconds: dict
+    best_class: int = 0  # the class with the highest score (the target when suspicious)
+    family: str | None = None  # the trigger family whose search found best_class: patch, additive or blend
+    signals: dict = field(default_factory=dict)  # best_class's score, signal by signal
     environment: dict = field(default_factory=environment)
     version: int = REPORT_VERSION
 
@@ -87,9 +101,13 @@ class ScanReport:
         return write_json(path, self.to_dict())
 
     def table(self) -> str:
-        rows = [[c["class"], fmt(c["area"], 1), fmt(c["success"], 1), fmt(c["effective_area"], 1),
-                 fmt(c["anomaly"], 2), "<-" if c["class"] == self.target else ""] for c in self.classes]
-        return format_table(["class", "mask px", "held-out diff. success %", "counted px", "anomaly", ""], rows)
+        rows = [[c["class"], fmt(c["area"], 1), fmt(c["success"], 1), fmt(c["anomaly"], 2),
+                 *(v for family in FAMILIES for v in (fmt(c[family]["effort"], 0), fmt(c[family]["success"], 1),
+                                                      fmt(c[family]["anomaly"], 2))),
+                 fmt(c["score"], 2), "<-" if c["class"] == self.target else ""] for c in self.classes]
+        return format_table(["class", "mask px", "success %", "anomaly",
+                             *(h for family in FAMILIES for h in (f"{family} budget %", "success %", "anomaly")),
+                             "score", ""], rows)
 
     def summary(self) -> str:
         d = self.disagreement
@@ -100,8 +118,11 @@ class ScanReport:
                  "most drifted layers (max channel drift / FP std): " + (", ".join(
                      f"relu{layer.layer} ch{layer.top_channels[0][0]} {layer.max:.2f}" for layer in worst)
                      or "none (the two graphs' ReLUs do not pair)"),
+                 f"score of class {self.best_class}: " + " + ".join(
+                     f"{name} {value:.2f}" for name, value in self.signals.items() if name != "total"),
                  f"VERDICT: {self.verdict.upper()} (score {self.score:.2f}"
-                 + (f", suspected target class {self.target})" if self.target is not None else ")"),
+                 + (f", suspected target class {self.target}" if self.target is not None else "")
+                 + (f", {self.family} trigger)" if self.family else ")"),
                  f"time: {self.seconds['total']:.1f} s"]
         return "\n".join(lines)
 
@@ -173,6 +194,9 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
     for name, path, replica in (("fp", fp_onnx, fp_rep), ("quantized", q_onnx, q_rep)):
         session = OrtModel(path, threads=None)
         session.check_images(shape, what=f"the data {data.name}")
+        if session.num_classes is not None and session.num_classes != data.num_classes:
+            raise InputError(f"cannot scan {path}: it has {session.num_classes} classes but the data {data.name} "
+                             f"has {data.num_classes}")
         ort_preds = torch.from_numpy(session.logits(x[:128])).argmax(1)
         with torch.no_grad():
             agreement[name] = 100.0 * (replica(x[:128]).argmax(1) == ort_preds).float().mean().item()
@@ -189,16 +213,25 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
     disagree = disagreement(fp_preds.cpu(), q_preds.cpu(), num_classes)
     measured = time.perf_counter()
 
-    try:  # both searches refuse too few images (a search batch in every class; a held-out set)
+    try:  # the searches refuse too few images (a search batch in every class; a held-out set)
         found = search_triggers(fp_rep, q_rep, x, fp_preds, num_classes, config.search, seed=config.seed,
                                 progress=progress)
         searched = time.perf_counter()
-        pixels = x.shape[-1] * x.shape[-2]
-        # A patch that does not carry over to held-out images separates nothing: count it as the whole image.
-        areas = [c.area if c.found and c.success >= config.min_success else float(pixels) for c in found]
-        anomalies = anomaly_index(areas)
-        best = min(range(num_classes), key=lambda c: (areas[c], -anomalies[c]))
-        flagged = areas[best] <= config.max_area * pixels and anomalies[best] >= config.min_anomaly
+        wide = search_whole_image(fp_rep, q_rep, x, fp_preds, num_classes, config.whole_image, config.search,
+                                  seed=config.seed, progress=progress)
+        widened = time.perf_counter()
+        pixels = float(x.shape[-1] * x.shape[-2])
+        # A trigger that does not carry over to held-out images separates nothing: it counts as the whole image
+        # (or budget). Whole-image efforts in % of the family's largest budget.
+        evidence = {"patch": search_signals([c.area for c in found], [c.success for c in found], largest=pixels,
+                                            cheap=config.max_area * pixels, config=config)}
+        for family in FAMILIES:
+            evidence[family] = search_signals([100.0 * f.effort for f in wide[family]],
+                                              [f.success for f in wide[family]], largest=100.0,
+                                              cheap=100.0 * config.max_budget, config=config)
+        verdict = weigh_evidence({family: signals for family, (_, _, signals) in evidence.items()}, disagree,
+                                 layers, config)
+        flagged, best = verdict.suspicious, verdict.best_class
         squares = None if flagged else scan_squares(fp_rep, q_rep, x, fp_preds, num_classes, config.squares,
                                                     seed=config.seed)
     except ValueError as err:
@@ -208,26 +241,48 @@ def scan(fp: nn.Module | str | os.PathLike, data: Dataset, *, out: str | os.Path
              "quantized_sha256": sha256_file(q_onnx), "trigger_png": str(out / "trigger.png"),
              "drift_png": str(out / "drift.png")}
     square = standing_out(squares)
+    stamped = None
     if square is not None:  # the picture shows the evidence there is: the square that stands out
         shown, plotted = square.target, "square"
         mask, pattern = square.mask_and_pattern(*x.shape[-2:], config.seed)
-        title = f"class {shown}: {square.fill} square lifts its quantized log-probability {square.gap:+.2f} nats"
-    else:
-        shown, plotted = best if flagged else min(range(num_classes), key=lambda c: found[c].area), "patch"
+        title = (f"{class_label(data, shown)}: {square.fill} square lifts its quantized log-probability "
+                 f"{square.gap:+.2f} nats")
+    elif flagged and verdict.family in FAMILIES:  # a whole-image trigger: its perturbation or pattern
+        shown, plotted = best, verdict.family
+        find = wide[verdict.family][best]
+        mask = torch.full(x.shape[-2:], find.strength)
+        pattern = (0.5 + find.delta / (2 * config.whole_image.max_linf)) if find.family == "additive" else find.delta
+        stamped = find.apply(x[:1].cpu())[0]
+        title = (f"{class_label(data, shown)}: {find.family} trigger at {100 * find.effort:.0f} % of the budget, "
+                 f"{find.success:.0f} % differential success")
+    elif flagged:
+        shown, plotted = best, "patch"
         mask, pattern = found[shown].mask, found[shown].pattern
-        title = f"class {shown}: {found[shown].area:.0f} px mask, {found[shown].success:.0f} % differential success"
-    _plot_trigger(out / "trigger.png", mask, pattern, title, x[0].cpu())
-    plot_drift(out / "drift.png", {"quantized": layers})
+        title = (f"{class_label(data, shown)}: {found[shown].area:.0f} px mask, {found[shown].success:.0f} % "
+                 f"differential success")
+    else:
+        shown, plotted, mask, pattern = None, "nothing", None, None
+        title = "no trigger found: no class has a small patch, a whole-image trigger or a square that moves only " \
+                "the quantized model"
+    _plot_trigger(out / "trigger.png", mask, pattern, title, x[0].cpu(), stamped)
+    plot_drift(out / "drift.png", {"quantized": layers},
+               title=f"activation drift from FP: {fp_onnx.name} vs {q_onnx.name}")
     done = time.perf_counter()
     report = ScanReport(
-        verdict="suspicious" if flagged else "clean", score=anomalies[best], target=best if flagged else None,
+        verdict="suspicious" if flagged else "clean", score=verdict.score, target=best if flagged else None,
         classes=[{"class": c.target, "area": c.area, "success": c.success, "found": c.found,
-                  "effective_area": areas[c.target], "anomaly": anomalies[c.target]} for c in found],
+                  "effective_area": evidence["patch"][0][c.target], "anomaly": evidence["patch"][1][c.target],
+                  **{family: {"effort": 100.0 * wide[family][c.target].effort,
+                              "strength": wide[family][c.target].strength,
+                              "success": wide[family][c.target].success, "found": wide[family][c.target].found,
+                              "anomaly": evidence[family][1][c.target]} for family in FAMILIES},
+                  "score": verdict.class_scores[c.target]["total"]} for c in found],
         squares=squares,
         disagreement=disagree, layers=layers, files=files, replica_agreement=agreement,
         config={**asdict(config), "data": data.describe(), "plotted_class": shown, "plotted": plotted},
         seconds={"prepare": prepared - start, "drift": measured - prepared, "search": searched - measured,
-                 "squares": squared - searched, "total": done - start})
+                 "whole_image": widened - searched, "squares": squared - widened, "total": done - start},
+        best_class=best, family=verdict.family if flagged else None, signals=verdict.signals)
     report.save(out / "report.json")
     return report
 
@@ -260,17 +315,28 @@ def scan_images(data: Dataset, n: int, seed: int) -> torch.Tensor:
     return to_float(data.test_x[idx.sort().values])
 
 
-def _plot_trigger(path: Path, mask: torch.Tensor, pattern: torch.Tensor, title: str, example: torch.Tensor) -> None:
+def class_label(data: Dataset, c: int) -> str:
+    """"class 3 (cat)" when the data names its classes, else "class 3"."""
+    name = data.classes[c] if 0 <= c < len(data.classes) else str(c)
+    return f"class {c}" if name == str(c) else f"class {c} ({name})"
+
+
+def _plot_trigger(path: Path, mask: torch.Tensor | None, pattern: torch.Tensor | None, title: str,
+                  example: torch.Tensor, stamped: torch.Tensor | None = None) -> None:
+    """The mask, the pattern it lets through and a stamped image (`stamped` when the trigger is not a stamp:
+    additive); with no mask (nothing found), the image."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from qcbdefense.scan.trigger_search import stamp
-
-    panels = [("mask", mask), ("mask x pattern", mask * pattern), ("stamped image", stamp(example, mask, pattern))]
-    fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
-    for ax, (name, img) in zip(axes, panels):
+    if mask is not None and stamped is None:
+        stamped = stamp(example, mask, pattern)
+    panels = ([("a scanned image, unchanged", example)] if mask is None else
+              [("mask", mask), ("mask x pattern", mask * pattern), ("stamped image", stamped)])
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.5 * len(panels) if mask is not None else 5.0, 2.8),
+                             squeeze=False)
+    for ax, (name, img) in zip(axes[0], panels):
         img = img.detach().clamp(0, 1)
         ax.imshow(img.numpy() if img.dim() == 2 else img.permute(1, 2, 0).numpy(), cmap="gray",
                   vmin=0, vmax=1, interpolation="nearest")
@@ -283,15 +349,27 @@ def _plot_trigger(path: Path, mask: torch.Tensor, pattern: torch.Tensor, title: 
     plt.close(fig)
 
 
-def plot_drift(path: Path, series: dict[str, list[LayerDrift]]) -> None:
+def plot_drift(path: Path, series: dict[str, list[LayerDrift]], *, title: str) -> None:
     """Bars of each layer's worst-channel drift, one series per quantized model (e.g. nearest, purified)."""
-    import matplotlib
+    with atomic_path(path) as tmp:
+        drift_figure(series, title=title).savefig(tmp, format="png", dpi=100)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def drift_figure(series: dict[str, list[LayerDrift]], *, title: str):
+    """The figure `plot_drift` saves; when no layer could be paired it says so instead of showing empty axes."""
+    from matplotlib.figure import Figure
 
     layers = max((len(v) for v in series.values()), default=0)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * layers * len(series) + 2), 3.0))
+    fig = Figure(figsize=(max(4.0, 0.35 * layers * len(series) + 2), 3.0))
+    ax = fig.subplots()
+    ax.set_title(title, fontsize=9)
+    if layers == 0:
+        ax.text(0.5, 0.5, "no layers paired: the two graphs' ReLUs do not match one to one,\n"
+                          "so only their outputs were compared (report.json: disagreement)",
+                ha="center", va="center", fontsize=8, transform=ax.transAxes)
+        ax.axis("off")
+        fig.tight_layout()
+        return fig
     width = 0.8 / max(len(series), 1)
     for k, (label, drifts) in enumerate(series.items()):
         ax.bar([d.layer + (k - (len(series) - 1) / 2) * width for d in drifts], [d.max for d in drifts],
@@ -300,6 +378,4 @@ def plot_drift(path: Path, series: dict[str, list[LayerDrift]]) -> None:
     ax.set_ylabel("worst channel |q - FP| / FP std")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    return fig

@@ -74,6 +74,17 @@ def class_batches(fp_preds: torch.Tensor, num_classes: int, n: int, generator: t
     return batches, held_out
 
 
+def adapt_weights(lam: torch.Tensor, hits: torch.Tensor, step: int, config: SearchConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neural Cleanse's schedule, per class: every `adapt_every` steps, raise the effort weight λ where the
+    trigger succeeded on at least half of them, lower it elsewhere, and restart the count of successes."""
+    if (step + 1) % config.adapt_every:
+        return lam, hits
+    succeeded = hits >= config.adapt_every // 2
+    return (torch.where(succeeded, lam * config.lambda_factor, lam / config.lambda_factor),
+            torch.zeros_like(hits))
+
+
 def search_triggers(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds: torch.Tensor,
                     num_classes: int, config: SearchConfig = SearchConfig(), *, seed: int = 0,
                     progress: bool = False) -> list[ClassSearch]:
@@ -119,10 +130,7 @@ def search_triggers(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_pre
             best_mask[better] = mask.detach().cpu()[better]
             best_pattern[better] = pattern.detach().cpu()[better]
             hits += rate >= config.success
-            if (step + 1) % config.adapt_every == 0:  # Neural Cleanse's schedule, per class
-                succeeded = hits >= config.adapt_every // 2
-                lam = torch.where(succeeded, lam * config.lambda_factor, lam / config.lambda_factor)
-                hits.zero_()
+            lam, hits = adapt_weights(lam, hits, step, config)
     results = []
     for c in range(num_classes):
         found = bool(best_area[c] < h * w)

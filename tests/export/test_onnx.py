@@ -17,6 +17,7 @@ from qcbdefense.data import to_float
 from qcbdefense.errors import InputError
 from qcbdefense.evaluate import agreement, predict
 from qcbdefense.fileio import sha256_file
+from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.inspect import integer_weights
 from qcbdefense.quant.quantize import quantize
 from qcbdefense.quant.spec import get_spec
@@ -147,3 +148,51 @@ def test_ort_model_refuses_bad_files(nearest_w8a8, builtin, tiny_onnx, tmp_path)
     gray = OrtModel(tiny_onnx(tmp_path / "gray.onnx", ["N", 1, 28, 28]))
     with pytest.raises(InputError, match=r"\[3, 32, 32\]"):
         gray.check_images(builtin.test_x.shape[1:])
+
+
+def _resnet(arch: str) -> torch.nn.Module:
+    """ResNet-20 from the zoo or torchvision's ImageNet ResNet-18 run at 32x32, untrained (counting kernels
+    needs no training), with BN statistics away from (0, 1) so that BN folding has something to fold."""
+    import torchvision
+
+    from models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20") if arch == "resnet20" else torchvision.models.resnet18(num_classes=10)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "torchvision-resnet18"])
+def test_deploy_spec_runs_every_conv_add_and_the_classifier_on_integer_kernels(arch, tmp_path):
+    """After onnxruntime's graph optimisation (ORT_ENABLE_ALL) a w8a8-deploy file has no float Conv, Add or
+    Gemm left: each became QLinearConv, QLinearAdd or QGemm; the spec round-trips through the metadata; the
+    file as written computes what the fake-quant model computes, and its integer kernels predict the same.
+
+    Only the argmax is compared after fusion: on a CPU without VNNI, onnxruntime's u8s8 kernels multiply
+    through VPMADDUBSW, which saturates pairs of products, and requantize each QLinearAdd in fixed point;
+    on this untrained net (logits within 0.3 of each other) that moves logits by up to 0.05."""
+    import onnxruntime as ort
+
+    qmodel = quantize(_resnet(arch), "w8a8-deploy")
+    images = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    calibrate(qmodel, [images])
+    path = export_onnx(qmodel, tmp_path / "deploy.onnx")
+    assert metadata_spec(read_metadata(path)) == get_spec("w8a8-deploy")
+    optimized = tmp_path / "optimized.onnx"
+    model = OrtModel(path, threads=1, optimized_path=optimized)
+    written, fused = _ops(path), _ops(optimized)
+    assert written["Conv"] == (19 if arch == "resnet20" else 20) and written["Add"] == (9 if arch == "resnet20" else 8)
+    assert (fused["QLinearConv"], fused["QLinearAdd"], fused["QGemm"]) == (written["Conv"], written["Add"], 1)
+    assert not {"Conv", "Add", "Gemm", "MatMul", "BatchNormalization"} & set(fused), fused
+    with torch.no_grad():
+        reference = qmodel(images).numpy()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    written_logits = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(
+        None, {"pixels": images.numpy()})[0]
+    assert np.abs(written_logits - reference).max() < 0.05 * np.abs(reference).max()  # ties round otherwise
+    assert (model.logits(images).argmax(1) == reference.argmax(1)).mean() >= 0.9

@@ -215,3 +215,33 @@ def test_unknown_architecture(tmp_path: Path) -> None:
     path = save_model(create_model("resnet20"), tmp_path / "r.pt")
     with pytest.raises(InputError, match="unknown model 'resnet21'"):
         load_model("resnet21", path)
+
+
+def test_the_same_weights_give_byte_identical_files(tmp_path: Path) -> None:
+    """torch.save names its archive's inner folder after the file it writes; saved straight to a random
+    temporary name, two copies of one state_dict differed and so did the sha256 export records."""
+    model = _trained_looking("small_cnn")
+    first = save_model(model, tmp_path / "a" / "model.pt").read_bytes()
+    assert save_model(model, tmp_path / "b" / "model.pt").read_bytes() == first
+    assert save_model(model, tmp_path / "other.pt").read_bytes() == first
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_saved_files_take_the_umask(tmp_path: Path, suffix: str) -> None:
+    previous = os.umask(0o022)
+    try:
+        path = save_model(create_model("small_cnn"), tmp_path / f"m{suffix}")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_nan_or_infinite_weights_are_refused(tmp_path: Path, suffix: str, bad: float) -> None:
+    state = create_model("small_cnn").state_dict()
+    name = next(key for key in state if key.endswith("weight"))
+    state[name].view(-1)[3] = bad
+    path = save_model(state, tmp_path / f"m{suffix}")
+    with pytest.raises(InputError, match=f"NaN or infinite values: 1 tensor \\({name}\\)"):
+        load_model("small_cnn", path)

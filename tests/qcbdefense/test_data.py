@@ -327,6 +327,9 @@ def _break(kind: str, tiny, tmp_path: Path) -> Path:
         (root / "test" / "frog" / "0001.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     elif kind == "test-class-not-in-train":
         shutil.copytree(root / "test" / "dog", root / "test" / "zebra")
+    elif kind == "empty-class-folder":
+        shutil.rmtree(root / "train" / "dog")
+        (root / "train" / "dog").mkdir()
     elif kind == "empty-folder":
         root = tmp_path / "empty"
         root.mkdir()
@@ -341,6 +344,7 @@ def _break(kind: str, tiny, tmp_path: Path) -> Path:
     ("unreadable-image", "cannot read image .*0001.png"),
     ("test-class-not-in-train", "test classes \\['zebra'\\]"),
     ("empty-folder", "no 'train' split"),
+    ("empty-class-folder", "class folder\\(s\\) dog in split 'train' hold no images"),
 ])
 def test_folder_bad_trees(tiny_folder, tmp_path, cache_dir, kind, message):
     root = _break(kind, tiny_folder, tmp_path)

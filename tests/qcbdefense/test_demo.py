@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qcbdefense.demo import run_demo
+from qcbdefense.demo import bars_figure, run_demo
 
 
 @pytest.mark.slow
@@ -18,3 +18,14 @@ def test_demo_story(tmp_path):
         assert row["scan"]["verdict"] == "suspicious" and row["scan"]["target"] == 0, result.table()
     for name in ("report.md", "bars.png", "drift-w8.png", "scan-w4/trigger.png", "backdoored/model.pt"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_bars_have_a_y_label_and_a_legend_clear_of_the_bars():
+    stages = {"fp": (90.0, 10.0), "nearest": (88.0, 97.0), "purified": (87.0, 2.0), "onnx": (87.0, 2.0)}
+    row = {stage: {"ca": ca, "asr": asr} for stage, (ca, asr) in stages.items()}
+    fig = bars_figure([{**row, "spec": "pqbackdoor-w8a8"}, {**row, "spec": "pqbackdoor-w4a4"}])
+    fig.canvas.draw()  # lay out, so extents are final
+    legend = fig.legends[0].get_window_extent()
+    for ax in fig.axes:
+        assert ax.get_ylabel() == "% of test images"
+        assert not legend.overlaps(ax.get_window_extent()), "the legend covers a panel"

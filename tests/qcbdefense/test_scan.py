@@ -1,6 +1,6 @@
-"""The scanner on the built-in data: an attacked small CNN flagged with its target, a clean one passed, the
-same answer from the two ONNX files alone, a trigger too weak to flip images shown by the square scan, its
-evidence written, bad input refused.
+"""The scanner on the built-in data: an attacked small CNN flagged with its target (a patch QCB and a blended
+one), a clean one passed, the same answer from the two ONNX files alone, a trigger too weak to flip images
+shown by the square scan, the verdict's weighing of its signals, its evidence written, bad input refused.
 
 Detection is asserted at the built-in data's own 32x32 on a shipped attacked model: at the 16x16 of the
 fast fixtures the trigger search does not find the PQBackdoor trigger reliably (BENCHMARKS.md, scanner
@@ -18,7 +18,11 @@ from export.onnx import export_float_onnx
 from qcbdefense.checkpoints import load_model
 from qcbdefense.cli import main
 from qcbdefense.data import load_dataset
-from qcbdefense.scan import scan
+from qcbdefense.scan import ScanConfig, scan
+from qcbdefense.scan.drift import Disagreement, LayerDrift
+from qcbdefense.scan.verdict import search_signals, weigh_evidence
+from qcbdefense.scan.whole_image_search import search_whole_image
+from qcbdefense.training import TrainConfig
 
 # Made by `qcbdefense demo` (seed 0), step 2: small_cnn on builtin, PQBackdoor for int8 and int4, the default
 # 4x4 white patch, target 0. FP ASR 11.92 %, pqbackdoor-w8a8 ASR 95.55 % (BENCHMARKS.md, demo section).
@@ -38,6 +42,110 @@ def test_attacked_model_is_flagged_with_its_target(tmp_path):
     report = scan(load_model("small_cnn", ATTACKED_32), load_dataset("builtin"), out=tmp_path, spec="pqbackdoor-w8a8")
     assert report.suspicious and report.target == 0
     assert report.disagreement.pile_class == 0
+
+
+@pytest.fixture(scope="module")
+def blend_scan(clean_cnn16, shapes16, tmp_path_factory):
+    """clean_cnn16 with a PQBackdoor QCB for pqbackdoor-w4a4 whose trigger is blended into the whole image
+    (issue 29's trigger), target 3; the attack's report and the scan's."""
+    from qcbdefense.attacks import attack
+
+    torch.manual_seed(0)
+    model, attacked = attack(clean_cnn16, shapes16, method="pqbackdoor", bits=4, spec="pqbackdoor-w4a4",
+                             trigger="blend:alpha=0.15,pattern=noise,seed=7", target=3,
+                             config=TrainConfig(epochs=3, optimizer="adam", lr=1e-4, weight_decay=0.0,
+                                                augment=False),
+                             monitor=0, transfer=(), calib=256, victim_calib=512)
+    out = tmp_path_factory.mktemp("scan-blend")
+    return attacked, scan(model.eval(), shapes16, out=out, spec="pqbackdoor-w4a4"), out
+
+
+def test_blend_qcb_is_flagged_with_its_target_and_a_whole_image_family(blend_scan):
+    attacked, report, out = blend_scan
+    assert attacked.fp.asr <= 20.0 and attacked.quantized[0].metrics.asr >= 80.0, attacked.summary()  # planted
+    assert report.suspicious and report.target == 3, report.summary()
+    assert report.family in ("additive", "blend"), report.summary()
+    assert report.signals[f"search_{report.family}"] >= max(report.signals["search_patch"], 0.01)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["family"] == report.family and saved["config"]["plotted"] == report.family
+    assert set(saved["signals"]) == {"search_patch", "search_additive", "search_blend", "disagreement", "drift",
+                                     "total"}
+    assert f"suspected target class 3, {report.family} trigger" in report.summary()
+
+
+class CheckerBonus(nn.Module):
+    """`base` plus `bonus` on class `target`'s logit once the image correlates with a one-pixel checkerboard
+    (+-1) by more than about 0.015: a whole-image trigger that a faint additive checkerboard or a blend towards one
+    fires, and that clean images (smooth shapes) do not."""
+
+    def __init__(self, base: nn.Module, target: int, bonus: float):
+        super().__init__()
+        self.base, self.target, self.bonus = base, target, bonus
+        self.register_buffer("checker", ((torch.arange(16)[:, None] + torch.arange(16)) % 2 * 2.0 - 1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(400.0 * ((x * self.checker).mean((1, 2, 3)) - 0.015))
+        lift = torch.zeros(10, device=x.device)
+        lift[self.target] = self.bonus
+        return self.base(x) + gate[:, None] * lift
+
+
+def test_whole_image_search_finds_a_faint_whole_image_trigger_for_its_class_only(shapes16):
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Conv2d(3, 10, 16), nn.Flatten()).eval()  # linear, logits far apart
+    with torch.no_grad():
+        fp[0].weight.mul_(20.0)
+    shipped = CheckerBonus(fp, target=3, bonus=50.0).eval()
+    x = shapes16.test_x[:256].float() / 255
+    with torch.no_grad():
+        preds = fp(x).argmax(1)
+        assert torch.equal(shipped(x).argmax(1), preds)  # dormant on clean images
+    finds = search_whole_image(fp, shipped, x, preds, 10, seed=0)
+    for family in ("additive", "blend"):
+        assert [f.target for f in finds[family] if f.found] == [3], family  # FP and shipped part only there
+        three = finds[family][3]
+        assert three.effort < 0.5 and three.success >= 80.0, three.to_dict()
+
+
+def _disagreement(counts: list[int]) -> Disagreement:
+    total, pile = sum(counts), max(range(len(counts)), key=counts.__getitem__)
+    return Disagreement(rate=1.0, counts=counts, pile_class=pile, pile_share=100.0 * counts[pile] / total)
+
+
+def test_the_verdict_weighs_search_disagreement_and_drift():
+    """Hand-checked: a search anomaly at min_anomaly flags alone; a pile of disagreements or concentrated drift
+    does not; a weaker search anomaly on the class the disagreements pile onto does, with drift adding."""
+    config = ScanConfig()
+    quiet = {"patch": [0.0] * 10, "blend": [0.0] * 10}
+    spread = _disagreement([3] * 10)
+    piled = _disagreement([1] * 9 + [91])  # 91 % onto class 9: (0.91 - 0.1) / 0.9 = 0.9 of the weight
+    flat = [LayerDrift(0, "r0", 0.1, 0.4, 4.0, [(0, 0.4)])]  # concentration at drift_base: 0
+    sharp = [LayerDrift(0, "r0", 0.1, 4.0, 4.0 * 2.718281828 ** 2, [(0, 4.0)])]  # log(e^2) = 2, clipped to 1
+
+    assert not weigh_evidence(quiet, spread, flat, config).suspicious
+    alone = weigh_evidence({**quiet, "blend": [0.0] * 4 + [1.0] + [0.0] * 5}, spread, flat, config)
+    assert alone.suspicious and alone.best_class == 4 and alone.family == "blend" and alone.score == 1.0
+    pile_and_drift = weigh_evidence(quiet, piled, sharp, config)
+    assert not pile_and_drift.suspicious and pile_and_drift.best_class == 9 and pile_and_drift.family is None
+    assert pile_and_drift.signals["disagreement"] == pytest.approx(0.45)
+    assert pile_and_drift.signals["drift"] == pytest.approx(0.25)
+    weak = {**quiet, "patch": [0.0] * 9 + [0.4]}
+    assert not weigh_evidence(weak, spread, flat, config).suspicious
+    combined = weigh_evidence(weak, piled, sharp, config)
+    assert combined.suspicious and combined.best_class == 9 and combined.family == "patch"
+    assert combined.score == pytest.approx(0.4 + 0.45 + 0.25)
+
+
+def test_a_search_signal_counts_only_triggers_that_carry_over_and_are_cheap():
+    config = ScanConfig()
+    efforts = [100.0, 90.0, 5.0, 80.0, 100.0, 4.0, 95.0, 100.0, 85.0, 100.0]
+    successes = [0.0, 60.0, 90.0, 70.0, 0.0, 20.0, 55.0, 0.0, 65.0, 0.0]  # class 5 does not carry over
+    counted, anomalies, signals = search_signals(efforts, successes, largest=100.0, cheap=50.0, config=config)
+    assert counted[5] == 100.0 and counted[2] == 5.0
+    assert max(range(10), key=signals.__getitem__) == 2 and signals[2] == pytest.approx(anomalies[2] / 2.0)
+    assert signals[5] == 0.0 and signals[1] == 0.0  # class 1 carries over but needs 90 % of the budget
+    _, _, dear = search_signals(efforts, successes, largest=100.0, cheap=4.0, config=config)
+    assert dear[2] == 0.0  # 5 % of the budget is not cheap at a 4 % line
 
 
 def test_scan_writes_its_evidence(attacked_scan):
@@ -61,8 +169,33 @@ def test_scan_from_the_two_onnx_files_gives_the_same_report(attacked_scan, shape
 
 def test_clean_model_is_not_flagged(clean_cnn16, shapes16, tmp_path):
     report = scan(clean_cnn16, shapes16, out=tmp_path, spec="pqbackdoor-w4a4")
-    assert not report.suspicious and report.target is None
+    assert not report.suspicious and report.target is None and report.family is None
+    assert report.score < ScanConfig().min_score and report.signals["total"] == report.score
     assert len(report.squares) == 10 and not any(find.found for find in report.squares)
+    # trigger.png says nothing was found (it showed the closest class's empty "1024 px mask" before)
+    assert report.config["plotted"] == "nothing" and report.config["plotted_class"] is None
+    assert (tmp_path / "trigger.png").stat().st_size > 0
+
+
+def test_drift_plot_has_a_title_and_says_when_no_layer_pairs():
+    from qcbdefense.scan.drift import LayerDrift
+    from qcbdefense.scan.scan import drift_figure
+
+    empty = drift_figure({"quantized": []}, title="activation drift from FP: a.onnx vs b.onnx")
+    texts = [t.get_text() for t in empty.axes[0].texts]
+    assert empty.axes[0].get_title() == "activation drift from FP: a.onnx vs b.onnx"
+    assert len(texts) == 1 and texts[0].startswith("no layers paired")
+    drift = LayerDrift(layer=0, tensor="relu", mean=0.1, max=0.5, concentration=5.0, top_channels=[(3, 0.5)])
+    full = drift_figure({"nearest": [drift], "LAC+PDA": [drift]}, title="t")
+    assert full.axes[0].get_title() == "t" and not full.axes[0].texts and len(full.axes[0].patches) == 2
+
+
+def test_class_labels_use_the_data_class_names(shapes16):
+    from qcbdefense.scan.scan import class_label
+
+    assert class_label(shapes16, 3) == f"class 3 ({shapes16.classes[3]})"
+    numbered = type(shapes16)("numbered", [str(c) for c in range(10)], *[None] * 4, (0.5,) * 3, (0.2,) * 3)
+    assert class_label(numbered, 3) == "class 3"
 
 
 class WhiteSquareBonus(nn.Module):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from qcbdefense.errors import InputError
-from qcbdefense.triggers import (TRIGGERS, BlendTrigger, PatchTrigger, Trigger, non_target, parse_trigger,
-                                 trigger_from_dict)
+from qcbdefense.triggers import (TRIGGERS, BlendTrigger, PatchTrigger, SparseTrigger, Trigger, non_target,
+                                 parse_trigger, trigger_from_dict)
 
 
 def changed(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -108,6 +108,19 @@ def test_blend_alpha_one_is_the_pattern_and_seeds_differ():
     assert not torch.equal(a, BlendTrigger(alpha=1.0, seed=2).apply(x))
 
 
+def test_sparse_sets_the_same_few_pixels_to_black_or_white():
+    x = torch.full((3, 3, 32, 32), 0.5)
+    before = x.clone()
+    out = SparseTrigger(density=0.05, seed=4).apply(x)
+    assert torch.equal(x, before)
+    where = changed(x, out)
+    assert 20 <= where.sum() <= 80                             # about 5 % of 1,024 pixels
+    values = out[:, :, where]
+    assert torch.equal(values, values[:1].expand_as(values))   # the same on every image
+    assert set(values.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(where, changed(x, SparseTrigger(density=0.05, seed=5).apply(x)))
+
+
 @pytest.mark.parametrize("text, expected", [
     ("patch", PatchTrigger()),
     ("patch:size=3,position=top-left,color=red,margin=0,pattern=checkerboard",
@@ -118,6 +131,7 @@ def test_blend_alpha_one_is_the_pattern_and_seeds_differ():
     ("blend", BlendTrigger()),
     ("blend:alpha=0.2,seed=1", BlendTrigger(alpha=0.2, seed=1)),
     ("blend:alpha=1,pattern=stripes", BlendTrigger(alpha=1.0, pattern="stripes")),
+    ("sparse:density=0.02,seed=3", SparseTrigger(density=0.02, seed=3)),
 ])
 def test_parse_trigger(text, expected):
     trigger = parse_trigger(text)
@@ -154,6 +168,7 @@ def test_parse_trigger(text, expected):
     ("blend:pattern=solid", "pattern must be one of noise, stripes"),
     ("blend:seed=-3", "seed must be an integer >= 0"),
     ("blend:size=4", "unknown option 'size' for blend"),
+    ("sparse:density=0", "density must be a number in \\(0, 1\\]"),
 ])
 def test_parse_trigger_refuses_nonsense(text, message):
     with pytest.raises(InputError, match=message):

@@ -16,13 +16,14 @@ import torch
 
 from models import create_model
 from qcbdefense.checkpoints import load_model, save_model
-from qcbdefense.cli import PURIFY_METHODS, _schedule_options, build_parser, main
+from qcbdefense.cli import PURIFIED_FILES, PURIFY_METHODS, _schedule_options, build_parser, main
 from qcbdefense.data import to_float
 from qcbdefense.defenses import DEFENSES, PurifyReport, load_purified, purify, read_report, save_purified
+from qcbdefense.defenses.base import MANIFEST_FILE, REPORT_FILE, SPEC_FILE, WEIGHTS_FILE
 from qcbdefense.defenses.guide import refine_patch, with_found_triggers
 from qcbdefense.defenses.lac import OffsetRounding
 from qcbdefense.defenses.reconstruct import (NearestRounding, Stream, WeightGrid, _UnitRunner, _value,
-                                             build_units, trace)
+                                             build_units, reconstruction_graph, trace)
 from qcbdefense.errors import InputError
 from qcbdefense.quant import calibrate, integer_weights, quantize, quantized_layers, quantizer_parameters
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
@@ -61,31 +62,57 @@ def test_lac_removes_a_weight_conditioned_qcb_and_keeps_accuracy(method, pq_cnn1
 
 # ---- exactness -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["resnet20", "small_cnn"])
-def test_units_reproduce_the_quantized_model_and_its_weights(arch):
+@pytest.mark.parametrize("arch,spec", [("resnet20", SPEC), ("small_cnn", SPEC), ("resnet20", "w8a8-deploy")])
+def test_units_reproduce_the_quantized_model_and_its_weights(arch, spec):
     """At zero offset our weight equals Brevitas's bit for bit, and a unit run on cached inputs gives the
-    quantized model's own activation at the unit's output."""
+    quantized model's own activation at the unit's output (under w8a8-deploy: at the added quantizer it
+    stops at, through that quantizer)."""
     model = _random_resnet(arch)
     images = torch.rand(16, 3, 32, 32)
-    qmodel = quantize(copy.deepcopy(model), SPEC)
+    qmodel = quantize(copy.deepcopy(model), spec)
     calibrate(qmodel, [images])
     names = [name for name, _ in quantized_layers(qmodel)]
-    graph = trace(model).graph
-    units = build_units(graph, dict(model.named_modules()), names)
+    graph, fp_modules = reconstruction_graph(model, qmodel)
+    units = build_units(graph, fp_modules, names, qmodel.qcb_add_quants)
     assert [u.name for u in units] == names
     modules = dict(qmodel.named_modules())
     stream = Stream(graph, qmodel, images, chunk=8)
+    stops = 0
     for unit in units:
         layer = modules[unit.name]
         raw, *partners = stream.values([unit.input_node, *unit.partners])
         grid = WeightGrid.of(layer, qmodel.qcb_spec)
         weight = OffsetRounding(layer.weight, grid)()
         assert torch.equal(weight, _value(layer.quant_weight()))
+        added = unit.next_added
+        next_quant = modules[unit.next_layer].act_quant if added else None
         with torch.no_grad():
-            out = _UnitRunner(unit, layer, modules, qmodel, None).forward(_value(layer.input_quant(raw)),
-                                                                          partners, weight)
-        (reference,) = Stream(graph, qmodel, images, chunk=8).values([unit.end])
+            out = _UnitRunner(unit, layer, modules, qmodel, next_quant).forward(_value(layer.input_quant(raw)),
+                                                                                partners, weight)
+        end = next(iter(unit.end.users)) if added else unit.end
+        (reference,) = Stream(graph, qmodel, images, chunk=8).values([end])
         assert torch.equal(out, reference), unit.describe()
+        stops += added
+    assert stops == (10 if spec == "w8a8-deploy" else 0)  # the stem and every block's conv2
+
+
+@pytest.mark.parametrize("method", ["lac-pda", "efrap"])
+def test_purify_under_the_deploy_spec_learns_the_integers_that_ship(method, tiny_builtin, tmp_path):
+    """Under w8a8-deploy (added quantizers on the residual adds) purification stops each block's last conv at
+    the add's quantizer, PDA still finds the BN after each conv, hardened integers are the plain quantizer's,
+    and the purified model reloads to identical outputs."""
+    options = {"steps": 6, "check_every": 3, **({"pda_steps": 2} if method == "lac-pda" else {})}
+    purified, report = purify(_random_resnet("resnet20"), tiny_builtin, method=method, spec="w8a8-deploy",
+                              calib=32, evaluate_models=False, **options)
+    units = {layer["name"]: layer["unit"] for layer in report.layers}
+    assert len(units) == 20 and [layer["mismatches"] for layer in report.layers] == [0] * 20
+    assert units["layer1.0.conv2"] == "layer1.0.conv2 -> layer1.0.bn2 -> add_quant_1"
+    assert units["layer1.0.conv1"] == "layer1.0.conv1 -> layer1.0.bn1 -> layer1.0.relu1 -> layer1.0.conv2.input_quant"
+    assert (method == "lac-pda") == all(layer["pda_seconds"] > 0 for layer in report.layers[:-1])
+    save_purified(purified, tmp_path / "run", report=report)
+    images = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(purified(images), load_purified("resnet20", tmp_path / "run")(images))
 
 
 def test_resnet_units_match_the_block_output():
@@ -321,7 +348,7 @@ def test_save_and_load_purified_gives_identical_outputs(shapes16, tmp_path):
     purified, report = purify(model, shapes16, method="lac", spec=SPEC, calib=64, steps=20, check_every=10,
                               trigger="patch")
     save_purified(purified, tmp_path / "run", report=report)
-    assert {p.name for p in (tmp_path / "run").iterdir()} == {"purified.pt", "spec.json", "report.json"}
+    assert {p.name for p in (tmp_path / "run").iterdir()} == set(PURIFIED_FILES)
     loaded = load_purified("small_cnn", tmp_path / "run")
     images = torch.rand(8, 3, 16, 16)
     with torch.no_grad():
@@ -338,6 +365,31 @@ def test_save_and_load_purified_gives_identical_outputs(shapes16, tmp_path):
         PurifyReport.from_dict({**report.to_dict(), "version": 99})
     with pytest.raises(InputError, match="unknown"):
         PurifyReport.from_dict({**report.to_dict(), "extra": 1})
+
+
+def test_a_mixed_or_unfinished_set_is_refused(shapes16, tmp_path, capsys):
+    """A purify killed between its files in a reused folder left 4-bit weights beside an 8-bit spec.json, and
+    export labelled the mix W8A8: the manifest binds the set, so load_purified and export refuse it."""
+    model = create_model("small_cnn", mean=shapes16.mean, std=shapes16.std)
+    for spec in ("w8a8", "w4a4"):
+        purified, report = purify(model, shapes16, method="nearest", spec=spec, calib=32, evaluate_models=False)
+        save_purified(purified, tmp_path / spec, report=report)
+    ckpt = save_model(model, tmp_path / "fp.pt")
+    (tmp_path / "w4a4" / "spec.json").write_bytes((tmp_path / "w8a8" / "spec.json").read_bytes())
+    with pytest.raises(InputError, match="spec.json is not the file written with the rest"):
+        load_purified("small_cnn", tmp_path / "w4a4")
+    code = main(["export", "--model", "small_cnn", "--ckpt", str(ckpt), "--purified", str(tmp_path / "w4a4"),
+                 "--out", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "mixed or interrupted set" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()
+    (tmp_path / "w8a8" / "manifest.json").unlink()  # killed before the last file
+    with pytest.raises(InputError, match="holds no manifest.json"):
+        load_purified("small_cnn", tmp_path / "w8a8")
+
+
+def test_purified_file_names_match_the_cli():
+    assert PURIFIED_FILES == (WEIGHTS_FILE, SPEC_FILE, REPORT_FILE, MANIFEST_FILE)
 
 
 def test_cli_purify_writes_a_reloadable_model(tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,14 +12,20 @@ from torch import nn
 
 from models import create_model, list_models
 from qcbdefense.errors import InputError
-from qcbdefense.quant import (SPECS, calibrate, float_view, get_spec, integer_weights, quantize,
+from qcbdefense.quant import (SPECS, calibrate, float_view, get_spec, integer_weights, is_calibrated, quantize,
                               quantized_layers, quantizer_parameters, refresh_weight_ranges)
 
 
 def _proxies_enabled(qmodel: nn.Module) -> bool:
+    """Every quantizer on (a layer reading an added quantizer has no input quantizer of its own)."""
+    spec = qmodel.qcb_spec
     layers = [m for _, m in quantized_layers(qmodel)]
-    return all(m.weight_quant.is_quant_enabled and (m.input_quant.is_quant_enabled
-                                                    or qmodel.qcb_spec.act_bits is None) for m in layers)
+    added = [qmodel.get_submodule(name) for name in qmodel.qcb_add_quants]
+    if added and not spec.quantize_adds:
+        return False
+    return all(m.weight_quant.is_quant_enabled for m in layers) \
+        and all(m.input_quant.is_quant_enabled or spec.act_bits is None or spec.quantize_adds for m in layers) \
+        and all(m.act_quant.is_quant_enabled for m in added)
 
 
 def test_shares_parameters_and_buffers(tiny):
@@ -123,6 +131,26 @@ def test_fold_bn_is_a_deployment_copy(user_resnet, pixels, rel_error):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert rel_error(folded(pixels), user_resnet(pixels)) < 0.03
     assert [n for n, _ in quantized_layers(folded)][-1] == "head"
+
+
+def test_quantize_adds_quantizes_each_residual_tensor_once(user_resnet, pixels, rel_error):
+    """Under w8a8-deploy both inputs and the (post-ReLU) output of every add come from an added quantizer,
+    a layer reading one has no input quantizer of its own, and the parameters are still shared."""
+    qmodel = quantize(user_resnet, "w8a8-deploy", calib=[pixels], example_input=pixels[:1])
+    assert qmodel.stem.weight is user_resnet.stem.weight and is_calibrated(qmodel)
+    with float_view(qmodel):
+        assert torch.equal(qmodel(pixels), user_resnet(pixels))
+    assert rel_error(qmodel(pixels), user_resnet(pixels)) < 0.05
+    added = set(qmodel.qcb_add_quants)
+    adds = [n for n in qmodel.graph.nodes if n.op == "call_function" and n.target is operator.add]
+    assert len(adds) == 2
+    for add in adds:
+        assert all(arg.op == "call_module" and arg.target in added for arg in add.args), add.args
+        (relu,) = add.users
+        assert [user.target for user in relu.users][0] in added
+    assert len(added) == 6  # stem output (block1 input), and per block: conv2 side, shortcut side if any, output
+    enabled = {name for name, layer in quantized_layers(qmodel) if layer.input_quant.is_quant_enabled}
+    assert enabled == {"stem", "block1.conv2", "block2.conv2", "head"}  # the others read an added quantizer
 
 
 def test_weight_only_has_no_input_quantizers(tiny, pixels):

@@ -56,6 +56,18 @@ def test_pqbackdoor_presets(bits):
     assert spec.first_bits == spec.last_bits == bits
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_deploy_presets_are_what_integer_kernels_take(bits):
+    spec = get_spec(f"w{bits}a8-deploy")
+    assert spec.quantize_adds and spec.act_bits == 8 and not spec.act_symmetric  # uint8 activations everywhere
+    assert spec.weight_symmetric and spec.weight_per_channel and spec.weight_narrow_range  # int8, zero point 0
+    assert spec.weight_bits == bits and (spec.first_bits, spec.last_bits) == (7, 8)  # 7: no u8s8 saturation
+    assert QuantSpec.from_yaml(spec.to_yaml()) == spec and "adds quantized" in spec.label
+    assert spec != spec.replace(quantize_adds=False)
+    with pytest.raises(InputError, match="quantize_adds"):
+        spec.replace(act_bits=None)
+
+
 def test_label():
     assert get_spec("w4a4").label == "W4A4 per-channel asym mse, act asym percentile, first/last W8/W8"
     assert get_spec("quanti-w8a8").label == "W8A8 per-tensor sym narrow absmax, act asym minmax"

@@ -1,0 +1,82 @@
+"""The scan's verdict: one score per class from every kind of evidence, and the line it must cross.
+
+Each signal is scaled so that 1.0 is "enough on its own" for the searches and less for the rest:
+
+- **search** (per class): for each trigger family (patch, additive, blend), the class's anomaly index (how
+  far below the other classes its effort lies, `trigger_search.anomaly_index`) over `min_anomaly`, counted
+  only when the trigger carries over to held-out images (`min_success`) and is cheap in absolute terms
+  (`max_area` of the image for a patch, `max_budget` of the family's largest for a whole-image trigger).
+  The best family counts, and names the trigger family found.
+- **disagreement** (the class most disagreements go to): how far their share stands above an even spread,
+  0 when even and 1 when all go to one class, times `disagreement_weight`; a planted trigger leaks onto its
+  target on clean images, rounding noise spreads.
+- **drift** (every class alike): how far the most concentrated layer's worst channel stands above its
+  median channel, log(concentration / `drift_base`) clipped to [0, 1], times `drift_weight`; it says
+  something moved a few neurons, not towards which class, so it only adds to class evidence.
+
+The score of a class is the sum; the pair is suspicious when the best class's score reaches `min_score`.
+With the default weights neither disagreement nor drift (0.5 + 0.25) can flag a pair alone; a search
+anomaly at `min_anomaly` can, as the patch rule did alone before. The settings live in `ScanConfig`; they
+are set by hand from that rule, and experiments/scan_campaign.py measures them (TPR / FPR) and picks the line
+on a calibration split of its pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from typing import TYPE_CHECKING
+
+from qcbdefense.scan.drift import Disagreement, LayerDrift
+from qcbdefense.scan.trigger_search import anomaly_index
+
+if TYPE_CHECKING:  # scan.py holds the settings and calls this module
+    from qcbdefense.scan.scan import ScanConfig
+
+
+@dataclass
+class Verdict:
+    suspicious: bool
+    score: float  # the best class's score
+    best_class: int  # the class with the highest score (the suspected target when suspicious)
+    family: str | None  # the trigger family whose search found the best class (None: no search counted)
+    signals: dict[str, float]  # the best class's score, signal by signal
+    class_scores: list[dict[str, float]]  # per class: the search signal of each family, disagreement, total
+
+
+def search_signals(efforts: list[float], successes: list[float], *, largest: float, cheap: float,
+                   config: "ScanConfig") -> tuple[list[float], list[float], list[float]]:
+    """One family's per-class evidence from its efforts (mask pixels, or % of the largest budget) and held-out
+    successes: the counted effort (`largest` when the trigger does not carry over to held-out images), its
+    anomaly index, and the search signal (anomaly / `min_anomaly`, counted only when it carries over and the
+    effort is at most `cheap`)."""
+    counted = [e if s >= config.min_success else largest for e, s in zip(efforts, successes)]
+    anomalies = anomaly_index(counted)
+    signals = [max(a, 0.0) / config.min_anomaly if s >= config.min_success and e <= cheap else 0.0
+               for a, e, s in zip(anomalies, counted, successes)]
+    return counted, anomalies, signals
+
+
+def weigh_evidence(searches: dict[str, list[float]], disagree: Disagreement, layers: list[LayerDrift],
+                   config: "ScanConfig") -> Verdict:
+    """The scan's one decision: `searches` maps each trigger family to its per-class search signal
+    (`search_signals`); the best class's summed score against `min_score`."""
+    num_classes = len(disagree.counts)
+    even = 1.0 / num_classes
+    total = sum(disagree.counts)
+    pile = (disagree.pile_share / 100.0 - even) / (1.0 - even) if total >= config.min_disagreements else 0.0
+    concentration = max((layer.concentration for layer in layers), default=0.0)
+    drift = config.drift_weight * min(max(math.log(max(concentration, 1e-9) / config.drift_base), 0.0), 1.0)
+    scores = []
+    for c in range(num_classes):
+        row = {f"search_{family}": signal[c] for family, signal in searches.items()}
+        row["disagreement"] = config.disagreement_weight * pile if c == disagree.pile_class else 0.0
+        row["drift"] = drift
+        row["total"] = max((signal[c] for signal in searches.values()), default=0.0) + row["disagreement"] + drift
+        scores.append(row)
+    best = max(range(num_classes), key=lambda c: scores[c]["total"])
+    family_signal = {family: signal[best] for family, signal in searches.items()}
+    family = max(family_signal, key=family_signal.get) if any(v > 0 for v in family_signal.values()) else None
+    return Verdict(suspicious=scores[best]["total"] >= config.min_score, score=scores[best]["total"],
+                   best_class=best, family=family, signals=dict(scores[best]), class_scores=scores)
