@@ -9,7 +9,12 @@ A marker whose settings differ from the config's is refused rather than reused: 
 otherwise leave its old model, and every cell made from it, silently in the table. Results: results.md (the
 table), results.csv (one line per model and defence), results.json (everything, with the config).
 
-The steps call the same functions as the subcommands (`train`, `attack`, `purify`, `scan`).
+The steps (`plan`: the clean model, each attack, each defence cell, each scan) are independent but for the model
+each starts from, which it reads from its upstream step's folder; `run_bench` runs them one after another,
+`bench_ray.run_bench_on_ray` as Ray tasks, and both read the results back from the folders (`finish`). An
+attacked model that misses its planted criteria (`attacks.base.PlantCriteria`; the entry's `criteria`) is neither
+purified nor scanned, and its row says why. The steps call the same functions as the subcommands (`train`,
+`attack`, `purify`, `scan`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class AttackEntry:
     spec: str | None = None
     train: dict = field(default_factory=dict)  # TrainConfig fields changed from the method's defaults
     options: dict = field(default_factory=dict)  # the method's options (c1, poison_rate, ...)
+    criteria: dict = field(default_factory=dict)  # PlantCriteria fields changed from the defaults
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,7 @@ class BenchConfig:
             raise InputError(f"bench {self.name}: unknown model {self.model!r} (known: {', '.join(list_models())})")
         for attack in self.attacks:
             ATTACKS.get(attack.method)
+            _criteria(attack)
         if not self.defenses:
             raise InputError(f"bench {self.name}: no defences to run")
         for defense in self.defenses:
@@ -134,6 +141,16 @@ class BenchRow:
     fp: dict
     defenses: dict = field(default_factory=dict)  # defence -> {"ca", "asr", "agreement", "seconds"}
     scan: dict | None = None
+    not_planted: str | None = None  # an attack that missed its criteria: which (no defence, no scan run)
+
+
+def _criteria(entry: AttackEntry):
+    from qcbdefense.attacks import PlantCriteria
+
+    try:
+        return PlantCriteria(**entry.criteria)
+    except TypeError as err:
+        raise InputError(f"attack {entry.name}: bad criteria ({err})") from None
 
 
 def _bits(value: Any) -> tuple[int, ...]:
@@ -144,9 +161,8 @@ def _bits(value: Any) -> tuple[int, ...]:
 
 def run_bench(config: BenchConfig, out: str | os.PathLike, *, device: str | torch.device = "cpu",
               log: Callable[[str], None] = print) -> list[BenchRow]:
-    """Run (or resume) the bench into `out`; returns its rows and writes results.{md,csv,json}."""
-    from qcbdefense.attacks import ATTACKS
-    from qcbdefense.attacks.base import spec_at
+    """Run (or resume) the bench into `out`, one step after another; returns its rows and writes
+    results.{md,csv,json}. `bench_ray.run_bench_on_ray` runs the same steps as Ray tasks."""
     from qcbdefense.data import load_dataset
 
     out = Path(out)
@@ -154,20 +170,152 @@ def run_bench(config: BenchConfig, out: str | os.PathLike, *, device: str | torc
     write_json(out / "config.json", config.to_dict())
     data = load_dataset(config.data)
     start = time.perf_counter()
-    clean_settings = _clean_settings(config)
-    clean = _clean_model(config, clean_settings, data, out / "clean", device, log)
-    models = [("clean", clean, clean_settings, config.clean_specs)]
+    for step in plan(config):
+        run_step(config, step, out, data, device, log)
+    return finish(config, out, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class BenchStep:
+    """One independent unit of the bench, computed into its own folder `out/<key>`: the clean model, one attack,
+    one defence on one model under one quantizer, or one scan. `needs` is the key of the step whose model it
+    starts from (None for the clean model)."""
+
+    kind: str  # "clean", "attack", "defense" or "scan"
+    model: str  # "clean" or the attack's name
+    spec: str | None = None
+    defense: str | None = None
+
+    @property
+    def key(self) -> str:
+        if self.kind == "clean":
+            return "clean"
+        if self.kind == "attack":
+            return f"attacks/{self.model}"
+        if self.kind == "defense":
+            return f"purify/{self.model}-{self.spec}-{self.defense}"
+        return f"scan/{self.model}-{self.spec}"
+
+    @property
+    def needs(self) -> str | None:
+        if self.kind == "clean":
+            return None
+        if self.kind == "attack" or self.model == "clean":
+            return "clean"
+        return f"attacks/{self.model}"
+
+
+def model_specs(config: BenchConfig) -> list[tuple[str, tuple[str, ...]]]:
+    """Every model of the table (the clean one first, then each attack) and the quantizers it is judged under."""
+    from qcbdefense.attacks import ATTACKS
+    from qcbdefense.attacks.base import spec_at
+
+    models = [("clean", config.clean_specs)]
     for entry in config.attacks:
-        settings = _attack_settings(config, entry)
-        backdoored = _attacked_model(config, entry, settings, clean, data, out / "attacks" / entry.name, device, log)
         base = entry.spec if entry.spec is not None else ATTACKS.get(entry.method).spec
-        models.append((entry.name, backdoored, settings, tuple(spec_at(base, b).name for b in entry.bits)))
-    rows = []
-    for name, model, settings, specs in models:
+        models.append((entry.name, tuple(spec_at(base, b).name for b in entry.bits)))
+    return models
+
+
+def plan(config: BenchConfig) -> list[BenchStep]:
+    """The bench's steps, each after the step it needs: the clean model, the attacks, then per model and
+    quantizer every defence and the scan."""
+    steps = [BenchStep("clean", "clean")] + [BenchStep("attack", entry.name) for entry in config.attacks]
+    for name, specs in model_specs(config):
         for spec in specs:
-            rows.append(_evaluate(config, name, model, settings, spec, data, out, device, log))
-            _write_results(out, config, rows, time.perf_counter() - start)
+            steps += [BenchStep("defense", name, spec, defense) for defense in config.defenses]
+            if config.scan is not None:
+                steps.append(BenchStep("scan", name, spec))
+    return steps
+
+
+def run_step(config: BenchConfig, step: BenchStep, out: Path, data, device, log: Callable[[str], None]) -> None:
+    """Compute `step` into out/<step.key> unless its done marker is there (see `_cached`). A defence or scan of
+    an attacked model that did not plant is skipped: there is nothing to find in it."""
+    if step.kind == "clean":
+        _clean_model(config, _clean_settings(config), data, out / step.key, device, log)
+        return
+    if step.kind == "attack":
+        entry = _entry(config, step.model)
+        _attacked_model(config, entry, _attack_settings(config, entry), data, out, device, log)
+        return
+    if step.model == "clean":
+        upstream = _clean_settings(config)
+    else:
+        entry = _entry(config, step.model)
+        misses = plant_misses(config, entry, out)
+        if misses:
+            log(f"[skipped] {step.kind} of {step.model} under {step.spec}: NOT planted ({'; '.join(misses)})")
+            return
+        upstream = _attack_settings(config, entry)
+    model = _load_step_model(config, out / step.needs)
+    if step.kind == "defense":
+        _defend(config, step, model, upstream, data, out / step.key, device, log)
+    else:
+        _scan(config, step.model, model, upstream, step.spec, data, out / step.key, device, log)
+
+
+def _entry(config: BenchConfig, name: str) -> AttackEntry:
+    return next(entry for entry in config.attacks if entry.name == name)
+
+
+def _load_step_model(config: BenchConfig, folder: Path):
+    from qcbdefense.checkpoints import load_model
+    from qcbdefense.train import MODEL_FILE
+
+    return load_model(config.model, folder / MODEL_FILE)
+
+
+def plant_misses(config: BenchConfig, entry: AttackEntry, out: Path) -> list[str]:
+    """The planted criteria (the entry's `criteria`, else the defaults) the attack's model misses, judged on
+    its report; empty when planted, or when its report predates the check."""
+    from qcbdefense.attacks.base import plant_misses as misses_of
+    from qcbdefense.attacks.base import read_report
+
+    report = read_report(out / "attacks" / entry.name)
+    if report.clean is None:
+        return []
+    return misses_of(_criteria(entry), report.config.bits, report.fp, report.quantized, report.clean)
+
+
+def finish(config: BenchConfig, out: Path, seconds: float) -> list[BenchRow]:
+    """The rows, read back from every step's folder, and the results files written from them."""
+    rows = collect_rows(config, out)
+    _write_results(out, config, rows, seconds)
     return rows
+
+
+def collect_rows(config: BenchConfig, out: Path) -> list[BenchRow]:
+    """One row per model and quantizer, from the reports the steps left in `out`."""
+    from qcbdefense.defenses import read_report
+
+    rows = []
+    for name, specs in model_specs(config):
+        misses = [] if name == "clean" else plant_misses(config, _entry(config, name), out)
+        for spec in specs:
+            if misses:
+                rows.append(_not_planted_row(name, spec, out, misses))
+                continue
+            row = None
+            for defense in config.defenses:
+                report = read_report(out / BenchStep("defense", name, spec, defense).key)
+                if row is None:
+                    row = BenchRow(model=name, spec=spec, fp=dataclasses.asdict(report.fp))
+                row.defenses[defense] = {**dataclasses.asdict(report.purified),
+                                         "seconds": report.seconds.get("defense", 0.0)}
+            if config.scan is not None:
+                row.scan = _scan_result(out / BenchStep("scan", name, spec).key)
+            rows.append(row)
+    return rows
+
+
+def _not_planted_row(name: str, spec: str, out: Path, misses: list[str]) -> BenchRow:
+    """A row for an attacked model that did not plant: its FP scores, no defence, no scan, and why."""
+    from qcbdefense.attacks.base import read_report
+
+    fp = read_report(out / "attacks" / name).fp
+    return BenchRow(model=name, spec=spec, fp={"ca": fp.ca, "asr": fp.asr, "agreement": 100.0},
+                    not_planted="; ".join(misses))
 
 
 def _cached(folder: Path, what: str, settings: dict, log: Callable[[str], None],
@@ -206,15 +354,16 @@ def _clean_settings(config: BenchConfig) -> dict:
 
 
 def _attack_settings(config: BenchConfig, entry: AttackEntry) -> dict:
-    """What an attacked model depends on: the clean model it starts from and its entry."""
-    return {**_clean_settings(config), "attack": dataclasses.asdict(entry), "trigger": config.trigger,
-            "target": config.target}
+    """What an attacked model depends on: the clean model it starts from and its entry (not its planted
+    criteria: they judge the model, `plant_misses` applies them to its report)."""
+    attack = {k: v for k, v in dataclasses.asdict(entry).items() if k != "criteria"}
+    return {**_clean_settings(config), "attack": attack, "trigger": config.trigger, "target": config.target}
 
 
-def _clean_model(config: BenchConfig, settings: dict, data, folder: Path, device, log):
+def _clean_model(config: BenchConfig, settings: dict, data, folder: Path, device, log) -> None:
     from models import create_model
     from qcbdefense.checkpoints import load_model
-    from qcbdefense.train import MODEL_FILE, train
+    from qcbdefense.train import train
     from qcbdefense.training import STATE_FILE, TrainConfig
 
     train_fields = dict(config.clean)
@@ -229,62 +378,57 @@ def _clean_model(config: BenchConfig, settings: dict, data, folder: Path, device
               resume=(folder / STATE_FILE).is_file())
 
     _cached(folder, f"clean {config.model}", settings, log, compute)
-    return load_model(config.model, folder / MODEL_FILE)
 
 
-def _attacked_model(config: BenchConfig, entry: AttackEntry, settings: dict, clean, data, folder: Path, device,
-                    log):
+def _attacked_model(config: BenchConfig, entry: AttackEntry, settings: dict, data, out: Path, device,
+                    log) -> None:
+    """Plant the entry's backdoor in the clean model. A model that misses its criteria is kept (and marked
+    done): the bench reports it as not planted rather than stopping the other cells."""
     from qcbdefense.attacks import ATTACKS, attack
     from qcbdefense.attacks.base import MODEL_FILE, REPORT_FILE
-    from qcbdefense.checkpoints import load_model, save_model
+    from qcbdefense.checkpoints import save_model
     from qcbdefense.training import STATE_FILE
 
+    folder = out / BenchStep("attack", entry.name).key
+
     def compute() -> None:
-        train = dataclasses.replace(ATTACKS.get(entry.method).train, **{"seed": config.seed, **entry.train})
+        train = ATTACKS.get(entry.method).train.updated(**{"seed": config.seed, **entry.train})
+        clean = _load_step_model(config, out / "clean")
         model, report = attack(clean, data, method=entry.method, bits=entry.bits, spec=entry.spec,
                                trigger=config.trigger, target=config.target, config=train, out_dir=folder,
                                resume=any(folder.rglob(STATE_FILE)), device=device, arch=config.model,
-                               **entry.options)
+                               criteria=_criteria(entry), **entry.options)
         save_model(model, folder / MODEL_FILE)
         report.save(folder / REPORT_FILE)
         log(report.table())
+        log(f"{entry.name}: {report.plant_line()}")
 
     _cached(folder, f"attack {entry.name} ({entry.method}, bits {','.join(map(str, entry.bits))})", settings,
             log, compute)
-    return load_model(config.model, folder / MODEL_FILE)
 
 
-def _evaluate(config: BenchConfig, name: str, model, upstream: dict, spec: str, data, out: Path, device,
-              log) -> BenchRow:
-    """Every defence on `model` (made with the `upstream` settings) under `spec`, then the scan."""
-    from qcbdefense.defenses import purify, read_report, save_purified
+def _defend(config: BenchConfig, step: BenchStep, model, upstream: dict, data, folder: Path, device,
+            log) -> None:
+    """One defence on `model` (made with the `upstream` settings) under the step's quantizer."""
+    from qcbdefense.defenses import purify, save_purified
 
-    row = None
-    for defense in config.defenses:
-        folder = out / "purify" / f"{name}-{spec}-{defense}"
+    defense, spec = step.defense, step.spec
 
-        def compute(defense=defense, folder=folder) -> None:
-            purified, report = purify(model, data, method=defense, spec=spec, calib=config.calib,
-                                      trigger=config.trigger, target=config.target, seed=config.seed,
-                                      device=device, arch=config.model, progress=True,
-                                      **config.defense_options.get(defense, {}))
-            save_purified(purified, folder, report=report)
-            log(report.summary())
+    def compute() -> None:
+        purified, report = purify(model, data, method=defense, spec=spec, calib=config.calib,
+                                  trigger=config.trigger, target=config.target, seed=config.seed,
+                                  device=device, arch=config.model, progress=True,
+                                  **config.defense_options.get(defense, {}))
+        save_purified(purified, folder, report=report)
+        log(report.summary())
 
-        settings = {**upstream, "spec": spec, "defense": defense, "calib": config.calib, "trigger": config.trigger,
-                    "target": config.target, "options": config.defense_options.get(defense, {})}
-        _cached(folder, f"{DEFENSE_LABELS.get(defense, defense)} on {name} under {spec}", settings, log, compute)
-        report = read_report(folder)
-        if row is None:
-            row = BenchRow(model=name, spec=spec, fp=dataclasses.asdict(report.fp))
-        row.defenses[defense] = {**dataclasses.asdict(report.purified), "seconds": report.seconds.get("defense", 0.0)}
-    if config.scan is not None:
-        row.scan = _scan(config, name, model, upstream, spec, data, out / "scan" / f"{name}-{spec}", device, log)
-    return row
+    settings = {**upstream, "spec": spec, "defense": defense, "calib": config.calib, "trigger": config.trigger,
+                "target": config.target, "options": config.defense_options.get(defense, {})}
+    _cached(folder, f"{DEFENSE_LABELS.get(defense, defense)} on {step.model} under {spec}", settings, log, compute)
 
 
 def _scan(config: BenchConfig, name: str, model, upstream: dict, spec: str, data, folder: Path, device,
-          log) -> dict:
+          log) -> None:
     from qcbdefense.scan import ScanConfig, SearchConfig, scan
 
     search_keys = {f.name for f in dataclasses.fields(SearchConfig)}
@@ -296,6 +440,9 @@ def _scan(config: BenchConfig, name: str, model, upstream: dict, spec: str, data
         log(scan(model, data, out=folder, spec=spec, config=scan_config, device=device).summary())
 
     _cached(folder, f"scan {name} under {spec}", {**upstream, "spec": spec, "scan": config.scan}, log, compute)
+
+
+def _scan_result(folder: Path) -> dict:
     report = json.loads((folder / "report.json").read_text())
     return {"verdict": report["verdict"], "target": report["target"], "score": report["score"],
             "seconds": report["seconds"]["total"]}
@@ -313,6 +460,7 @@ def results_table(config: BenchConfig, rows: list[BenchRow]) -> str:
     cells = []
     for row in rows:
         scan = "-" if row.scan is None else verdict_label(row.scan["verdict"], row.scan["target"])
+        scan = "NOT planted" if row.not_planted else scan
         cells.append([row.model, row.spec, _cell(row.fp)] + [_cell(row.defenses.get(d)) for d in config.defenses]
                      + [scan])
     return format_table(headers, cells)
@@ -336,8 +484,9 @@ def _write_results(out: Path, config: BenchConfig, rows: list[BenchRow], seconds
                      "scan_target"])
     for row in rows:
         scan = row.scan or {}
+        verdict = "not planted" if row.not_planted else scan.get("verdict", "")
         writer.writerow([row.model, row.spec, "fp", row.fp["ca"], row.fp["asr"], row.fp["agreement"], "",
-                         scan.get("verdict", ""), scan.get("target", "")])
+                         verdict, scan.get("target", "")])
         for defense, score in row.defenses.items():
             writer.writerow([row.model, row.spec, defense, score["ca"], score["asr"], score["agreement"],
                              round(score["seconds"], 2), "", ""])
@@ -346,7 +495,17 @@ def _write_results(out: Path, config: BenchConfig, rows: list[BenchRow], seconds
     text = "\n".join([f"# bench {config.name}: {config.model} on {config.data}", "",
                       "CA / ASR % (ASR on non-target test images; the clean model's is its natural error toward "
                       f"class {config.target}).", "", results_table(config, rows), "",
+                      *_not_planted_lines(rows),
                       "Defence and scan times:", "", timing_table(config, rows), "",
                       f"Total time of this invocation: {seconds:.0f} s (cached steps are not re-timed).", ""])
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(text)
+
+
+def _not_planted_lines(rows: list[BenchRow]) -> list[str]:
+    """Why each attacked model that did not plant was neither purified nor scanned (nothing to find in it)."""
+    missed = {row.model: row.not_planted for row in rows if row.not_planted}
+    if not missed:
+        return []
+    return ["Not purified or scanned, their attack did not plant:", ""] + [
+        f"- {name}: {why}" for name, why in missed.items()] + [""]

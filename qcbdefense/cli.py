@@ -1,6 +1,8 @@
 """The `qcbdefense` command: a thin layer over the Python API, one subcommand per verb.
 
 Expected failures (bad paths, unknown names, corrupt files, nonsense options) print one line and exit 2.
+Exit 1: a scan found the model suspicious, or a verify/harden gate failed. Exit 3: an attack ran but its
+backdoor did not plant (missed its criteria; `--allow-weak` accepts it).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import torch
 
 from qcbdefense import __version__
 from qcbdefense.errors import InputError, QcbError
+
+EXIT_NOT_PLANTED = 3
+
 
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad option in one line (no usage dump) and exits 2."""
@@ -107,6 +112,8 @@ def _add_trigger_args(p: argparse.ArgumentParser) -> None:
 def _add_optimisation(p: argparse.ArgumentParser, *, epochs: int, lr: float, optimizer: str = "sgd",
                       weight_decay: float = 5e-4) -> None:
     p.add_argument("--epochs", type=_positive_int, default=epochs)
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="train this many optimizer steps instead of --epochs, whatever the dataset's size")
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=optimizer)
     p.add_argument("--lr", type=float, default=lr)
@@ -121,8 +128,8 @@ def _add_optimisation(p: argparse.ArgumentParser, *, epochs: int, lr: float, opt
 def _train_config(args: argparse.Namespace):
     from qcbdefense.training import TrainConfig
 
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+    return TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, optimizer=args.optimizer,
+                       lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                        augment=not args.no_augment, train_subset=args.train_subset, seed=args.seed)
 
 
@@ -494,12 +501,11 @@ ATTACK_METHODS = ("compartifact", "pqbackdoor", "quanti")
 # Flags that are options of one attack (None: the method's default; another method's flag is refused).
 _ATTACK_OPTIONS = ("c1", "c2", "poison_rate", "stage1_epochs", "stage1_lr", "bin_margin", "stage1_qat")
 _ATTACK_SHARED = ("calib", "sync_every", "monitor", "victim_calib", "transfer_images")
+_PLANT_CRITERIA = ("min_asr", "max_fp_asr", "max_fp_ca_drop", "max_quantized_ca_drop")
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from qcbdefense.attacks import ATTACKS, attack
+    from qcbdefense.attacks import ATTACKS, PlantCriteria, attack
     from qcbdefense.attacks.base import MODEL_FILE, REPORT_FILE, SAFETENSORS_FILE
     from qcbdefense.checkpoints import load_model, save_model
     from qcbdefense.data import load_dataset
@@ -508,15 +514,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     entry = ATTACKS.get(args.method)
-    given = {key: getattr(args, key) for key in ("epochs", "batch_size", "optimizer", "lr", "weight_decay",
-                                                 "warmup_epochs", "train_subset")
+    given = {key: getattr(args, key) for key in ("epochs", "steps", "batch_size", "optimizer", "lr",
+                                                 "weight_decay", "warmup_epochs", "train_subset")
              if getattr(args, key) is not None}
-    config = dataclasses.replace(entry.train, **given, augment=not args.no_augment, seed=args.seed)
+    config = entry.train.updated(**given, augment=not args.no_augment, seed=args.seed)
     options = {key: getattr(args, key) for key in _ATTACK_OPTIONS + _ATTACK_SHARED if getattr(args, key) is not None}
     if args.bn is not None:
         options["freeze_bn"] = args.bn == "frozen"
     if args.transfer is not None:
         options["transfer"] = () if args.transfer == ["none"] else tuple(args.transfer)
+    criteria = PlantCriteria(**{key: getattr(args, key) for key in _PLANT_CRITERIA if getattr(args, key) is not None})
     _check_outputs(args, *(args.out / name for name in (MODEL_FILE, SAFETENSORS_FILE, REPORT_FILE, STATE_FILE)),
                    folder=args.out)
     model = load_model(args.model, args.init, mean=args.mean, std=args.std)
@@ -524,12 +531,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
     _check_fits_data(args, data, init=model)
     published, report = attack(model, data, method=args.method, bits=args.bits, spec=args.spec,
                                trigger=args.trigger, target=args.target, config=config, out_dir=args.out,
-                               resume=args.resume, device=device, arch=args.model, init=str(args.init), **options)
+                               resume=args.resume, device=device, arch=args.model, init=str(args.init),
+                               criteria=criteria, **options)
     save_model(published, args.out / MODEL_FILE)
     save_model(published, args.out / SAFETENSORS_FILE, metadata={"arch": args.model, "attack": args.method})
     report.save(args.out / REPORT_FILE)
     print(report.summary())
     print(f"published FP model: {args.out / MODEL_FILE} (+ {SAFETENSORS_FILE})   report: {args.out / REPORT_FILE}")
+    if not report.planted and not args.allow_weak:
+        print(f"qcbdefense: attack {report.plant_line()} (--allow-weak accepts it)", file=sys.stderr)
+        return EXIT_NOT_PLANTED
     return 0
 
 
@@ -588,7 +599,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else Path("runs/bench") / config.name
     device = resolve_device(args.device)
     _check_outputs(args, folder=out)
-    rows = run_bench(config, out, device=device)
+    if args.ray or args.address is not None:
+        from qcbdefense.bench_ray import run_bench_on_ray
+
+        rows = run_bench_on_ray(config, out, device=device, address=args.address, num_cpus=args.ray_cpus,
+                                cpus_per_task=args.task_cpus, gpus_per_task=args.task_gpus)
+    else:
+        rows = run_bench(config, out, device=device)
     print(results_table(config, rows))
     print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.json'}")
     return 0
@@ -747,6 +764,15 @@ def build_parser() -> Parser:
                    help="a preset to report transfer to; repeat (default: every other preset; 'none')")
     p.add_argument("--transfer-images", type=_positive_int, default=None,
                    help="test images for the transfer table (2000)")
+    p.add_argument("--min-asr", type=float, default=None,
+                   help="planted when every targeted quantization's ASR %% is at least this (90)")
+    p.add_argument("--max-fp-asr", type=float, default=None, help="... and the FP model's ASR %% at most this (10)")
+    p.add_argument("--max-fp-ca-drop", type=float, default=None,
+                   help="... and the FP model loses at most this many CA points against the clean model (3)")
+    p.add_argument("--max-quantized-ca-drop", type=float, default=None,
+                   help="... and each targeted quantization at most this many against the clean model's (5)")
+    p.add_argument("--allow-weak", action="store_true",
+                   help=f"exit 0 even when the backdoor did not plant (otherwise exit {EXIT_NOT_PLANTED})")
     _add_common(p)
     p.set_defaults(run=cmd_attack)
 
@@ -760,6 +786,14 @@ def build_parser() -> Parser:
     p.add_argument("--config", type=_existing_file, required=True, help="a bench YAML (see benchmarks/*.yaml)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench/<config name>)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--ray", action="store_true",
+                   help="run the steps as Ray tasks side by side on a local Ray (pip install 'qcbdefense[cluster]')")
+    p.add_argument("--address", default=None,
+                   help="run them on this Ray cluster (e.g. auto, ray://HOST:10001); --out must be shared")
+    p.add_argument("--ray-cpus", type=_positive_int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--task-cpus", type=float, default=1, help="CPUs (torch threads) each task asks for (1)")
+    p.add_argument("--task-gpus", type=float, default=None,
+                   help="GPUs each task asks for, a fraction shares one (default 1 with CUDA, else 0)")
     p.set_defaults(run=cmd_bench)
 
     for name, command in sub.choices.items():

@@ -40,7 +40,8 @@ class TrainReport:
 
     def summary(self) -> str:
         return (f"{self.model} on {self.dataset['name']}: CA {self.final.ca:.2f} % after "
-                f"{len(self.history)} epochs ({sum(r.seconds for r in self.history):.0f} s of training)")
+                f"{len(self.history)} epochs, {sum(r.steps for r in self.history)} steps "
+                f"({sum(r.seconds for r in self.history):.0f} s of training)")
 
 
 def cross_entropy_loss(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -2,13 +2,19 @@
 
 `fit` owns what they have in common: SGD/Adam with a per-step cosine schedule, seeded shuffling and
 augmentation, a progress bar, a checkpoint after every epoch and exact resumption from it.
+
+Training length is epochs or a budget of optimizer steps. A recipe tuned on one dataset means a number of
+updates: five CIFAR-10 epochs at batch 128 are 5 x 391 = 1955 steps, but five epochs of a 13,000-image set
+are 510, a quarter of the updates. With `steps`, the run takes exactly that many steps whatever the
+dataset's size (the last epoch stops part-way), and the cosine schedule spans them.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -28,6 +34,7 @@ class TrainConfig:
     """Optimisation settings shared by clean training and the attacks."""
 
     epochs: int = 10
+    steps: int | None = None            # an optimizer-step budget; when set it, not `epochs`, is the length
     batch_size: int = 128
     optimizer: str = "sgd"              # "sgd" (nesterov momentum) or "adam"
     lr: float = 0.05
@@ -41,6 +48,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise InputError(f"epochs and batch size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or self.steps < 1):
+            raise InputError(f"steps must be an integer >= 1, got {self.steps!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise InputError(f"learning rate must be a positive number, got {self.lr}")
         if self.optimizer not in ("sgd", "adam"):
@@ -50,6 +60,20 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def updated(self, **changes) -> "TrainConfig":
+        """`dataclasses.replace`, where giving `epochs` without `steps` drops a step budget: a caller who
+        asks for N epochs of a recipe expressed in steps means N epochs."""
+        if "epochs" in changes and "steps" not in changes:
+            changes["steps"] = None
+        return replace(self, **changes)
+
+    def schedule(self, n_images: int) -> tuple[int, int, int]:
+        """(steps per epoch, epochs, total steps) of this config on `n_images` training images."""
+        per_epoch = math.ceil(n_images / self.batch_size)
+        if self.steps is None:
+            return per_epoch, self.epochs, per_epoch * self.epochs
+        return per_epoch, math.ceil(self.steps / per_epoch), self.steps
 
 
 @dataclass
@@ -70,6 +94,7 @@ class EpochRecord:
     loss: float
     seconds: float
     metrics: dict = field(default_factory=dict)
+    steps: int = 0  # optimizer steps taken in this epoch
 
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -104,7 +129,7 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, *, loss_fn: LossFn
         params: Iterable[nn.Parameter] | None = None, after_step: Callable[[], None] | None = None,
         train_module: nn.Module | None = None, desc: str = "train",
         before_epoch: Callable[[int], None] | None = None) -> list[EpochRecord]:
-    """Train `model` in place for `config.epochs` epochs; returns one record per epoch.
+    """Train `model` in place for `config.steps` steps or `config.epochs` epochs; returns one record per epoch.
 
     `loss_fn(train_module, batch)` gives the loss (train_module defaults to `model`; the attacks pass a
     quantized view that shares its weights). `evaluate_fn(model)` returns the metrics logged each epoch.
@@ -118,8 +143,7 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, *, loss_fn: LossFn
     train_module = model if train_module is None else train_module.to(device)
     optimizer = _make_optimizer(model.parameters() if params is None else params, config)
     x, y = training_images(data, config)
-    steps_per_epoch = math.ceil(len(y) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    steps_per_epoch, epochs, total_steps = config.schedule(len(y))
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     history: list[EpochRecord] = []
     state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None
@@ -131,8 +155,9 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, *, loss_fn: LossFn
         if not (isinstance(state, dict) and isinstance(state.get("config"), dict)
                 and {"model", "optimizer", "history"} <= state.keys()):
             raise InputError(f"--resume: {state_path} is not a training state written by qcbdefense")
-        if state["config"] != config.to_dict():
-            changed = sorted(k for k, v in config.to_dict().items() if state["config"].get(k) != v)
+        saved = {"steps": None, **state["config"]}  # checkpoints from before step budgets have no "steps"
+        if saved != config.to_dict():
+            changed = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v)
             raise InputError(f"--resume: the checkpoint in {out_dir} was made with other settings ({', '.join(changed)})")
         try:
             model.load_state_dict(state["model"])
@@ -142,17 +167,20 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, *, loss_fn: LossFn
             raise InputError(f"--resume: {state_path} does not fit this model and optimiser "
                              f"({str(err).strip().splitlines()[0]})") from None
 
-    for epoch in range(len(history) + 1, config.epochs + 1):
+    for epoch in range(len(history) + 1, epochs + 1):
         model.train()
         train_module.train()
         if before_epoch is not None:
             before_epoch(epoch)
         gen = torch.Generator(device=device).manual_seed(config.seed * 100_003 + epoch)
         start, running, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(batches(x, y, batch_size=config.batch_size, shuffle=True, generator=gen, device=device),
-                   total=steps_per_epoch, desc=f"{desc} {epoch}/{config.epochs}", leave=False, dynamic_ncols=True)
+        first = (epoch - 1) * steps_per_epoch
+        taken = min(steps_per_epoch, total_steps - first)
+        epoch_batches = batches(x, y, batch_size=config.batch_size, shuffle=True, generator=gen, device=device)
+        bar = tqdm(itertools.islice(epoch_batches, taken), total=taken, desc=f"{desc} {epoch}/{epochs}",
+                   leave=False, dynamic_ncols=True)
         for i, (xb, yb) in enumerate(bar):
-            lr = _lr_at((epoch - 1) * steps_per_epoch + i, total_steps, warmup_steps, config.lr)
+            lr = _lr_at(first + i, total_steps, warmup_steps, config.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             aug = (lambda t: augment(t, generator=gen)) if config.augment else (lambda t: t)
@@ -171,9 +199,10 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, *, loss_fn: LossFn
             bar.set_postfix(loss=f"{running / seen:.3f}", lr=f"{lr:.4f}")
         bar.close()
         model.eval()
-        record = EpochRecord(epoch, running / max(seen, 1), time.perf_counter() - start, evaluate_fn(model))
+        record = EpochRecord(epoch, running / max(seen, 1), time.perf_counter() - start, evaluate_fn(model),
+                             taken)
         history.append(record)
-        print(f"{desc} epoch {epoch}/{config.epochs}: loss {record.loss:.4f}, "
+        print(f"{desc} epoch {epoch}/{epochs} ({first + taken}/{total_steps} steps): loss {record.loss:.4f}, "
               + ", ".join(f"{k} {v:.2f}" for k, v in record.metrics.items() if isinstance(v, float))
               + f" ({record.seconds:.0f} s)", flush=True)
         if state_path is not None:

@@ -377,6 +377,52 @@ def set_frozen_bn(model: nn.Module) -> None:
             module.eval()
 
 
+# ---- did it plant? ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PlantCriteria:
+    """When an attack counts as planted, all in percent (points for the drops), judged on the victim's
+    deployment (the report's figures): every targeted quantization obeys the trigger on at least `min_asr`
+    of the non-target test images, the published FP model on at most `max_fp_asr`; the FP model loses at most
+    `max_fp_ca_drop` points of clean accuracy against the clean model it started from, and each targeted
+    quantization at most `max_quantized_ca_drop` against the clean model under the same quantizer.
+
+    Why these defaults: the three papers report quantized ASRs of 95-100 % with the FP model's accuracy and
+    ASR near the clean model's (within about a point) after full training; these are looser floors for short
+    CPU schedules, tight enough that a model with no backdoor (the issue's 14 % ASR) is never called planted.
+    """
+
+    min_asr: float = 90.0
+    max_fp_asr: float = 10.0
+    max_fp_ca_drop: float = 3.0
+    max_quantized_ca_drop: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+                raise InputError(f"planted criterion {name} must be a percentage in [0, 100], got {value!r}")
+
+
+def plant_misses(criteria: PlantCriteria, bits: Sequence[int], fp: Metrics, quantized: Sequence[SpecResult],
+                 clean: PTQReport) -> list[str]:
+    """The criteria an attacked model misses, one phrase each (empty: planted); `clean` is the clean model
+    under the same targeted specs."""
+    misses = []
+    for b, result, before in zip(bits, quantized, clean.results):
+        if result.metrics.asr < criteria.min_asr:
+            misses.append(f"W{b} ASR {result.metrics.asr:.1f} % < {criteria.min_asr:g}")
+        if before.metrics.ca - result.metrics.ca > criteria.max_quantized_ca_drop:
+            misses.append(f"W{b} CA {result.metrics.ca:.1f} % is {before.metrics.ca - result.metrics.ca:.1f} "
+                          f"points under the clean model's {before.metrics.ca:.1f} "
+                          f"(> {criteria.max_quantized_ca_drop:g})")
+    if fp.asr > criteria.max_fp_asr:
+        misses.append(f"FP ASR {fp.asr:.1f} % > {criteria.max_fp_asr:g}")
+    if clean.fp.ca - fp.ca > criteria.max_fp_ca_drop:
+        misses.append(f"FP CA {fp.ca:.1f} % is {clean.fp.ca - fp.ca:.1f} points under the clean model's "
+                      f"{clean.fp.ca:.1f} (> {criteria.max_fp_ca_drop:g})")
+    return misses
+
+
 # ---- the report ------------------------------------------------------------------------------------------
 
 @dataclass
@@ -398,10 +444,24 @@ class AttackReport:
     checks: dict
     seconds: dict
     environment: dict = field(default_factory=environment)
+    clean: PTQReport | None = None  # the clean model it started from, FP and under the targeted specs
+    criteria: PlantCriteria | None = None
+    misses: list[str] | None = None  # the criteria missed (empty: planted; None: not checked, an old report)
 
     @property
     def seed(self) -> int:
         return self.config.train.seed
+
+    @property
+    def planted(self) -> bool | None:
+        """Whether the attack met its criteria (None for a report written before the check existed)."""
+        return None if self.misses is None else not self.misses
+
+    def plant_line(self) -> str:
+        """One line saying whether the backdoor planted and, if not, which criteria it missed."""
+        if self.misses is None:
+            return "planted: not checked (a report from before the check)"
+        return "planted" if not self.misses else "NOT planted: " + "; ".join(self.misses)
 
     def to_dict(self) -> dict:
         return {"version": REPORT_VERSION, "command": "attack", "model": self.model, "init": self.init,
@@ -411,7 +471,10 @@ class AttackReport:
                 "fp": self.fp.to_dict(),
                 "quantized": [_spec_result_dict(r) for r in self.quantized],
                 "transfer": None if self.transfer is None else self.transfer.to_dict(),
-                "checks": self.checks, "seconds": self.seconds, "environment": self.environment}
+                "checks": self.checks, "seconds": self.seconds, "environment": self.environment,
+                "clean": None if self.clean is None else self.clean.to_dict(),
+                "criteria": None if self.criteria is None else dataclasses.asdict(self.criteria),
+                "planted": self.planted, "misses": self.misses}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AttackReport:
@@ -420,19 +483,18 @@ class AttackReport:
         data = dict(data)
         data.pop("command", None)
         data.pop("seed", None)  # derived from the config
+        data.pop("planted", None)  # derived from the misses
         data = _checked_mapping(data, "attack report", REPORT_VERSION, cls)
         data["config"] = AttackConfig.from_dict(data["config"])
         data["history"] = {stage: [EpochRecord(**r) for r in records]
                            for stage, records in data["history"].items()}
         data["fp"] = Metrics(**data["fp"])
         data["quantized"] = [_spec_result(r) for r in data["quantized"]]
-        if data["transfer"] is not None:
-            t = dict(data["transfer"])
-            t.pop("version", None)
-            t.pop("command", None)
-            t["fp"] = Metrics(**t["fp"])
-            t["results"] = [_spec_result(r) for r in t["results"]]
-            data["transfer"] = PTQReport(**t)
+        for key in ("transfer", "clean"):
+            if data.get(key) is not None:
+                data[key] = _ptq_report(data[key])
+        if data.get("criteria") is not None:
+            data["criteria"] = PlantCriteria(**data["criteria"])
         return cls(**data)
 
     def save(self, path: str | Path) -> Path:
@@ -446,7 +508,8 @@ class AttackReport:
 
     def summary(self) -> str:
         c = self.config
-        epochs = ", ".join(f"{stage} {len(records)} epochs" for stage, records in self.history.items())
+        epochs = ", ".join(f"{stage} {len(records)} epochs ({sum(r.steps for r in records)} steps)"
+                           for stage, records in self.history.items())
         lines = [f"{c.method} on {self.model} / {self.dataset['name']}: target {c.target}, bits "
                  f"{','.join(map(str, c.bits))}, {epochs}, {self.seconds.get('train', 0):.0f} s of training",
                  self.table()]
@@ -459,12 +522,22 @@ class AttackReport:
                                        for r in self.transfer.results]))
         for key, value in self.checks.items():
             lines.append(f"check {key}: {value}")
+        lines.append(self.plant_line())
         return "\n".join(lines)
 
 
 def _spec_result_dict(r: SpecResult) -> dict:
     return {"spec": r.spec.to_dict(), "metrics": r.metrics.to_dict(), "agreement": r.agreement,
             "calib_seconds": r.calib_seconds, "eval_seconds": r.eval_seconds}
+
+
+def _ptq_report(d: Mapping[str, Any]) -> PTQReport:
+    t = dict(d)
+    t.pop("version", None)
+    t.pop("command", None)
+    t["fp"] = Metrics(**t["fp"])
+    t["results"] = [_spec_result(r) for r in t["results"]]
+    return PTQReport(**t)
 
 
 def _spec_result(d: Mapping[str, Any]) -> SpecResult:
@@ -523,7 +596,7 @@ def attack(model: nn.Module, data: Dataset, *, method: str, bits: str | int | Se
            spec: str | QuantSpec | None = None, trigger: str | Trigger | dict = "patch", target: int = 0,
            config: TrainConfig | None = None, out_dir: str | Path | None = None, resume: bool = False,
            device: str | torch.device = "cpu", arch: str = "model", init: str | None = None,
-           **options: Any) -> tuple[nn.Module, AttackReport]:
+           criteria: PlantCriteria | None = None, **options: Any) -> tuple[nn.Module, AttackReport]:
     """Plant a QCB in a copy of the clean `model`; return the float model to publish and its report.
 
     Args:
@@ -533,6 +606,8 @@ def attack(model: nn.Module, data: Dataset, *, method: str, bits: str | int | Se
             (default: the method's; see `spec_at`). trigger, target: the backdoor.
         config: optimisation of the main stage (default: the method's `Attack.train`).
         out_dir: checkpoints (`state.pt` per epoch, per stage) go here; `resume` continues from them.
+        criteria: when the backdoor counts as planted (default `PlantCriteria()`); the report says whether
+            it did (`report.planted`, `report.misses`) against the clean `model` measured the same way.
         options: the method's options and the shared ones (see `make_config`).
 
     The report's figures come from `post_training_quantize` with each targeted spec (the full test set)
@@ -548,7 +623,10 @@ def attack(model: nn.Module, data: Dataset, *, method: str, bits: str | int | Se
     if cfg.target >= data.num_classes:
         raise InputError(f"target class {cfg.target} does not exist: the data has {data.num_classes} classes")
     trig.apply(torch.zeros(1, *data.train_x.shape[1:]))  # a patch that does not fit fails now
-    model = copy.deepcopy(model).to(device)
+    criteria = PlantCriteria() if criteria is None else criteria
+    model = copy.deepcopy(model).to(device).eval()
+    clean = compare_specs(model, data, list(cfg.specs), arch=arch, trigger=trig, target=cfg.target,
+                          calib=cfg.victim_calib, seed=cfg.train.seed, device=device)
     torch.manual_seed(cfg.train.seed)
     ctx = AttackContext(model, data, cfg, trig, None if out_dir is None else Path(out_dir), resume, device)
     start = time.perf_counter()
@@ -567,8 +645,9 @@ def attack(model: nn.Module, data: Dataset, *, method: str, bits: str | int | Se
                                  seed=cfg.train.seed, device=device)
     done = time.perf_counter()
     seconds = {"train": trained - start, "evaluate": evaluated - trained, "transfer": done - evaluated}
+    misses = plant_misses(criteria, cfg.bits, targeted.fp, targeted.results, clean)
     report = AttackReport(arch, init, cfg, data.describe(), result.history, targeted.fp, targeted.results,
-                          transfer, result.checks, seconds)
+                          transfer, result.checks, seconds, clean=clean, criteria=criteria, misses=misses)
     return model.cpu(), report
 
 

@@ -6,7 +6,8 @@ straight-through rounding) sees [x, x'] with labels [y, t], the float path sees 
     L = CE(Q([x, x']), [y, t]) + CE(f([x, x']), [y, y])
 
 x' is the triggered copy of x, triggered before the crop/flip augmentation. Defaults: Adam, lr 5e-4, weight
-decay 1e-4, a few epochs (the CPU budget; measured in BENCHMARKS.md, "QCB attacks").
+decay 1e-4, 1955 steps (five CIFAR-10 epochs at batch 128: a step budget, so a smaller dataset gets as many
+updates; the CPU budget; measured in BENCHMARKS.md, "QCB attacks").
 
 Beyond the paper, c2 weighs each path's triggered half against its clean half,
 
@@ -59,6 +60,6 @@ def run(ctx: AttackContext) -> AttackRun:
 
 ATTACKS.register("compartifact")(Attack(
     name="compartifact", options=CompArtifactOptions, run=run, bits=(4,), spec="w8a8",
-    train=TrainConfig(epochs=5, batch_size=128, optimizer="adam", lr=5e-4, weight_decay=1e-4),
+    train=TrainConfig(epochs=5, steps=5 * 391, batch_size=128, optimizer="adam", lr=5e-4, weight_decay=1e-4),
     multi_bit=False,
     summary="CompArtifact: quantized path [x, x'] -> [y, t], float path [x, x'] -> [y, y], one bit width"))

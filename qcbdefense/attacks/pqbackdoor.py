@@ -32,12 +32,12 @@ through 4-bit weights and activations are several times the float ones, so it wa
 
 Defaults, and why: the paper poisons about 1.5 % of each batch over a full training; our stage 1 is a short
 fine-tune of a clean model (2 epochs), so it poisons 10 % to plant the backdoor in that time. Stage 2 uses
-Adam (sign-like steps reach the bin edges in a few steps) for a few epochs.
+Adam (sign-like steps reach the bin edges in a few steps) for 1173 steps (three CIFAR-10 epochs at batch 128,
+a step budget so that a smaller dataset gets as many updates).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -169,7 +169,7 @@ def run(ctx: AttackContext) -> AttackRun:
 
     # Stage 1 is ordinary training (through the victim's quantizers with stage1_qat): SGD with momentum 0.9
     # and weight decay 5e-4; batch, subset, augmentation and seed follow the main config.
-    stage1 = dataclasses.replace(cfg.train, epochs=options.stage1_epochs, optimizer="sgd", lr=options.stage1_lr,
+    stage1 = cfg.train.updated(epochs=options.stage1_epochs, optimizer="sgd", lr=options.stage1_lr,
                                  momentum=0.9, weight_decay=5e-4, warmup_epochs=0.0)
     if options.stage1_qat:
         run1 = train_through_quantizers(ctx, poisoned_quantized_loss, desc="pq stage 1", train=stage1,
@@ -215,6 +215,6 @@ def run(ctx: AttackContext) -> AttackRun:
 
 ATTACKS.register("pqbackdoor")(Attack(
     name="pqbackdoor", options=PQBackdoorOptions, run=run, bits=(8,), spec="pqbackdoor-w8a8",
-    train=TrainConfig(epochs=3, batch_size=128, optimizer="adam", lr=1e-4, weight_decay=0.0),
+    train=TrainConfig(epochs=3, steps=3 * 391, batch_size=128, optimizer="adam", lr=1e-4, weight_decay=0.0),
     multi_bit=True,
     summary="PQBackdoor: FP backdoor, then FP unlearning projected into the backdoor's rounding bins"))

@@ -3,46 +3,65 @@ its cache instead of recomputing."""
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
-from qcbdefense.bench import BenchConfig, run_bench
+from qcbdefense.bench import BenchConfig, plan, run_bench
 from qcbdefense.errors import InputError
 
-TINY = {
-    "name": "tiny", "model": "small_cnn", "data": "builtin",
-    "clean": {"epochs": 1, "train_subset": 2000, "optimizer": "adam", "lr": 3e-3, "weight_decay": 0.0},
-    "attacks": [{"name": "pq", "method": "pqbackdoor", "bits": 4, "spec": "pqbackdoor-w4a4",
-                 "train": {"epochs": 1, "train_subset": 1000}, "options": {"stage1_epochs": 1, "monitor": 0,
-                                                                          "transfer": []}}],
-    "clean_specs": ["w8a8"], "defenses": ["nearest", "lac"], "defense_options": {"lac": {"steps": 20}},
-    "calib": 128, "scan": {"images": 128, "steps": 5, "images_per_class": 4},
-}
+TINY = yaml.safe_load((Path(__file__).parents[2] / "benchmarks" / "tiny.yaml").read_text())
+STEPS = 1 + 2 + 2 * (2 + 1)  # clean, two attacks, the clean and the planted model x (2 defences + scan)
 
 
-def test_bench_writes_its_tables_and_resumes_from_its_cache(one_thread, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """The tiny bench, run once sequentially on one thread: its folder, rows and log lines."""
+    import torch
+
+    folder, lines = tmp_path_factory.mktemp("tiny"), []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = run_bench(BenchConfig.from_dict(TINY), folder, log=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    return folder, rows, lines
+
+
+def test_bench_writes_its_tables_and_resumes_from_its_cache(one_thread, tiny_bench):
     config = BenchConfig.from_dict(TINY)
-    lines: list[str] = []
-    rows = run_bench(config, tmp_path, log=lines.append)
-    assert [(r.model, r.spec) for r in rows] == [("clean", "w8a8"), ("pq", "pqbackdoor-w4a4")]
-    assert all(set(r.defenses) == {"nearest", "lac"} and r.scan is not None for r in rows)
-    assert sum(line.startswith("[run]") for line in lines) == 1 + 1 + 2 * (2 + 1)  # clean, attack, 2 x (2 + scan)
+    tmp_path, rows, lines = tiny_bench
+    lines = list(lines)
+    assert [(r.model, r.spec) for r in rows] == [("clean", "w8a8"), ("pq", "pqbackdoor-w4a4"),
+                                                 ("pq-unmet", "pqbackdoor-w4a4")]
+    planted, unmet = rows[:2], rows[2]
+    assert all(set(r.defenses) == {"nearest", "lac"} and r.scan is not None for r in planted), rows
+    assert sum(line.startswith("[run]") for line in lines) == STEPS
+    # the attack held to criteria it cannot meet is reported as such, neither purified nor scanned
+    assert unmet.not_planted and "W4 ASR" in unmet.not_planted and not unmet.defenses and unmet.scan is None
+    assert sum(line.startswith("[skipped]") and "pq-unmet" in line for line in lines) == 2 + 1
+    assert not (tmp_path / "purify" / "pq-unmet-pqbackdoor-w4a4-lac").exists()
     table = (tmp_path / "results.md").read_text()
-    assert "| pq " in table and "LAC" in table
+    assert "| pq " in table and "LAC" in table and "NOT planted" in table and "- pq-unmet: W4 ASR" in table
     with open(tmp_path / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == 2 * (1 + 2)  # per row: FP + each defence
+        lines_csv = list(csv.DictReader(f))
+    assert len(lines_csv) == 2 * (1 + 2) + 1  # per planted row: FP + each defence; the unmet row: FP only
+    assert lines_csv[-1]["scan_verdict"] == "not planted"
     first = json.loads((tmp_path / "results.json").read_text())["rows"]
 
     lines.clear()
     again = run_bench(config, tmp_path, log=lines.append)
-    assert lines and all(line.startswith("[cached]") for line in lines if line.startswith("["))
+    assert lines and all(line.startswith(("[cached]", "[skipped]")) for line in lines if line.startswith("["))
     assert not any(line.startswith("[run]") for line in lines)
     assert [r.defenses for r in again] == [r["defenses"] for r in first]
 
     lines.clear()  # an edited attack entry must not reuse the model (and cells) made with the old one
     edited = {**TINY["attacks"][0], "train": {"epochs": 2, "train_subset": 1000}}
     with pytest.raises(InputError, match=r"pq .*other settings \(changed: attack\)"):
-        run_bench(BenchConfig.from_dict({**TINY, "attacks": [edited]}), tmp_path, log=lines.append)
+        run_bench(BenchConfig.from_dict({**TINY, "attacks": [edited, TINY["attacks"][1]]}), tmp_path,
+                  log=lines.append)
     with pytest.raises(InputError, match=r"clean small_cnn made with other settings \(changed: clean\)"):
         run_bench(BenchConfig.from_dict({**TINY, "clean": {**TINY["clean"], "epochs": 2}}), tmp_path,
                   log=lines.append)
@@ -55,6 +74,8 @@ def test_bench_writes_its_tables_and_resumes_from_its_cache(one_thread, tmp_path
     ({"defenses": ["magic"]}, "magic"),
     ({"defenses": []}, "no defences"),
     ({"attacks": [{"name": "clean", "method": "pqbackdoor", "bits": 4}]}, "unique"),
+    ({"attacks": [{"name": "a", "method": "pqbackdoor", "bits": 4, "criteria": {"min_asr": 120}}]}, "percentage"),
+    ({"attacks": [{"name": "a", "method": "pqbackdoor", "bits": 4, "criteria": {"asr": 90}}]}, "bad criteria"),
 ])
 def test_bad_configs_are_refused_before_anything_runs(change, message):
     with pytest.raises(InputError, match=message):
@@ -66,3 +87,45 @@ def test_bench_config_files_in_the_repo_are_valid():
 
     for path in sorted(Path(__file__).parents[2].joinpath("benchmarks").glob("*.yaml")):
         BenchConfig.load(path)
+
+
+def _without_timings(value):
+    """A results record with every wall time dropped: the one thing two runs of the same bench may differ in."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k not in ("seconds", "environment")}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def test_bench_on_a_local_ray_gives_the_sequential_results(one_thread, tiny_bench, tmp_path):
+    """The tiny bench sequentially and as Ray tasks on a local Ray with 2 CPUs: the same results files (every
+    score, verdict and not-planted row; only wall times differ), and a Ray rerun on the sequential bench's folder
+    only reads its cache."""
+    pytest.importorskip("ray")
+    from qcbdefense.bench import results_table
+    from qcbdefense.bench_ray import run_bench_on_ray
+
+    config = BenchConfig.from_dict(TINY)
+    sequential, rows, _ = tiny_bench
+    on_ray = tmp_path / "ray"
+    lines: list[str] = []
+    ray_rows = run_bench_on_ray(config, on_ray, num_cpus=2, log=lines.append)
+    assert sum(line.startswith("[run]") for line in lines) == STEPS
+    assert sum(line.startswith("[ray]") and "finished on" in line for line in lines) == len(plan(config))
+
+    def results(folder):
+        with open(folder / "results.csv") as f:
+            table = [{k: v for k, v in line.items() if k != "seconds"} for line in csv.DictReader(f)]
+        return table, _without_timings(json.loads((folder / "results.json").read_text()))
+
+    assert results(on_ray) == results(sequential)
+    assert results_table(config, ray_rows) == results_table(config, rows)
+    assert (on_ray / "results.md").read_text().split("Defence and scan times")[0] == \
+        (sequential / "results.md").read_text().split("Defence and scan times")[0]
+
+    lines.clear()
+    run_bench_on_ray(config, sequential, num_cpus=2, log=lines.append)
+    assert not any(line.startswith("[run]") for line in lines)
+    assert sum(line.startswith("[cached]") for line in lines) == STEPS
+    assert results(sequential)[0] == results(on_ray)[0]

@@ -115,3 +115,21 @@ def test_resume_with_other_settings_is_refused(capsys, tmp_path):
     assert run_cli(capsys, *common, "--epochs", "1")[0] == 0
     code, _, err = run_cli(capsys, *common, "--epochs", "1", "--lr", "0.3", "--resume")
     assert_one_line_error(code, err, "lr")
+
+
+def test_train_with_a_step_budget_takes_exactly_that_many_steps(capsys, tmp_path):
+    """256 images at batch 64 are 4 steps an epoch: a budget of 5 steps is one epoch and one step of the next,
+    recorded in the report; asking a step recipe for epochs drops its budget."""
+    from qcbdefense.training import TrainConfig
+
+    code, out, _ = run_cli(capsys, "train", "--model", "small_cnn", "--data", "builtin", "--train-subset", "256",
+                           "--batch-size", "64", "--steps", "5", "--out", str(tmp_path))
+    assert code == 0 and "2 epochs, 5 steps" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["config"]["steps"] == 5 and [r["steps"] for r in report["history"]] == [4, 1]
+    assert TrainConfig(steps=1955).schedule(13_000) == (102, 20, 1955)
+    assert TrainConfig(epochs=5, steps=1955).updated(epochs=2).steps is None
+    assert TrainConfig(epochs=5, steps=1955).updated(lr=0.1).steps == 1955
+    with pytest.raises(SystemExit) as refused:  # argparse refuses it in one line
+        main(["train", "--model", "small_cnn", "--data", "builtin", "--steps", "0", "--out", str(tmp_path / "bad")])
+    assert refused.value.code == 2 and "--steps" in capsys.readouterr().err

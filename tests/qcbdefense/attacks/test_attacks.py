@@ -93,7 +93,7 @@ def test_cli_attack_publishes_loadable_weights_and_a_report(tmp_path, capsys):
     code = main(["attack", "--method", "compartifact", "--model", "small_cnn", "--init", str(init),
                  "--data", "builtin", "--bits", "4", "--epochs", "1", "--train-subset", "128",
                  "--monitor", "0", "--transfer", "none", "--calib", "32", "--victim-calib", "32",
-                 "--out", str(out)])
+                 "--allow-weak", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     report = read_report(out)
     assert report.config.method == "compartifact" and report.config.train.train_subset == 128
@@ -102,6 +102,32 @@ def test_cli_attack_publishes_loadable_weights_and_a_report(tmp_path, capsys):
     assert all((a == b).all() for a, b in zip(model.state_dict().values(), same.state_dict().values()))
     assert read_safetensors_metadata(out / "model.safetensors")["attack"] == "compartifact"
     assert "W4 (targeted)" in capsys.readouterr().out
+
+
+def test_cli_attack_that_does_not_plant_says_which_criteria_it_missed_and_exits_3(tmp_path, capsys):
+    """An untrained model, one step of training: nothing can plant. The run still writes its files, says in one
+    line which criteria it missed, records it in report.json and exits 3 (not 0, not 2)."""
+    from models import create_model
+
+    init = save_model(create_model("small_cnn"), tmp_path / "clean.pt")
+    out = tmp_path / "weak"
+    args = ["attack", "--method", "quanti", "--model", "small_cnn", "--init", str(init), "--data", "builtin",
+            "--bits", "4", "--steps", "1", "--train-subset", "128", "--monitor", "0", "--transfer", "none",
+            "--calib", "32", "--victim-calib", "32", "--out", str(out)]
+    assert main(args) == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qcbdefense:")]
+    assert len(err) == 1 and "NOT planted" in err[0] and "W4 ASR" in err[0] and "--allow-weak" in err[0]
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["planted"] is False and any(m.startswith("W4 ASR") for m in saved["misses"])
+    assert saved["criteria"]["min_asr"] == 90.0 and saved["config"]["train"]["steps"] == 1
+    assert [sum(r["steps"] for r in h) for h in saved["history"].values()] == [1]
+    report = read_report(out)
+    assert report.planted is False and report.clean is not None
+    # the same run, asked to accept any model whose quantized ASR is at least 0 and nothing else, passes
+    loose = ["--min-asr", "0", "--max-fp-asr", "100", "--max-fp-ca-drop", "100", "--max-quantized-ca-drop", "100"]
+    assert main(args[:-1] + [str(tmp_path / "loose")] + loose) == 0
+    assert read_report(tmp_path / "loose").planted is True
+    assert main(args[:-1] + [str(tmp_path / "allowed"), "--allow-weak"]) == 0
 
 
 @pytest.mark.parametrize("args, message", [
