@@ -141,7 +141,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 # Listed here rather than read from DEFENSES so that building the parser does not import Brevitas (seconds);
 # tests/qcbdefense/defenses/test_purify.py checks that this list is DEFENSES.names().
-PURIFY_METHODS = ("adaround", "efrap", "lac", "lac-pda", "nearest")
+PURIFY_METHODS = ("aciq", "adaround", "efrap", "fine-pruning", "ft", "ft-sam", "i-bau", "lac", "lac-pda", "nad",
+                  "nearest", "omse")
 
 
 def _add_schedule_args(p: argparse.ArgumentParser) -> None:
