@@ -33,7 +33,10 @@ from qcbdefense.results import format_table
 from qcbdefense.runinfo import environment
 
 DONE = "done.json"
-DEFENSE_LABELS = {"nearest": "nearest", "efrap": "EFRAP", "lac": "LAC", "lac-pda": "LAC+PDA", "adaround": "AdaRound"}
+DEFENSE_LABELS = {"nearest": "nearest", "efrap": "EFRAP", "lac": "LAC", "lac-pda": "LAC+PDA", "adaround": "AdaRound",
+                  "ft": "FT", "fine-pruning": "FinePrune", "nad": "NAD", "i-bau": "I-BAU", "ft-sam": "FT-SAM",
+                  "omse": "OMSE", "aciq": "ACIQ"}
+SCORES = ("ca", "asr", "ra", "der")  # what a defence's cell reports; mean and std over seeds with --seeds
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,9 @@ class BenchRow:
     model: str
     spec: str
     fp: dict
-    defenses: dict = field(default_factory=dict)  # defence -> {"ca", "asr", "agreement", "seconds"}
+    # defence -> {"ca", "asr", "ra", "der", "agreement", "seconds"}; over several seeds the means, plus "std"
+    # (each score's sample standard deviation), "seeds" and "runs" (each seed's own cell)
+    defenses: dict = field(default_factory=dict)
     scan: dict | None = None
 
 
@@ -143,8 +148,16 @@ def _bits(value: Any) -> tuple[int, ...]:
 
 
 def run_bench(config: BenchConfig, out: str | os.PathLike, *, device: str | torch.device = "cpu",
-              log: Callable[[str], None] = print) -> list[BenchRow]:
-    """Run (or resume) the bench into `out`; returns its rows and writes results.{md,csv,json}."""
+              log: Callable[[str], None] = print, seeds: int = 1) -> list[BenchRow]:
+    """Run (or resume) the bench into `out`; returns its rows and writes results.{md,csv,json}.
+
+    `seeds` > 1 runs every defence with seeds config.seed, config.seed + 1, ... (its calibration images,
+    labelled share, batch order and initialisation) and reports each score as mean +- std. The clean model,
+    the attacks and the scan are made once, with config.seed: they are the models under test, the same for
+    every defence run, as in the papers' tables.
+    """
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise InputError(f"seeds must be a positive number of runs, got {seeds!r}")
     from qcbdefense.attacks import ATTACKS
     from qcbdefense.attacks.base import spec_at
     from qcbdefense.data import load_dataset
@@ -165,8 +178,8 @@ def run_bench(config: BenchConfig, out: str | os.PathLike, *, device: str | torc
     rows = []
     for name, model, settings, specs in models:
         for spec in specs:
-            rows.append(_evaluate(config, name, model, settings, spec, data, out, device, log))
-            _write_results(out, config, rows, time.perf_counter() - start)
+            rows.append(_evaluate(config, name, model, settings, spec, data, out, device, log, seeds))
+            _write_results(out, config, rows, time.perf_counter() - start, seeds)
     return rows
 
 
@@ -255,32 +268,61 @@ def _attacked_model(config: BenchConfig, entry: AttackEntry, settings: dict, cle
 
 
 def _evaluate(config: BenchConfig, name: str, model, upstream: dict, spec: str, data, out: Path, device,
-              log) -> BenchRow:
-    """Every defence on `model` (made with the `upstream` settings) under `spec`, then the scan."""
-    from qcbdefense.defenses import purify, read_report, save_purified
-
+              log, seeds: int = 1) -> BenchRow:
+    """Every defence on `model` (made with the `upstream` settings) under `spec`, `seeds` times each, then the
+    scan."""
     row = None
     for defense in config.defenses:
-        folder = out / "purify" / f"{name}-{spec}-{defense}"
-
-        def compute(defense=defense, folder=folder) -> None:
-            purified, report = purify(model, data, method=defense, spec=spec, calib=config.calib,
-                                      trigger=config.trigger, target=config.target, seed=config.seed,
-                                      device=device, arch=config.model, progress=True,
-                                      **config.defense_options.get(defense, {}))
-            save_purified(purified, folder, report=report)
-            log(report.summary())
-
-        settings = {**upstream, "spec": spec, "defense": defense, "calib": config.calib, "trigger": config.trigger,
-                    "target": config.target, "options": config.defense_options.get(defense, {})}
-        _cached(folder, f"{DEFENSE_LABELS.get(defense, defense)} on {name} under {spec}", settings, log, compute)
-        report = read_report(folder)
-        if row is None:
-            row = BenchRow(model=name, spec=spec, fp=dataclasses.asdict(report.fp))
-        row.defenses[defense] = {**dataclasses.asdict(report.purified), "seconds": report.seconds.get("defense", 0.0)}
+        runs = []
+        for seed in range(config.seed, config.seed + seeds):
+            report = _defend(config, name, model, upstream, spec, defense, seed, data, out, device, log)
+            if row is None:
+                row = BenchRow(model=name, spec=spec, fp=dataclasses.asdict(report.fp))
+            runs.append({**dataclasses.asdict(report.purified), "seconds": report.seconds.get("defense", 0.0)})
+        row.defenses[defense] = runs[0] if seeds == 1 else seed_summary(runs, list(range(config.seed,
+                                                                                         config.seed + seeds)))
     if config.scan is not None:
         row.scan = _scan(config, name, model, upstream, spec, data, out / "scan" / f"{name}-{spec}", device, log)
     return row
+
+
+def _defend(config: BenchConfig, name: str, model, upstream: dict, spec: str, defense: str, seed: int, data,
+            out: Path, device, log):
+    """One defence run (cached); its PurifyReport. The first seed keeps the folder and settings of a
+    single-seed bench, so adding seeds reuses it."""
+    from qcbdefense.defenses import purify, read_report, save_purified
+
+    extra = seed != config.seed
+    folder = out / "purify" / (f"{name}-{spec}-{defense}" + (f"-seed{seed}" if extra else ""))
+
+    def compute() -> None:
+        purified, report = purify(model, data, method=defense, spec=spec, calib=config.calib,
+                                  trigger=config.trigger, target=config.target, seed=seed, device=device,
+                                  arch=config.model, progress=True, **config.defense_options.get(defense, {}))
+        save_purified(purified, folder, report=report)
+        log(report.summary())
+
+    settings = {**upstream, "spec": spec, "defense": defense, "calib": config.calib, "trigger": config.trigger,
+                "target": config.target, "options": config.defense_options.get(defense, {}),
+                **({"defense_seed": seed} if extra else {})}
+    label = f"{DEFENSE_LABELS.get(defense, defense)} on {name} under {spec}" + (f", seed {seed}" if extra else "")
+    _cached(folder, label, settings, log, compute)
+    return read_report(folder)
+
+
+def seed_summary(runs: list[dict], seeds: list[int]) -> dict:
+    """Several seeds' cells as one: the mean of each score, agreement and seconds (None when a run lacks it),
+    each score's sample standard deviation (n - 1 in the denominator), the seeds and the runs themselves."""
+    def mean(values: list) -> float | None:
+        return None if any(v is None for v in values) else sum(values) / len(values)
+
+    def std(values: list) -> float | None:
+        centre = mean(values)
+        return None if centre is None else (sum((v - centre) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+    columns = {key: [run.get(key) for run in runs] for key in (*SCORES, "agreement", "seconds")}
+    return {**{key: mean(values) for key, values in columns.items()},
+            "std": {key: std(columns[key]) for key in SCORES}, "seeds": seeds, "runs": runs}
 
 
 def _scan(config: BenchConfig, name: str, model, upstream: dict, spec: str, data, folder: Path, device,
@@ -301,8 +343,17 @@ def _scan(config: BenchConfig, name: str, model, upstream: dict, spec: str, data
             "seconds": report["seconds"]["total"]}
 
 
+def _value(score: dict, key: str) -> str:
+    """One score, as mean +- std when the cell summarises several seeds."""
+    value = score.get(key)
+    if value is None:
+        return "-"
+    std = score.get("std", {}).get(key)
+    return f"{value:.2f}" if std is None else f"{value:.2f} ± {std:.2f}"
+
+
 def _cell(score: dict | None) -> str:
-    return "-" if score is None else f"{score['ca']:.2f} / {score['asr']:.2f}"
+    return "-" if score is None else f"{_value(score, 'ca')} / {_value(score, 'asr')}"
 
 
 def results_table(config: BenchConfig, rows: list[BenchRow]) -> str:
@@ -326,26 +377,49 @@ def timing_table(config: BenchConfig, rows: list[BenchRow]) -> str:
     return format_table(headers, cells)
 
 
-def _write_results(out: Path, config: BenchConfig, rows: list[BenchRow], seconds: float) -> None:
-    write_json(out / "results.json", {"command": "bench", "config": config.to_dict(),
+def scores_table(config: BenchConfig, rows: list[BenchRow]) -> str:
+    """One line per model, quantizer and defence: CA, ASR, RA and DER (%, DER against round-to-nearest), and
+    the defence's seconds; mean ± std over seeds when the bench ran several."""
+    headers = ["model", "quantizer", "defence", "CA %", "ASR %", "RA %", "DER %", "s"]
+    cells = []
+    for row in rows:
+        cells.append([row.model, row.spec, "FP"] + [_value(row.fp, key) for key in SCORES] + ["-"])
+        for defense in config.defenses:
+            score = row.defenses.get(defense)
+            if score is not None:
+                cells.append([row.model, row.spec, DEFENSE_LABELS.get(defense, defense)]
+                             + [_value(score, key) for key in SCORES] + [f"{score['seconds']:.1f}"])
+    return format_table(headers, cells)
+
+
+def _write_results(out: Path, config: BenchConfig, rows: list[BenchRow], seconds: float, seeds: int = 1) -> None:
+    write_json(out / "results.json", {"command": "bench", "config": config.to_dict(), "seeds": seeds,
                                       "rows": [dataclasses.asdict(r) for r in rows], "seconds": seconds,
                                       "environment": environment()})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["model", "quantizer", "defense", "ca", "asr", "agreement", "seconds", "scan_verdict",
-                     "scan_target"])
+    spread = [f"{key}_std" for key in SCORES] if seeds > 1 else []
+    writer.writerow(["model", "quantizer", "defense", "ca", "asr", "ra", "der", "agreement", "seconds", *spread,
+                     "scan_verdict", "scan_target"])
     for row in rows:
         scan = row.scan or {}
-        writer.writerow([row.model, row.spec, "fp", row.fp["ca"], row.fp["asr"], row.fp["agreement"], "",
-                         scan.get("verdict", ""), scan.get("target", "")])
+        writer.writerow([row.model, row.spec, "fp", row.fp["ca"], row.fp["asr"], row.fp.get("ra"), "",
+                         row.fp["agreement"], "", *[""] * len(spread), scan.get("verdict", ""),
+                         scan.get("target", "")])
         for defense, score in row.defenses.items():
-            writer.writerow([row.model, row.spec, defense, score["ca"], score["asr"], score["agreement"],
-                             round(score["seconds"], 2), "", ""])
+            std = score.get("std", {})
+            writer.writerow([row.model, row.spec, defense, score["ca"], score["asr"], score.get("ra"),
+                             score.get("der"), score["agreement"], round(score["seconds"], 2),
+                             *([std.get(key) for key in SCORES] if spread else []), "", ""])
     with atomic_path(out / "results.csv") as tmp:
         tmp.write_text(buffer.getvalue())
+    runs = "" if seeds == 1 else f"Mean ± sample std over {seeds} seeds of every defence run. "
     text = "\n".join([f"# bench {config.name}: {config.model} on {config.data}", "",
-                      "CA / ASR % (ASR on non-target test images; the clean model's is its natural error toward "
-                      f"class {config.target}).", "", results_table(config, rows), "",
+                      f"{runs}CA / ASR % (ASR on non-target test images; the clean model's is its natural error "
+                      f"toward class {config.target}).", "", results_table(config, rows), "",
+                      "CA, ASR, RA (triggered non-target images kept on their class) and DER (defence-effectiveness "
+                      "rating against round-to-nearest; 50 = no change, 100 = perfect), with each defence's "
+                      "seconds:", "", scores_table(config, rows), "",
                       "Defence and scan times:", "", timing_table(config, rows), "",
                       f"Total time of this invocation: {seconds:.0f} s (cached steps are not re-timed).", ""])
     with atomic_path(out / "results.md") as tmp:

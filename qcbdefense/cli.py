@@ -423,7 +423,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig.load(args.config)
     out = args.out if args.out is not None else Path("runs/bench") / config.name
-    rows = run_bench(config, out, device=resolve_device(args.device))
+    rows = run_bench(config, out, device=resolve_device(args.device), seeds=args.seeds)
     print(results_table(config, rows))
     print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.json'}")
     return 0
@@ -590,6 +590,8 @@ def build_parser() -> Parser:
     p.add_argument("--config", type=_existing_file, required=True, help="a bench YAML (see benchmarks/*.yaml)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench/<config name>)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--seeds", type=_positive_int, default=1,
+                   help="run every defence with this many seeds and report mean ± std (default 1)")
     p.set_defaults(run=cmd_bench)
 
     return parser
