@@ -455,7 +455,8 @@ def build_parser() -> Parser:
     _add_common(p)
     p.set_defaults(run=cmd_quantize)
 
-    p = sub.add_parser("purify", help="purify the quantized model: LAC (+PDA), EFRAP, AdaRound or nearest rounding")
+    p = sub.add_parser("purify", help="purify the quantized model: LAC (+PDA), EFRAP, AdaRound, nearest rounding, "
+                                      "or a paper baseline (FT, fine-pruning, NAD, I-BAU, FT-SAM, OMSE, ACIQ)")
     _add_model_args(p)
     p.add_argument("--method", choices=PURIFY_METHODS, default="lac-pda", metavar="METHOD",
                    help=f"{', '.join(PURIFY_METHODS)} (default lac-pda)")

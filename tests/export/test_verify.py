@@ -119,3 +119,14 @@ def test_throughput_is_measured_side_by_side(files):
     assert [(r["model"], r["batch"]) for r in rows] == [("fp32", 1), ("int8", 1), ("fp32", 8), ("int8", 8)]
     assert all(r["best"] >= r["median"] > 0 and r["rounds"] == 2 for r in rows)
     assert "x median" in throughput_table(rows, baseline="fp32")
+
+
+@pytest.mark.parametrize("method, options", [("ft", {"epochs": 1}), ("aciq", {})])
+def test_harden_runs_the_paper_baselines(method, options, trained, tmp_path):
+    """An FP-model defence (FT) and a range-only one (ACIQ) go through purify -> export -> verify like LAC."""
+    from export.harden import harden
+
+    report = harden(trained.model, trained.data, out=tmp_path / "model.onnx", arch="small_cnn", spec="w8a8",
+                    method=method, calib=128, trigger=PATCH, max_asr=100.0, **options)
+    assert report.passed and report.verify.agreement >= 99.5
+    assert report.purify.method == method and report.purify.purified.der is not None
