@@ -102,12 +102,3 @@ def requantize_(ctx: DefenseContext, batch_size: int = 128) -> None:
         param.requires_grad_(False)
     refresh_weight_ranges(ctx.qmodel)
     calibrate(ctx.qmodel, (ctx.images[i:i + batch_size] for i in range(0, len(ctx.images), batch_size)))
-
-
-@torch.no_grad()
-def labelled_accuracy(model: nn.Module, share: Dataset, device: torch.device, batch_size: int = 256) -> float:
-    """Accuracy (%) of `model` on the labelled share (the defender's validation data)."""
-    from qcbdefense.evaluate import predict
-
-    return 100.0 * (predict(model, share.train_x, batch_size=batch_size, device=device)
-                    == share.train_y).float().mean().item()

@@ -44,7 +44,7 @@ def run_omse(ctx: DefenseContext, options: OmseOptions):
             zero_point.value.copy_(ref_zero_point.value)
         changed += 1
     stored = all(weight_ranges_stored(layer) for _, layer in quantized_layers(ctx.qmodel))
-    weights = (f"the spec's MSE-searched ranges (already OMSE's)" if stored else
+    weights = ("the spec's MSE-searched ranges (already OMSE's)" if stored else
                f"the spec's {spec.weight_scale} ranges, recomputed from the weights at every forward (not "
                f"replaceable by a range-only defence)")
     return [StageRecord("clip", 0, time.perf_counter() - start,
