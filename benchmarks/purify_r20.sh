@@ -42,7 +42,7 @@ every_defence r20-quanti-w4-full-c2q runs/attacks/quanti-r20-w4-full-c2q/model.p
 run r20-quanti-w4-full-c2q-w8a8 runs/attacks/quanti-r20-w4-full-c2q/model.pt w8a8 lac-pda --pda-steps 50
 run r20-pq-w4-full-qat4-w8a8 runs/attacks/pq-r20-w4-full-qat4/model.pt w8a8 lac-pda --pda-steps 50
 # CompArtifact W4 with c2 = 0.25, also with the trigger search first (sixth session; the c2 = 0.25
-# Qu-ANTI-zation model's search rows: benchmarks/lac_activation_residual.py guided). The -search rows ran before
+# Qu-ANTI-zation model's search rows: experiments/lac_activation_residual.py guided). The -search rows ran before
 # the search refined its patch (commit 36820c5), the -refine rows the same command after it.
 every_defence r20-compartifact-w4-c2q runs/attacks/compartifact-r20-w4-c2q/model.pt w4a4
 for m in compartifact-r20-w4-c2q quanti-r20-w4-full-c2q; do

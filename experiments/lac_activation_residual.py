@@ -1,7 +1,7 @@
-"""Where the residual backdoor of the LAC-purified Qu-ANTI-zation models (c2 = 0.5, 0.25) lives
-(BENCHMARKS.md, purifier).
+"""An experiment, not part of the product: where the residual backdoor of the LAC-purified Qu-ANTI-zation
+models (c2 = 0.5, 0.25) lives, and how the purifier's trigger search came about (BENCHMARKS.md, purifier).
 
-Usage: python benchmarks/lac_activation_residual.py [schedule|...|learned|patches]  (the steps below; default all)
+Usage: python experiments/lac_activation_residual.py [schedule|...|learned|patches]  (the steps below; default all)
   schedule     LAC with 1,000 steps a layer and no early stopping, and with 2,048 calibration images
   split        the purified models (benchmarks/purify_r20.sh) with and without their activation quantizers
   recalibrate  the purified models with activation ranges recalibrated on the purified weights
@@ -23,8 +23,22 @@ Usage: python benchmarks/lac_activation_residual.py [schedule|...|learned|patche
   squares      the square scan (what --search-triggers falls back to) on three attacked and the clean model
                under w8a8, and the clean model under w4a4
   squares-shared  the square scan on the shared clean ResNet-20 under w8a8, with and without activation quantizers
+
+Run from the repository root: the models are those of BENCHMARKS.md under runs/ (attacks, purify_r20.sh's
+purified folders), the data the shared JPEG CIFAR-10.
+
+Public API (`qcbdefense`): load_dataset, load_model, purify, load_purified, evaluate_model, calibrate,
+post_training_quantize, get_spec, parse_trigger. Internals it needs, because it takes the purifier and the
+scanner apart (none is a user's verb): Brevitas' quantization_status_manager and the quantizers' range
+parameters; qcbdefense.defenses.lac.reconstruct_ (replaced for a run, to change the images LAC reconstructs
+on); qcbdefense.defenses.guide (GuidedImages, patch_core, square_on, with_found_triggers);
+qcbdefense.scan.scan.ScanConfig.min_success (lowered for a run); qcbdefense.scan.square_scan (log_prob_gap,
+scan_squares); qcbdefense.scan.trigger_search (SearchConfig, class_batches, differential_success,
+search_triggers, stamp); qcbdefense.quant.quantized_layers, qcbdefense.quant.ptq.calibration_images,
+qcbdefense.attacks.base.with_test_subset, qcbdefense.data.to_float.
 """
 import dataclasses
+import functools
 import sys
 import time
 
@@ -32,53 +46,61 @@ import torch
 
 from brevitas.graph.calibrate import quantization_status_manager
 
+from qcbdefense import (calibrate, evaluate_model as evaluate, get_spec, load_dataset, load_model, load_purified,
+                        parse_trigger, post_training_quantize, purify)
 from qcbdefense.attacks.base import with_test_subset
-from qcbdefense.checkpoints import load_model
-from qcbdefense.data import load_dataset, to_float
-from qcbdefense.defenses import lac, load_purified, purify
+from qcbdefense.data import to_float
+from qcbdefense.defenses import lac
 from qcbdefense.defenses.guide import GuidedImages, patch_core, square_on, with_found_triggers
-from qcbdefense.evaluate import evaluate
-from qcbdefense.quant.calibrate import calibrate
-from qcbdefense.quant.ptq import calibration_images, post_training_quantize
-from qcbdefense.quant.quantize import quantized_layers
-from qcbdefense.quant.spec import get_spec
+from qcbdefense.quant import quantized_layers
+from qcbdefense.quant.ptq import calibration_images
 from qcbdefense.scan.scan import ScanConfig
 from qcbdefense.scan.square_scan import log_prob_gap, scan_squares
 from qcbdefense.scan.trigger_search import (SearchConfig, class_batches, differential_success, search_triggers,
                                             stamp)
-from qcbdefense.triggers import parse_trigger
 
-DATA = load_dataset("folder:../shared/datasets/cifar10-jpg.tar.gz")
-TEST = with_test_subset(DATA, 3000, seed=0)
+DATA_SPEC = "folder:../shared/datasets/cifar10-jpg.tar.gz"
 TRIGGER = parse_trigger("patch")
 ATTACKED = "runs/attacks/quanti-r20-w4-full-c2h/model.pt"
 PURIFIED = ("r20-quanti-w4-full-c2h-lac", "r20-quanti-w4-full-c2h-lac-pda", "r20-quanti-w4-full-lac-pda")
+
+
+@functools.cache
+def _data():
+    """The shared CIFAR-10, loaded when a step first needs it (not at import)."""
+    return load_dataset(DATA_SPEC)
+
+
+@functools.cache
+def _test():
+    """3,000 seeded test images: the faster figures of the split, ablate and scale steps."""
+    return with_test_subset(_data(), 3000, seed=0)
 
 
 def schedule() -> None:
     model = load_model("resnet20", ATTACKED)
     for name, options in (("1,000 steps, no early stop", dict(steps=1000, early_stop=False)),
                           ("2,048 calibration images", dict(calib=2048))):
-        _, report = purify(model, DATA, method="lac", spec="w4a4", trigger=TRIGGER, arch="resnet20", **options)
+        _, report = purify(model, _data(), method="lac", spec="w4a4", trigger=TRIGGER, arch="resnet20", **options)
         print(f"LAC, {name} (full test set):\n{report.table()}", flush=True)
 
 
 def split() -> None:
     for name in PURIFIED:
         q = load_purified("resnet20", f"runs/purify/{name}")
-        both = evaluate(q, TEST, trigger=TRIGGER, target=0)
+        both = evaluate(q, _test(), trigger=TRIGGER, target=0)
         with quantization_status_manager(q, disable_act_quant=True, is_training=False):
-            weights = evaluate(q, TEST, trigger=TRIGGER, target=0)
+            weights = evaluate(q, _test(), trigger=TRIGGER, target=0)
         print(f"{name}: w4a4 {both.ca:.2f} / {both.asr:.2f}, float activations {weights.ca:.2f} / {weights.asr:.2f}",
               flush=True)
 
 
 def recalibrate() -> None:
-    images = to_float(calibration_images(DATA, 1024, seed=0))
+    images = to_float(calibration_images(_data(), 1024, seed=0))
     for name in PURIFIED[:2]:
         q = load_purified("resnet20", f"runs/purify/{name}")
         calibrate(q, images.split(128))
-        r = evaluate(q, TEST, trigger=TRIGGER, target=0)
+        r = evaluate(q, _test(), trigger=TRIGGER, target=0)
         print(f"{name}: activation ranges recalibrated {r.ca:.2f} / {r.asr:.2f}", flush=True)
 
 
@@ -86,7 +108,7 @@ def ablate() -> None:
     q = load_purified("resnet20", f"runs/purify/{PURIFIED[1]}")
     for name, layer in quantized_layers(q):
         layer.input_quant.disable_quant = True
-        r = evaluate(q, TEST, trigger=TRIGGER, target=0)
+        r = evaluate(q, _test(), trigger=TRIGGER, target=0)
         layer.input_quant.disable_quant = False
         print(f"{PURIFIED[1]}, {name} input in float: {r.ca:.2f} / {r.asr:.2f}", flush=True)
 
@@ -95,10 +117,10 @@ def acts_only() -> None:
     c2q = "runs/attacks/quanti-r20-w4-full-c2q/model.pt"
     for path, spec in ((ATTACKED, "w4a4"), ("runs/resnet20-ft/model.pt", "w4a4"), (c2q, "w4a4"), (c2q, "w8a8"),
                        ("runs/attacks/pq-r20-w4-full-qat4/model.pt", "w4a4")):
-        q = post_training_quantize(load_model("resnet20", path), spec, DATA, calib=1024)
+        q = post_training_quantize(load_model("resnet20", path), spec, _data(), calib=1024)
         for _, layer in quantized_layers(q):
             layer.weight_quant.disable_quant = True
-        r = evaluate(q, TEST, trigger=TRIGGER, target=0)
+        r = evaluate(q, _test(), trigger=TRIGGER, target=0)
         print(f"{path}: float weights, {spec} activations {r.ca:.2f} / {r.asr:.2f}", flush=True)
 
 
@@ -116,7 +138,7 @@ def scale() -> None:
     for factor in (0.7, 0.85, 1.2, 1.5, 2.0):
         for value, start in zip(ranges, calibrated):
             value.copy_(start * factor)
-        r = evaluate(q, TEST, trigger=TRIGGER, target=0)
+        r = evaluate(q, _test(), trigger=TRIGGER, target=0)
         print(f"{PURIFIED[1]}, activation ranges x{factor}: {r.ca:.2f} / {r.asr:.2f}", flush=True)
 
 
@@ -130,14 +152,14 @@ def _purify_hooked(path: str, method: str, hook, spec: str = "w4a4", **options):
 
     lac.reconstruct_ = hooked
     try:
-        return purify(load_model("resnet20", path), DATA, method=method, spec=spec, trigger=TRIGGER,
+        return purify(load_model("resnet20", path), _data(), method=method, spec=spec, trigger=TRIGGER,
                       arch="resnet20", **options)[1]
     finally:
         lac.reconstruct_ = reconstruct
 
 
 def widen(factor: float = 1.25) -> None:
-    def widened(qmodel, images):  # the ranges as calibrated, times `factor`
+    def widened(fp_model, qmodel, images):  # the ranges as calibrated, times `factor`
         with torch.no_grad():
             for value in _act_ranges(qmodel):
                 value.mul_(factor)
@@ -246,10 +268,10 @@ def squares(pairs: tuple = (("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "w8
     """The square scan (`scan.square_scan`, what `--search-triggers` falls back to) on attacked and clean models
     under w8a8 and w4a4: each class's best square, its held-out lift (nats), robust z and effect (lift over the
     clean gap's spread), and whether one class stands out."""
-    images = to_float(calibration_images(DATA, 1024, seed=0))
+    images = to_float(calibration_images(_data(), 1024, seed=0))
     for path, spec in pairs:
         fp = load_model("resnet20", path)
-        q = post_training_quantize(fp, spec, DATA, calib=1024)
+        q = post_training_quantize(fp, spec, _data(), calib=1024)
         with torch.no_grad():
             fp_preds = torch.cat([fp(part) for part in images.split(256)]).argmax(1)
         start = time.perf_counter()
@@ -288,7 +310,7 @@ def guided() -> None:
             ("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "lac", {"learn_act_range": True}),
             ("runs/resnet20-ft/model.pt", "lac", {}))
     for path, method, options in runs:
-        _, report = purify(load_model("resnet20", path), DATA, method=method, spec="w4a4", trigger=TRIGGER,
+        _, report = purify(load_model("resnet20", path), _data(), method=method, spec="w4a4", trigger=TRIGGER,
                            arch="resnet20", search_triggers=True, **options)
         print(f"{path}, {method} {options} --search-triggers (full test set):\n{report.summary()}", flush=True)
 
@@ -335,7 +357,7 @@ def learned() -> None:
             ("runs/attacks/pq-r20-w4-full-qat4/model.pt", "pqbackdoor-w4a4", "lac", {}),
             ("runs/resnet20-ft/model.pt", "w4a4", "lac", {}))
     for path, spec, method, options in runs:
-        _, report = purify(load_model("resnet20", path), DATA, method=method, spec=spec, trigger=TRIGGER,
+        _, report = purify(load_model("resnet20", path), _data(), method=method, spec=spec, trigger=TRIGGER,
                            arch="resnet20", learn_act_range=True, **options)
         print(f"{path}, {spec}, {method} with learned activation ranges (full test set):\n{report.table()}",
               flush=True)

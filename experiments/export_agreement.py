@@ -1,6 +1,12 @@
-"""Where the 8-bit ONNX files lose argmax agreement with PyTorch: the purified W8 ResNet-20 exported with each
-of export.onnx's two rewrites on or off, and the default file under onnxruntime's optimisation levels.
-Usage: python benchmarks/export_agreement.py [PURIFIED_DIR]   (after benchmarks/purify_r20.sh)"""
+"""An experiment, not part of the product: where the 8-bit ONNX files lose argmax agreement with PyTorch: the
+purified W8 ResNet-20 exported with each of export.onnx's two rewrites on or off, and the default file under
+onnxruntime's optimisation levels (BENCHMARKS.md, export).
+Usage: python experiments/export_agreement.py [PURIFIED_DIR]   (from the repository root, after
+benchmarks/purify_r20.sh)
+
+Public API (`qcbdefense`): load_dataset, load_purified, export_onnx, agreement. Internals it needs: export.ort.OrtModel
+and onnxruntime sessions (to run a file at a chosen optimisation level), qcbdefense.evaluate.predict and
+qcbdefense.data.to_float."""
 import sys
 import tempfile
 from pathlib import Path
@@ -9,11 +15,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.onnx import export_onnx
 from export.ort import OrtModel
-from qcbdefense.data import load_dataset, to_float
-from qcbdefense.defenses import load_purified
-from qcbdefense.evaluate import agreement, predict
+from qcbdefense import agreement, export_onnx, load_dataset, load_purified
+from qcbdefense.data import to_float
+from qcbdefense.evaluate import predict
 
 folder = sys.argv[1] if len(sys.argv) > 1 else "runs/purify/r20-pq-w8-lac"
 x = load_dataset("folder:../shared/datasets/cifar10-jpg.tar.gz").test_x
