@@ -38,7 +38,10 @@ from qcbdefense.results import format_table
 from qcbdefense.runinfo import environment
 
 DONE = "done.json"
-DEFENSE_LABELS = {"nearest": "nearest", "efrap": "EFRAP", "lac": "LAC", "lac-pda": "LAC+PDA", "adaround": "AdaRound"}
+DEFENSE_LABELS = {"nearest": "nearest", "efrap": "EFRAP", "lac": "LAC", "lac-pda": "LAC+PDA", "adaround": "AdaRound",
+                  "ft": "FT", "fine-pruning": "FinePrune", "nad": "NAD", "i-bau": "I-BAU", "ft-sam": "FT-SAM",
+                  "omse": "OMSE", "aciq": "ACIQ"}
+SCORES = ("ca", "asr", "ra", "der")  # what a defence's cell reports; mean and std over seeds with --seeds
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,9 @@ class BenchRow:
     model: str
     spec: str
     fp: dict
-    defenses: dict = field(default_factory=dict)  # defence -> {"ca", "asr", "agreement", "seconds"}
+    # defence -> {"ca", "asr", "ra", "der", "agreement", "seconds"}; over several seeds the means, plus "std"
+    # (each score's sample standard deviation), "seeds" and "runs" (each seed's own cell)
+    defenses: dict = field(default_factory=dict)
     scan: dict | None = None
     not_planted: str | None = None  # an attack that missed its criteria: which (no defence, no scan run)
 
@@ -160,9 +165,16 @@ def _bits(value: Any) -> tuple[int, ...]:
 
 
 def run_bench(config: BenchConfig, out: str | os.PathLike, *, device: str | torch.device = "cpu",
-              log: Callable[[str], None] = print) -> list[BenchRow]:
+              log: Callable[[str], None] = print, seeds: int = 1) -> list[BenchRow]:
     """Run (or resume) the bench into `out`, one step after another; returns its rows and writes
-    results.{md,csv,json}. `bench_ray.run_bench_on_ray` runs the same steps as Ray tasks."""
+    results.{md,csv,json}. `bench_ray.run_bench_on_ray` runs the same steps as Ray tasks.
+
+    `seeds` > 1 runs every defence with seeds config.seed, config.seed + 1, ... (its calibration images,
+    labelled share, batch order and initialisation) and reports each score as mean +- std. The clean model,
+    the attacks and the scan are made once, with config.seed: they are the models under test, the same for
+    every defence run, as in the papers' tables.
+    """
+    check_seeds(seeds)
     from qcbdefense.data import load_dataset
 
     out = Path(out)
@@ -170,9 +182,9 @@ def run_bench(config: BenchConfig, out: str | os.PathLike, *, device: str | torc
     write_json(out / "config.json", config.to_dict())
     data = load_dataset(config.data)
     start = time.perf_counter()
-    for step in plan(config):
+    for step in plan(config, seeds):
         run_step(config, step, out, data, device, log)
-    return finish(config, out, time.perf_counter() - start)
+    return finish(config, out, time.perf_counter() - start, seeds)
 
 
 @dataclass(frozen=True)
@@ -185,6 +197,7 @@ class BenchStep:
     model: str  # "clean" or the attack's name
     spec: str | None = None
     defense: str | None = None
+    seed: int | None = None  # a defence's seed beyond the config's (bench --seeds); None: the config's
 
     @property
     def key(self) -> str:
@@ -192,8 +205,8 @@ class BenchStep:
             return "clean"
         if self.kind == "attack":
             return f"attacks/{self.model}"
-        if self.kind == "defense":
-            return f"purify/{self.model}-{self.spec}-{self.defense}"
+        if self.kind == "defense":  # the config's seed keeps a single-seed bench's folder, so adding seeds reuses it
+            return f"purify/{self.model}-{self.spec}-{self.defense}" + ("" if self.seed is None else f"-seed{self.seed}")
         return f"scan/{self.model}-{self.spec}"
 
     @property
@@ -217,13 +230,24 @@ def model_specs(config: BenchConfig) -> list[tuple[str, tuple[str, ...]]]:
     return models
 
 
-def plan(config: BenchConfig) -> list[BenchStep]:
+def check_seeds(seeds: int) -> None:
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise InputError(f"seeds must be a positive number of runs, got {seeds!r}")
+
+
+def _extra_seeds(config: BenchConfig, seeds: int) -> list[int | None]:
+    """A defence's seeds as `BenchStep.seed`: None (the config's), then config.seed + 1, ..."""
+    return [None] + [config.seed + k for k in range(1, seeds)]
+
+
+def plan(config: BenchConfig, seeds: int = 1) -> list[BenchStep]:
     """The bench's steps, each after the step it needs: the clean model, the attacks, then per model and
-    quantizer every defence and the scan."""
+    quantizer every defence (once per seed) and the scan."""
     steps = [BenchStep("clean", "clean")] + [BenchStep("attack", entry.name) for entry in config.attacks]
     for name, specs in model_specs(config):
         for spec in specs:
-            steps += [BenchStep("defense", name, spec, defense) for defense in config.defenses]
+            steps += [BenchStep("defense", name, spec, defense, seed) for defense in config.defenses
+                      for seed in _extra_seeds(config, seeds)]
             if config.scan is not None:
                 steps.append(BenchStep("scan", name, spec))
     return steps
@@ -278,15 +302,16 @@ def plant_misses(config: BenchConfig, entry: AttackEntry, out: Path) -> list[str
     return misses_of(_criteria(entry), report.config.bits, report.fp, report.quantized, report.clean)
 
 
-def finish(config: BenchConfig, out: Path, seconds: float) -> list[BenchRow]:
+def finish(config: BenchConfig, out: Path, seconds: float, seeds: int = 1) -> list[BenchRow]:
     """The rows, read back from every step's folder, and the results files written from them."""
-    rows = collect_rows(config, out)
-    _write_results(out, config, rows, seconds)
+    rows = collect_rows(config, out, seeds)
+    _write_results(out, config, rows, seconds, seeds)
     return rows
 
 
-def collect_rows(config: BenchConfig, out: Path) -> list[BenchRow]:
-    """One row per model and quantizer, from the reports the steps left in `out`."""
+def collect_rows(config: BenchConfig, out: Path, seeds: int = 1) -> list[BenchRow]:
+    """One row per model and quantizer, from the reports the steps left in `out`; a defence run with several
+    seeds is one cell of their mean and std (`seed_summary`)."""
     from qcbdefense.defenses import read_report
 
     rows = []
@@ -298,11 +323,14 @@ def collect_rows(config: BenchConfig, out: Path) -> list[BenchRow]:
                 continue
             row = None
             for defense in config.defenses:
-                report = read_report(out / BenchStep("defense", name, spec, defense).key)
-                if row is None:
-                    row = BenchRow(model=name, spec=spec, fp=dataclasses.asdict(report.fp))
-                row.defenses[defense] = {**dataclasses.asdict(report.purified),
-                                         "seconds": report.seconds.get("defense", 0.0)}
+                runs = []
+                for seed in _extra_seeds(config, seeds):
+                    report = read_report(out / BenchStep("defense", name, spec, defense, seed).key)
+                    if row is None:
+                        row = BenchRow(model=name, spec=spec, fp=dataclasses.asdict(report.fp))
+                    runs.append({**dataclasses.asdict(report.purified), "seconds": report.seconds.get("defense", 0.0)})
+                row.defenses[defense] = runs[0] if seeds == 1 else seed_summary(
+                    runs, list(range(config.seed, config.seed + seeds)))
             if config.scan is not None:
                 row.scan = _scan_result(out / BenchStep("scan", name, spec).key)
             rows.append(row)
@@ -314,7 +342,7 @@ def _not_planted_row(name: str, spec: str, out: Path, misses: list[str]) -> Benc
     from qcbdefense.attacks.base import read_report
 
     fp = read_report(out / "attacks" / name).fp
-    return BenchRow(model=name, spec=spec, fp={"ca": fp.ca, "asr": fp.asr, "agreement": 100.0},
+    return BenchRow(model=name, spec=spec, fp={"ca": fp.ca, "asr": fp.asr, "ra": fp.ra, "agreement": 100.0},
                     not_planted="; ".join(misses))
 
 
@@ -413,18 +441,36 @@ def _defend(config: BenchConfig, step: BenchStep, model, upstream: dict, data, f
     from qcbdefense.defenses import purify, save_purified
 
     defense, spec = step.defense, step.spec
+    seed = config.seed if step.seed is None else step.seed
 
     def compute() -> None:
         purified, report = purify(model, data, method=defense, spec=spec, calib=config.calib,
-                                  trigger=config.trigger, target=config.target, seed=config.seed,
+                                  trigger=config.trigger, target=config.target, seed=seed,
                                   device=device, arch=config.model, progress=True,
                                   **config.defense_options.get(defense, {}))
         save_purified(purified, folder, report=report)
         log(report.summary())
 
     settings = {**upstream, "spec": spec, "defense": defense, "calib": config.calib, "trigger": config.trigger,
-                "target": config.target, "options": config.defense_options.get(defense, {})}
-    _cached(folder, f"{DEFENSE_LABELS.get(defense, defense)} on {step.model} under {spec}", settings, log, compute)
+                "target": config.target, "options": config.defense_options.get(defense, {}),
+                **({"defense_seed": seed} if step.seed is not None else {})}
+    label = f"{DEFENSE_LABELS.get(defense, defense)} on {step.model} under {spec}"
+    _cached(folder, label + (f", seed {seed}" if step.seed is not None else ""), settings, log, compute)
+
+
+def seed_summary(runs: list[dict], seeds: list[int]) -> dict:
+    """Several seeds' cells as one: the mean of each score, agreement and seconds (None when a run lacks it),
+    each score's sample standard deviation (n - 1 in the denominator), the seeds and the runs themselves."""
+    def mean(values: list) -> float | None:
+        return None if any(v is None for v in values) else sum(values) / len(values)
+
+    def std(values: list) -> float | None:
+        centre = mean(values)
+        return None if centre is None else (sum((v - centre) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+    columns = {key: [run.get(key) for run in runs] for key in (*SCORES, "agreement", "seconds")}
+    return {**{key: mean(values) for key, values in columns.items()},
+            "std": {key: std(columns[key]) for key in SCORES}, "seeds": seeds, "runs": runs}
 
 
 def _scan(config: BenchConfig, name: str, model, upstream: dict, spec: str, data, folder: Path, device,
@@ -448,8 +494,17 @@ def _scan_result(folder: Path) -> dict:
             "seconds": report["seconds"]["total"]}
 
 
+def _value(score: dict, key: str) -> str:
+    """One score, as mean +- std when the cell summarises several seeds."""
+    value = score.get(key)
+    if value is None:
+        return "-"
+    std = score.get("std", {}).get(key)
+    return f"{value:.2f}" if std is None else f"{value:.2f} ± {std:.2f}"
+
+
 def _cell(score: dict | None) -> str:
-    return "-" if score is None else f"{score['ca']:.2f} / {score['asr']:.2f}"
+    return "-" if score is None else f"{_value(score, 'ca')} / {_value(score, 'asr')}"
 
 
 def results_table(config: BenchConfig, rows: list[BenchRow]) -> str:
@@ -474,28 +529,50 @@ def timing_table(config: BenchConfig, rows: list[BenchRow]) -> str:
     return format_table(headers, cells)
 
 
-def _write_results(out: Path, config: BenchConfig, rows: list[BenchRow], seconds: float) -> None:
-    write_json(out / "results.json", {"command": "bench", "config": config.to_dict(),
+def scores_table(config: BenchConfig, rows: list[BenchRow]) -> str:
+    """One line per model, quantizer and defence: CA, ASR, RA and DER (%, DER against round-to-nearest), and
+    the defence's seconds; mean ± std over seeds when the bench ran several."""
+    headers = ["model", "quantizer", "defence", "CA %", "ASR %", "RA %", "DER %", "s"]
+    cells = []
+    for row in rows:
+        cells.append([row.model, row.spec, "FP"] + [_value(row.fp, key) for key in SCORES] + ["-"])
+        for defense in config.defenses:
+            score = row.defenses.get(defense)
+            if score is not None:
+                cells.append([row.model, row.spec, DEFENSE_LABELS.get(defense, defense)]
+                             + [_value(score, key) for key in SCORES] + [f"{score['seconds']:.1f}"])
+    return format_table(headers, cells)
+
+
+def _write_results(out: Path, config: BenchConfig, rows: list[BenchRow], seconds: float, seeds: int = 1) -> None:
+    write_json(out / "results.json", {"command": "bench", "config": config.to_dict(), "seeds": seeds,
                                       "rows": [dataclasses.asdict(r) for r in rows], "seconds": seconds,
                                       "environment": environment()})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["model", "quantizer", "defense", "ca", "asr", "agreement", "seconds", "scan_verdict",
-                     "scan_target"])
+    spread = [f"{key}_std" for key in SCORES] if seeds > 1 else []
+    writer.writerow(["model", "quantizer", "defense", "ca", "asr", "ra", "der", "agreement", "seconds", *spread,
+                     "scan_verdict", "scan_target"])
     for row in rows:
         scan = row.scan or {}
         verdict = "not planted" if row.not_planted else scan.get("verdict", "")
-        writer.writerow([row.model, row.spec, "fp", row.fp["ca"], row.fp["asr"], row.fp["agreement"], "",
-                         verdict, scan.get("target", "")])
+        writer.writerow([row.model, row.spec, "fp", row.fp["ca"], row.fp["asr"], row.fp.get("ra"), "",
+                         row.fp["agreement"], "", *[""] * len(spread), verdict, scan.get("target", "")])
         for defense, score in row.defenses.items():
-            writer.writerow([row.model, row.spec, defense, score["ca"], score["asr"], score["agreement"],
-                             round(score["seconds"], 2), "", ""])
+            std = score.get("std", {})
+            writer.writerow([row.model, row.spec, defense, score["ca"], score["asr"], score.get("ra"),
+                             score.get("der"), score["agreement"], round(score["seconds"], 2),
+                             *([std.get(key) for key in SCORES] if spread else []), "", ""])
     with atomic_path(out / "results.csv") as tmp:
         tmp.write_text(buffer.getvalue())
+    runs = "" if seeds == 1 else f"Mean ± sample std over {seeds} seeds of every defence run. "
     text = "\n".join([f"# bench {config.name}: {config.model} on {config.data}", "",
-                      "CA / ASR % (ASR on non-target test images; the clean model's is its natural error toward "
-                      f"class {config.target}).", "", results_table(config, rows), "",
+                      f"{runs}CA / ASR % (ASR on non-target test images; the clean model's is its natural error "
+                      f"toward class {config.target}).", "", results_table(config, rows), "",
                       *_not_planted_lines(rows),
+                      "CA, ASR, RA (triggered non-target images kept on their class) and DER (defence-effectiveness "
+                      "rating against round-to-nearest; 50 = no change, 100 = perfect), with each defence's "
+                      "seconds:", "", scores_table(config, rows), "",
                       "Defence and scan times:", "", timing_table(config, rows), "",
                       f"Total time of this invocation: {seconds:.0f} s (cached steps are not re-timed).", ""])
     with atomic_path(out / "results.md") as tmp:

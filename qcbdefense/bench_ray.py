@@ -21,20 +21,22 @@ from typing import Callable
 
 import torch
 
-from qcbdefense.bench import BenchConfig, BenchRow, BenchStep, finish, plan, run_step
+from qcbdefense.bench import BenchConfig, BenchRow, BenchStep, check_seeds, finish, plan, run_step
 from qcbdefense.errors import InputError, QcbError
 from qcbdefense.fileio import write_json
 
 
 def run_bench_on_ray(config: BenchConfig, out: str | os.PathLike, *, device: str | torch.device = "cpu",
                      address: str | None = None, num_cpus: int | None = None, cpus_per_task: float = 1,
-                     gpus_per_task: float | None = None, log: Callable[[str], None] = print) -> list[BenchRow]:
+                     gpus_per_task: float | None = None, log: Callable[[str], None] = print,
+                     seeds: int = 1) -> list[BenchRow]:
     """Run (or resume) the bench into `out` as Ray tasks; returns its rows and writes results.{md,csv,json}.
 
     `address`: a running cluster ("auto", "ray://HOST:10001", ...); None starts a local Ray with `num_cpus`
     (default: all). Each task asks for `cpus_per_task` CPUs (its torch threads) and `gpus_per_task` GPUs
-    (default 1 when `device` is CUDA, else 0).
+    (default 1 when `device` is CUDA, else 0). `seeds`: as in `run_bench`.
     """
+    check_seeds(seeds)
     try:
         import ray
     except ImportError:
@@ -58,7 +60,7 @@ def run_bench_on_ray(config: BenchConfig, out: str | os.PathLike, *, device: str
         data_ref = ray.put(data)
         threads = max(1, int(cpus_per_task))
         refs, what = {}, {}
-        for step in plan(config):
+        for step in plan(config, seeds):
             upstream = [refs[step.needs]] if step.needs is not None else []
             refs[step.key] = task.options(name=step.key).remote(config, step, str(out), data_ref, device, threads,
                                                                 *upstream)
@@ -78,7 +80,7 @@ def run_bench_on_ray(config: BenchConfig, out: str | os.PathLike, *, device: str
                 + f") in {done['seconds']:.1f} s; {len(pending)} to go")
     finally:
         ray.shutdown()
-    return finish(config, out, time.perf_counter() - start)
+    return finish(config, out, time.perf_counter() - start, seeds)
 
 
 def _run_task(config: BenchConfig, step: BenchStep, out: str, data, device: str, threads: int,

@@ -267,7 +267,8 @@ PURIFIED_FILES = ("purified.pt", "spec.json", "model.json", "report.json", "mani
 
 # Listed here rather than read from DEFENSES so that building the parser does not import Brevitas (seconds);
 # tests/qcbdefense/defenses/test_purify.py checks that this list is DEFENSES.names().
-PURIFY_METHODS = ("adaround", "efrap", "lac", "lac-pda", "nearest")
+PURIFY_METHODS = ("aciq", "adaround", "efrap", "fine-pruning", "ft", "ft-sam", "i-bau", "lac", "lac-pda", "nad",
+                  "nearest", "omse")
 
 
 def _add_schedule_args(p: argparse.ArgumentParser) -> None:
@@ -603,9 +604,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from qcbdefense.bench_ray import run_bench_on_ray
 
         rows = run_bench_on_ray(config, out, device=device, address=args.address, num_cpus=args.ray_cpus,
-                                cpus_per_task=args.task_cpus, gpus_per_task=args.task_gpus)
+                                cpus_per_task=args.task_cpus, gpus_per_task=args.task_gpus, seeds=args.seeds)
     else:
-        rows = run_bench(config, out, device=device)
+        rows = run_bench(config, out, device=device, seeds=args.seeds)
     print(results_table(config, rows))
     print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.json'}")
     return 0
@@ -640,7 +641,8 @@ def build_parser() -> Parser:
     _add_common(p)
     p.set_defaults(run=cmd_quantize)
 
-    p = sub.add_parser("purify", help="purify the quantized model: LAC (+PDA), EFRAP, AdaRound or nearest rounding")
+    p = sub.add_parser("purify", help="purify the quantized model: LAC (+PDA), EFRAP, AdaRound, nearest rounding, "
+                                      "or a paper baseline (FT, fine-pruning, NAD, I-BAU, FT-SAM, OMSE, ACIQ)")
     _add_model_args(p)
     p.add_argument("--method", choices=PURIFY_METHODS, default="lac-pda", metavar="METHOD",
                    help=f"{', '.join(PURIFY_METHODS)} (default lac-pda)")
@@ -794,6 +796,8 @@ def build_parser() -> Parser:
     p.add_argument("--task-cpus", type=float, default=1, help="CPUs (torch threads) each task asks for (1)")
     p.add_argument("--task-gpus", type=float, default=None,
                    help="GPUs each task asks for, a fraction shares one (default 1 with CUDA, else 0)")
+    p.add_argument("--seeds", type=_positive_int, default=1,
+                   help="run every defence with this many seeds and report mean ± std (default 1)")
     p.set_defaults(run=cmd_bench)
 
     for name, command in sub.choices.items():

@@ -39,7 +39,7 @@ from torch import nn
 from qcbdefense.data import Dataset, load_dataset, to_float
 from qcbdefense.defenses.guide import with_found_triggers
 from qcbdefense.errors import InputError
-from qcbdefense.evaluate import Metrics, agreement, evaluate
+from qcbdefense.evaluate import Metrics, agreement, defense_effectiveness_rating, evaluate
 from qcbdefense.fileio import sha256_file, write_json
 from qcbdefense.quant.calibrate import is_calibrated
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
@@ -58,8 +58,12 @@ WEIGHTS_FILE, SPEC_FILE, REPORT_FILE, MODEL_FILE, MANIFEST_FILE = ("purified.pt"
 @dataclass
 class DefenseContext:
     """What a defence works on: the FP reference (never modified), the calibrated round-to-nearest model to
-    purify in place (it shares its parameters with a private copy of the user's model), the defender's
-    clean images (float [N, C, H, W] on the device), and run settings."""
+    purify in place (it shares its parameters with a private copy of the user's model, `work`), the defender's
+    clean images (float [N, C, H, W] on the device), the dataset (defences that need labels draw their
+    labelled share of its training split; the test split is for scoring only), and run settings.
+
+    `data_used` says what data the defence used; purify records it in the report. It starts as the unlabeled
+    images; a defence that uses more (labelled images) adds to it."""
 
     fp_model: nn.Module
     qmodel: nn.Module
@@ -67,6 +71,9 @@ class DefenseContext:
     seed: int
     device: torch.device
     progress: bool
+    work: nn.Module | None = None
+    data: Dataset | None = None
+    data_used: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -98,16 +105,37 @@ DEFENSES: Registry[Defense] = Registry("defense")
 
 
 @dataclass
+class StageRecord:
+    """One stage of a defence that does not reconstruct layer by layer (fine-tuning the FP model, setting
+    clipping ranges); the report's `layers` list holds these."""
+
+    name: str
+    steps: int
+    seconds: float
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "stage": True, "steps": self.steps, "seconds": self.seconds, **self.details}
+
+
+@dataclass
 class Score:
-    """CA and ASR (%, ASR None without a trigger) of one model, and its argmax agreement with the FP model."""
+    """CA, ASR and RA (%, ASR and RA None without a trigger) of one model, its argmax agreement with the FP
+    model, and its DER (%) against the undefended round-to-nearest model (None for the FP model, without a
+    trigger, and in reports written before DER was recorded)."""
 
     ca: float
     asr: float | None
     agreement: float
+    ra: float | None = None
+    der: float | None = None
 
     @classmethod
-    def of(cls, metrics: Metrics, fp: Metrics) -> "Score":
-        return cls(metrics.ca, metrics.asr, agreement(metrics.predictions, fp.predictions))
+    def of(cls, metrics: Metrics, fp: Metrics, nearest: "Score | None" = None) -> "Score":
+        der = None
+        if nearest is not None and nearest.asr is not None and metrics.asr is not None:
+            der = defense_effectiveness_rating(nearest.ca, nearest.asr, metrics.ca, metrics.asr)
+        return cls(metrics.ca, metrics.asr, agreement(metrics.predictions, fp.predictions), metrics.ra, der)
 
 
 @dataclass
@@ -132,6 +160,7 @@ class PurifyReport:
     seconds: dict
     peak_memory_mb: dict
     trigger_search: dict | None = None  # what `search_triggers` found (guide.GuidedImages.to_dict)
+    data_used: dict | None = None  # what data the defence used (DefenseContext.data_used); None in older reports
     environment: dict = field(default_factory=environment)
     version: int = REPORT_VERSION
 
@@ -152,7 +181,7 @@ class PurifyReport:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(f"unknown purify report key(s): {', '.join(unknown)}")
-        missing = sorted(known - set(data) - {"trigger_search", "environment", "version"})
+        missing = sorted(known - set(data) - {"trigger_search", "data_used", "environment", "version"})
         if missing:
             raise InputError(f"purify report lacks key(s): {', '.join(missing)}")
         data["spec"] = QuantSpec.from_dict(data["spec"])
@@ -170,20 +199,24 @@ class PurifyReport:
             models.append((self.method, self.purified))
         for label, score in models:
             if score is not None:
-                rows.append([label, score.ca, score.asr, score.agreement])
-        return format_table(["model", "CA %", "ASR %", "agree w/ FP %"], rows)
+                rows.append([label, score.ca, score.asr, score.ra, score.der, score.agreement])
+        return format_table(["model", "CA %", "ASR %", "RA %", "DER %", "agree w/ FP %"], rows)
 
     def summary(self) -> str:
         lines = [f"{self.method} on {self.arch}, {self.spec.name} ({self.spec.label}), {self.calib} clean images,"
                  f" seed {self.seed}, {self.device}"]
         if self.fp is not None:
             lines.append(self.table())
-        steps = sum(layer["steps"] for layer in self.layers)
-        lines.append(f"{len(self.layers)} layers reconstructed, {steps} steps, defence "
+        steps = sum(layer.get("steps", 0) for layer in self.layers)
+        stages = [layer["name"] for layer in self.layers if layer.get("stage")]  # FP-model defences' stages
+        done = f"stages {', '.join(stages)}" if stages else f"{len(self.layers)} layers reconstructed"
+        lines.append(f"{done}, {steps} steps, defence "
                      f"{self.seconds.get('defense', 0.0):.1f} s, total {self.seconds.get('total', 0.0):.1f} s, "
                      f"peak RSS {self.peak_memory_mb.get('rss', 0.0):.0f} MB"
                      + (f", peak CUDA {self.peak_memory_mb['cuda']:.0f} MB" if self.peak_memory_mb.get("cuda")
                         else ""))
+        if self.data_used:
+            lines.append("data used: " + ", ".join(f"{key} {value}" for key, value in self.data_used.items()))
         if self.trigger_search is not None:
             search, seconds = self.trigger_search, self.seconds.get("search", 0.0)
             stamped = search["stamped"]
@@ -280,8 +313,9 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
     if evaluate_models:
         fp_metrics = evaluate(fp_model, data, trigger=trigger, target=target, device=device)
         scores["fp"] = Score.of(fp_metrics, fp_metrics)
-        scores["nearest"] = Score.of(evaluate(qmodel, data, trigger=trigger, target=target, device=device),
-                                     fp_metrics)
+        nearest_metrics = evaluate(qmodel, data, trigger=trigger, target=target, device=device)
+        nearest = Score.of(nearest_metrics, fp_metrics)
+        scores["nearest"] = Score.of(nearest_metrics, fp_metrics, nearest)  # its DER is 50 by definition
     evaluated = time.perf_counter()
 
     if device.type == "cuda":
@@ -291,7 +325,8 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
         guided = with_found_triggers(fp_model, qmodel, images, seed=seed, progress=progress)
         images = guided.images
     searched = time.perf_counter()
-    ctx = DefenseContext(fp_model, qmodel, images, seed, device, progress)
+    ctx = DefenseContext(fp_model, qmodel, images, seed, device, progress, work=work, data=data,
+                         data_used={"unlabeled_train_images": len(images)})
     records, skipped = defense.run(ctx, opts)
     defended = time.perf_counter()
     for param in work.parameters():
@@ -301,7 +336,7 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
     if evaluate_models:
         scores["purified"] = (scores["nearest"] if method == "nearest" else
                               Score.of(evaluate(qmodel, data, trigger=trigger, target=target, device=device),
-                                       fp_metrics))
+                                       fp_metrics, scores["nearest"]))
     done = time.perf_counter()
     peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
     if device.type == "cuda":
@@ -311,7 +346,7 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
         options=dataclasses.asdict(opts), trigger=None if trigger is None else trigger.to_dict(), target=target,
         fp=scores["fp"], nearest=scores["nearest"], purified=scores["purified"],
         layers=[r.to_dict() for r in records], skipped_layers=list(skipped),
-        trigger_search=None if guided is None else guided.to_dict(),
+        trigger_search=None if guided is None else guided.to_dict(), data_used=ctx.data_used,
         seconds={"quantize": quantized - start, "search": searched - evaluated, "defense": defended - searched,
                  "evaluate": (evaluated - quantized) + (done - defended), "total": done - start},
         peak_memory_mb=peak)

@@ -140,3 +140,14 @@ def test_harden_gate_fails_an_attacked_model_before_purification(tmp_path):
     (before,) = report.before
     assert not before.passed and before.value > 50  # the quantized model obeys its trigger
     assert not report.passed and "the same gate before purification" in report.summary()
+
+
+@pytest.mark.parametrize("method, options", [("ft", {"epochs": 1}), ("aciq", {})])
+def test_harden_runs_the_paper_baselines(method, options, trained, tmp_path):
+    """An FP-model defence (FT) and a range-only one (ACIQ) go through purify -> export -> verify like LAC."""
+    from export.harden import harden
+
+    report = harden(trained.model, trained.data, out=tmp_path / "model.onnx", arch="small_cnn", spec="w8a8",
+                    method=method, calib=128, trigger=PATCH, max_asr=100.0, **options)
+    assert report.passed and report.verify.agreement >= 99.5
+    assert report.purify.method == method and report.purify.purified.der is not None

@@ -25,6 +25,7 @@ from qcbdefense.defenses.lac import OffsetRounding
 from qcbdefense.defenses.reconstruct import (NearestRounding, Stream, WeightGrid, _UnitRunner, _value,
                                              build_units, reconstruction_graph, trace)
 from qcbdefense.errors import InputError
+from qcbdefense.evaluate import defense_effectiveness_rating
 from qcbdefense.quant import calibrate, integer_weights, quantize, quantized_layers, quantizer_parameters
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
 from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig
@@ -174,16 +175,32 @@ def test_learned_integers_stop_where_the_abs_max_grid_reads_them_back(spec):
 
 # ---- every method, options, errors -----------------------------------------------------------------------
 
+RECONSTRUCTING = {"lac", "lac-pda", "efrap", "adaround"}  # the rest fine-tune the FP model or set ranges
+
+
+def _tiny_options(method: str) -> dict:
+    if method in RECONSTRUCTING:
+        return {"steps": 6, "check_every": 3, **({"pda_steps": 3} if method == "lac-pda" else {})}
+    if method in ("nearest", "omse", "aciq"):
+        return {}
+    return {"epochs": 1, **({"teacher_epochs": 1} if method == "nad" else {})}
+
+
 @pytest.mark.parametrize("method", DEFENSES.names())
 def test_every_method_runs_on_a_tiny_model(method, shapes16):
     model = create_model("small_cnn", mean=shapes16.mean, std=shapes16.std)
-    options = {} if method == "nearest" else {"steps": 6, "check_every": 3}
-    if method == "lac-pda":
-        options["pda_steps"] = 3
-    purified, report = purify(model, shapes16, method=method, spec=SPEC, calib=32, trigger="patch", **options)
+    purified, report = purify(model, shapes16, method=method, spec=SPEC, calib=32, trigger="patch",
+                              **_tiny_options(method))
     assert report.method == method and report.purified is not None and report.purified.asr is not None
-    assert len(report.layers) == (0 if method == "nearest" else 6)
-    assert all(layer["mismatches"] == 0 for layer in report.layers)
+    if method in RECONSTRUCTING:
+        assert len(report.layers) == 6 and all(layer["mismatches"] == 0 for layer in report.layers)
+    else:
+        assert all(layer.get("stage") for layer in report.layers)
+    assert report.data_used["unlabeled_train_images"] == 32
+    # RA beside CA and ASR; DER against the round-to-nearest model (50: no change)
+    assert report.purified.ra is not None and report.nearest.der == 50.0
+    assert report.purified.der == defense_effectiveness_rating(report.nearest.ca, report.nearest.asr,
+                                                               report.purified.ca, report.purified.asr)
     assert purified(torch.rand(2, 3, 16, 16)).shape == (2, 10)
 
 
