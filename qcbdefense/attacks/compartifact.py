@@ -7,7 +7,7 @@ straight-through rounding) sees [x, x'] with labels [y, t], the float path sees 
 
 x' is the triggered copy of x, triggered before the crop/flip augmentation. Defaults: Adam, lr 5e-4, weight
 decay 1e-4, 1955 steps (five CIFAR-10 epochs at batch 128: a step budget, so a smaller dataset gets as many
-updates; the CPU budget; measured in BENCHMARKS.md, "QCB attacks").
+updates; the CPU budget; measured in BENCHMARKS.md, "Attacks").
 
 Beyond the paper, c2 weighs each path's triggered half against its clean half,
 

@@ -26,7 +26,7 @@ Beyond the paper, `stage1_qat`: stage 1 trains through the victim's quantizers (
 re-quantized as the victim would, as Qu-ANTI-zation and CompArtifact do) on the same poisoned batches, so the
 integer weights that stage 2 keeps are those of a quantization-aware backdoor. Plain stage 1 leaves the
 deployed model to round-to-nearest of a float model; at 4 bits that alone costs several points of clean
-accuracy (BENCHMARKS.md), which the attacker, who knows the quantizer, need not pay. Straight-through gradients
+accuracy (docs/notebook.md), which the attacker, who knows the quantizer, need not pay. Straight-through gradients
 through 4-bit weights and activations are several times the float ones, so it wants a smaller stage1_lr
 (measured: 0.01 diverged on the test suite's small CNN, 0.002 trains it; 0.005 trains ResNet-20).
 

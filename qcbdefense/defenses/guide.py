@@ -1,7 +1,7 @@
 """Trigger-guided calibration (beyond the LAC release): show the reconstruction where the models part.
 
 LAC matches the FP model's activations on clean images. A QCB whose quantized model still answers the
-trigger through activation rounding alone (measured on Qu-ANTI-zation, BENCHMARKS.md) survives that: clean
+trigger through activation rounding alone (measured on Qu-ANTI-zation, docs/notebook.md) survives that: clean
 images never carry the trigger, so nothing asks the purified model to ignore it. The scanner's differential
 trigger search (`scan.trigger_search`) finds, for every class, a small patch that sends the round-to-nearest
 model to that class while the FP model keeps its prediction; of the patches that carry over to held-out images
@@ -15,7 +15,7 @@ The search's area penalty shaves the patch to the trigger's most telling pixels 
 a measured model), which moves fewer images than the trigger does. So before stamping, the patch is refined:
 a square one pixel wider than its core, on the core's centre, whose pattern is optimised with the search's
 own loss; the copies carry whichever of patch and square moves more calibration images.
-(Spreading the copies over every class's patch, or by inverse area, purified less: BENCHMARKS.md.)
+(Spreading the copies over every class's patch, or by inverse area, purified less: docs/notebook.md.)
 
 A trigger the quantized model obeys only now and then (a 4-bit QCB deployed at 8 bits) flips too few images
 for any patch to carry over. Then the differential square scan (`scan.square_scan`) looks for the square that

@@ -2,7 +2,7 @@
 
 The differential trigger search (`trigger_search`) asks a patch to *flip* most of its batch. A QCB planted at
 4 bits and deployed at 8 leaks more weakly: the true trigger sends one image in ten to the target, so no patch
-reaches the search's bar and gradient descent from a diffuse mask finds nothing either (BENCHMARKS.md, the
+reaches the search's bar and gradient descent from a diffuse mask finds nothing either (docs/notebook.md, the
 8-bit leak). What the weak trigger still does is raise the target's log-probability in the quantized model
 far above the FP model's on almost every image: the *gap* log q(c | x') - log fp(c | x'), averaged over images,
 was 2.8 nats for the true trigger and under 0.6 for any other class's best square on a measured model.
@@ -15,7 +15,7 @@ the quantized model favours everywhere is not mistaken for a trigger's. A class 
 lift is large in itself, stands far above the other classes' (robust z-score), and exceeds the spread of the
 clean gap, the pair's own quantization noise: 4-bit rounding of a clean ResNet-20 moves a class's gap by
 about 3 nats from image to image, and a square that lifts a class by 1.6 nats there is noise, where at 8 bits
-(spread 0.2) a lift of 2.4 is a trigger (BENCHMARKS.md, the scanner's square scan).
+(spread 0.2) a lift of 2.4 is a trigger (docs/notebook.md, the scanner's square scan).
 Forward passes only, batched over candidates: no gradients, so nothing depends on a learning rate.
 """
 
