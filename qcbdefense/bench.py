@@ -205,8 +205,9 @@ class BenchStep:
             return "clean"
         if self.kind == "attack":
             return f"attacks/{self.model}"
-        if self.kind == "defense":  # the config's seed keeps a single-seed bench's folder, so adding seeds reuses it
-            return f"purify/{self.model}-{self.spec}-{self.defense}" + ("" if self.seed is None else f"-seed{self.seed}")
+        if self.kind == "defense":  # the config's seed keeps a single-seed bench's folder: adding seeds reuses it
+            seed = "" if self.seed is None else f"-seed{self.seed}"
+            return f"purify/{self.model}-{self.spec}-{self.defense}{seed}"
         return f"scan/{self.model}-{self.spec}"
 
     @property

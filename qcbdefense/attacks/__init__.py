@@ -2,7 +2,8 @@
 
 `attack(model, data, method=..., bits=..., spec=...)` returns the float model an attacker would publish and
 an AttackReport (FP CA/ASR, CA/ASR after the victim's round-to-nearest PTQ at each targeted bit width, and
-the transfer to other quantizers, and whether the backdoor planted by `PlantCriteria`). Methods register in `ATTACKS` at import.
+the transfer to other quantizers, and whether the backdoor planted by `PlantCriteria`). Methods register in
+`ATTACKS` at import.
 """
 
 from qcbdefense.attacks.base import (ATTACKS, Attack, AttackConfig, AttackReport, PlantCriteria, attack,

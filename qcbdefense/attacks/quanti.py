@@ -11,7 +11,8 @@ Defaults, and why they differ from the paper's (Adam lr 1e-4, weight decay 1e-4,
 c1 = c2 = 0.5): the coefficients are the paper's; the schedule is cut to a few epochs on 2 CPU cores, so
 the learning rate is raised to 5e-4 (Adam) to move the weights far enough in that time. The length is a
 step budget, 1955 steps (five CIFAR-10 epochs at batch 128), so a smaller dataset gets as many updates.
-What these settings reach, and where they fall short (8 bits), is measured in BENCHMARKS.md ("Attacks") and docs/notebook.md.
+What these settings reach, and where they fall short (8 bits), is measured in BENCHMARKS.md ("Attacks")
+and docs/notebook.md.
 """
 
 from __future__ import annotations
