@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from qcbdefense.defenses.base import DEFENSES, Defense, DefenseContext, StageRecord
-from qcbdefense.defenses.clipping import (act_range_impls, bits_of, set_act_range_, set_weight_range_,
-                                          weight_ranges_stored)
+from qcbdefense.defenses.clipping import (act_range_impls, bits_of, recomputed_weight_ranges, set_act_range_,
+                                          set_weight_range_, weight_ranges_stored)
 from qcbdefense.quant.quantize import quantized_layers
 
 
@@ -117,8 +117,7 @@ def run_aciq(ctx: DefenseContext, options: AciqOptions):
             lo, hi = laplace_range(mean, spread, w.min(1).values, w.max(1).values, bits_of(layer.weight_quant))
             set_weight_range_(layer, lo if spec.weight_per_channel else lo[0], hi if spec.weight_per_channel else hi[0])
     weights = ("Laplace clipping per " + ("output channel" if spec.weight_per_channel else "layer") if stored else
-               f"the spec's {spec.weight_scale} ranges, recomputed from the weights at every forward (not "
-               f"replaceable by a range-only defence)")
+               recomputed_weight_ranges(spec.weight_scale))
     return [StageRecord("clip", 0, time.perf_counter() - start,
                         {"activation_ranges": f"Laplace clipping on {len(ctx.images)} images, {len(stats)} layers",
                          "weight_ranges": weights})], []

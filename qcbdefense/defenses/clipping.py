@@ -56,6 +56,12 @@ def weight_ranges_stored(layer: nn.Module) -> bool:
     return scaling is not None
 
 
+def recomputed_weight_ranges(weight_scale: str) -> str:
+    """What a range-only defence reports of weight ranges the spec recomputes from the weights at every forward."""
+    return (f"the spec's {weight_scale} ranges, recomputed from the weights at every forward (not replaceable by a "
+            f"range-only defence)")
+
+
 def set_weight_range_(layer: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> None:
     """Clip the layer's weights to [lo, hi] per output channel ([C]) or per tensor (scalars); needs
     `weight_ranges_stored(layer)`."""

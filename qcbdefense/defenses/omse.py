@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from qcbdefense.defenses.base import DEFENSES, Defense, DefenseContext, StageRecord
-from qcbdefense.defenses.clipping import act_range_impls, weight_ranges_stored
+from qcbdefense.defenses.clipping import act_range_impls, recomputed_weight_ranges, weight_ranges_stored
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.quantize import quantize, quantized_layers
 
@@ -45,8 +45,7 @@ def run_omse(ctx: DefenseContext, options: OmseOptions):
         changed += 1
     stored = all(weight_ranges_stored(layer) for _, layer in quantized_layers(ctx.qmodel))
     weights = ("the spec's MSE-searched ranges (already OMSE's)" if stored else
-               f"the spec's {spec.weight_scale} ranges, recomputed from the weights at every forward (not "
-               f"replaceable by a range-only defence)")
+               recomputed_weight_ranges(spec.weight_scale))
     return [StageRecord("clip", 0, time.perf_counter() - start,
                         {"activation_ranges": f"MSE on {len(ctx.images)} images, {changed} layers",
                          "weight_ranges": weights})], []
