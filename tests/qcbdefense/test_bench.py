@@ -30,6 +30,7 @@ def tiny_bench(tmp_path_factory):
     return folder, rows, lines
 
 
+@pytest.mark.slow  # the tiny bench trains a clean model and two attacks: several minutes on 2 cores
 def test_bench_writes_its_tables_and_resumes_from_its_cache(one_thread, tiny_bench):
     config = BenchConfig.from_dict(TINY)
     tmp_path, rows, lines = tiny_bench
@@ -129,6 +130,7 @@ def _without_timings(value):
     return value
 
 
+@pytest.mark.slow  # the tiny bench twice, sequentially and on Ray
 def test_bench_on_a_local_ray_gives_the_sequential_results(one_thread, tiny_bench, tmp_path):
     """The tiny bench sequentially and as Ray tasks on a local Ray with 2 CPUs: the same results files (every
     score, verdict and not-planted row; only wall times differ), and a Ray rerun on the sequential bench's folder
