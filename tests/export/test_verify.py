@@ -142,6 +142,7 @@ def test_harden_gate_fails_an_attacked_model_before_purification(tmp_path):
     assert not report.passed and "the same gate before purification" in report.summary()
 
 
+@pytest.mark.slow  # two more harden runs (about 45 s each on 2 cores); every method runs through purify by default
 @pytest.mark.parametrize("method, options", [("ft", {"epochs": 1}), ("aciq", {})])
 def test_harden_runs_the_paper_baselines(method, options, trained, tmp_path):
     """An FP-model defence (FT) and a range-only one (ACIQ) go through purify -> export -> verify like LAC."""
