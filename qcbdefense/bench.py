@@ -64,7 +64,8 @@ class BenchConfig:
     name: str
     model: str
     data: str
-    clean: dict  # "init": a checkpoint to start from (optional), the rest TrainConfig fields
+    clean: dict  # "init": a checkpoint to start from (optional), the rest TrainConfig fields; or only
+    # "checkpoint": the clean model as it is, no training
     attacks: tuple[AttackEntry, ...]
     clean_specs: tuple[str, ...] = ("w8a8", "w4a4")  # the clean model is purified and scanned under these
     defenses: tuple[str, ...] = ("nearest", "efrap", "lac", "lac-pda")
@@ -124,6 +125,9 @@ class BenchConfig:
         for attack in self.attacks:
             ATTACKS.get(attack.method)
             _criteria(attack)
+        if "checkpoint" in self.clean and len(self.clean) > 1:
+            raise InputError(f"bench {self.name}: clean: checkpoint is the clean model as it is; it takes no "
+                             f"training settings ({', '.join(sorted(set(self.clean) - {'checkpoint'}))})")
         if not self.defenses:
             raise InputError(f"bench {self.name}: no defences to run")
         for defense in self.defenses:
@@ -391,10 +395,17 @@ def _attack_settings(config: BenchConfig, entry: AttackEntry) -> dict:
 
 def _clean_model(config: BenchConfig, settings: dict, data, folder: Path, device, log) -> None:
     from models import create_model
-    from qcbdefense.checkpoints import load_model
-    from qcbdefense.train import train
+    from qcbdefense.checkpoints import load_model, save_model
+    from qcbdefense.train import MODEL_FILE, train
     from qcbdefense.training import STATE_FILE, TrainConfig
 
+    if "checkpoint" in config.clean:  # a pretrained model as it is; loading checks it fits the arch and the data
+        def copy() -> None:
+            model = load_model(config.model, config.clean["checkpoint"], num_classes=data.num_classes)
+            save_model(model, folder / MODEL_FILE)
+
+        _cached(folder, f"clean {config.model} (checkpoint)", settings, log, copy)
+        return
     train_fields = dict(config.clean)
     init = train_fields.pop("init", None)
     train_config = TrainConfig(**{"seed": config.seed, **train_fields})

@@ -108,10 +108,31 @@ def test_seeds_are_summarised_as_mean_and_sample_std():
     ({"attacks": [{"name": "clean", "method": "pqbackdoor", "bits": 4}]}, "unique"),
     ({"attacks": [{"name": "a", "method": "pqbackdoor", "bits": 4, "criteria": {"min_asr": 120}}]}, "percentage"),
     ({"attacks": [{"name": "a", "method": "pqbackdoor", "bits": 4, "criteria": {"asr": 90}}]}, "bad criteria"),
+    ({"clean": {"checkpoint": "clean.pt", "epochs": 2}}, r"takes no training settings \(epochs\)"),
 ])
 def test_bad_configs_are_refused_before_anything_runs(change, message):
     with pytest.raises(InputError, match=message):
         BenchConfig.from_dict({**TINY, **change})
+
+
+def test_a_clean_checkpoint_is_the_clean_model_as_it_is(one_thread, tmp_path):
+    """clean: {checkpoint: PATH} benches that checkpoint untrained; one for another class count is refused."""
+    import torch
+    from models import create_model
+    from qcbdefense.checkpoints import load_model, save_model
+
+    torch.manual_seed(0)
+    ckpt = save_model(create_model("small_cnn"), tmp_path / "clean.pt")
+    bench = {**TINY, "clean": {"checkpoint": str(ckpt)}, "attacks": [], "defenses": ["nearest"], "scan": None}
+    rows = run_bench(BenchConfig.from_dict(bench), tmp_path / "bench", log=lambda line: None)
+    assert [(r.model, r.spec, list(r.defenses)) for r in rows] == [("clean", "w8a8", ["nearest"])]
+    benched = load_model("small_cnn", tmp_path / "bench" / "clean" / "model.pt").state_dict()
+    assert all(torch.equal(value, benched[key]) for key, value in load_model("small_cnn", ckpt).state_dict().items())
+    other = save_model(create_model("small_cnn", num_classes=3), tmp_path / "three.pt")
+    with pytest.raises(InputError, match="three.pt"):
+        run_bench(BenchConfig.from_dict({**bench, "clean": {"checkpoint": str(other)}}), tmp_path / "other",
+                  log=lambda line: None)
+    assert not (tmp_path / "other" / "clean" / "done.json").exists()
 
 
 def test_bench_config_files_in_the_repo_are_valid():
