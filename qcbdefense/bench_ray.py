@@ -32,9 +32,10 @@ def run_bench_on_ray(config: BenchConfig, out: str | os.PathLike, *, device: str
                      seeds: int = 1) -> list[BenchRow]:
     """Run (or resume) the bench into `out` as Ray tasks; returns its rows and writes results.{md,csv,json}.
 
-    `address`: a running cluster ("auto", "ray://HOST:10001", ...); None starts a local Ray with `num_cpus`
-    (default: all). Each task asks for `cpus_per_task` CPUs (its torch threads) and `gpus_per_task` GPUs
-    (default 1 when `device` is CUDA, else 0). `seeds`: as in `run_bench`.
+    `address`: a running cluster ("auto": the one RAY_ADDRESS or `ray start` names; "ray://HOST:10001", ...);
+    None starts a local Ray of its own with `num_cpus` (default: all), whatever cluster is already running.
+    Each task asks for `cpus_per_task` CPUs (its torch threads) and `gpus_per_task` GPUs (default 1 when
+    `device` is CUDA, else 0). `seeds`: as in `run_bench`.
     """
     check_seeds(seeds)
     try:
@@ -53,8 +54,9 @@ def run_bench_on_ray(config: BenchConfig, out: str | os.PathLike, *, device: str
     write_json(out / "config.json", config.to_dict())
     data = load_dataset(config.data)  # decoded once here (the cache filled before any task reads it)
     start = time.perf_counter()
-    ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
-             configure_logging=False)
+    # Ray's own default (address None) joins RAY_ADDRESS's or `ray start`'s cluster, which refuses num_cpus
+    ray.init(address="local" if address is None else address, num_cpus=num_cpus if address is None else None,
+             include_dashboard=False, configure_logging=False)
     try:
         task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task)(_run_task)
         data_ref = ray.put(data)
