@@ -152,10 +152,10 @@ def _without_timings(value):
 
 
 @pytest.mark.slow  # the tiny bench twice, sequentially and on Ray
-def test_bench_on_a_local_ray_gives_the_sequential_results(one_thread, tiny_bench, tmp_path):
+def test_bench_on_a_local_ray_gives_the_sequential_results(one_thread, tiny_bench, tmp_path, monkeypatch):
     """The tiny bench sequentially and as Ray tasks on a local Ray with 2 CPUs: the same results files (every
     score, verdict and not-planted row; only wall times differ), and a Ray rerun on the sequential bench's folder
-    only reads its cache."""
+    only reads its cache, on a local Ray of its own even when RAY_ADDRESS names a cluster."""
     pytest.importorskip("ray")
     from qcbdefense.bench import results_table
     from qcbdefense.bench_ray import run_bench_on_ray
@@ -179,6 +179,7 @@ def test_bench_on_a_local_ray_gives_the_sequential_results(one_thread, tiny_benc
         (sequential / "results.md").read_text().split("Defence and scan times")[0]
 
     lines.clear()
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # no cluster there: joining it would fail
     run_bench_on_ray(config, sequential, num_cpus=2, log=lines.append)
     assert not any(line.startswith("[run]") for line in lines)
     assert sum(line.startswith("[cached]") for line in lines) == STEPS
