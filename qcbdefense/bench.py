@@ -34,6 +34,7 @@ import yaml
 
 from qcbdefense.errors import InputError
 from qcbdefense.fileio import atomic_path, write_json
+from qcbdefense.report import encode
 from qcbdefense.results import format_table
 from qcbdefense.runinfo import environment
 
@@ -293,13 +294,11 @@ def _load_step_model(config: BenchConfig, folder: Path):
 
 def plant_misses(config: BenchConfig, entry: AttackEntry, out: Path) -> list[str]:
     """The planted criteria (the entry's `criteria`, else the defaults) the attack's model misses, judged on
-    its report; empty when planted, or when its report predates the check."""
+    its report; empty when planted."""
     from qcbdefense.attacks.base import plant_misses as misses_of
     from qcbdefense.attacks.base import read_report
 
     report = read_report(out / "attacks" / entry.name)
-    if report.clean is None:
-        return []
     return misses_of(_criteria(entry), report.config.bits, report.fp, report.quantized, report.clean)
 
 
@@ -328,8 +327,8 @@ def collect_rows(config: BenchConfig, out: Path, seeds: int = 1) -> list[BenchRo
                 for seed in _extra_seeds(config, seeds):
                     report = read_report(out / BenchStep("defense", name, spec, defense, seed).key)
                     if row is None:
-                        row = BenchRow(model=name, spec=spec, fp=dataclasses.asdict(report.fp))
-                    runs.append({**dataclasses.asdict(report.purified), "seconds": report.seconds.get("defense", 0.0)})
+                        row = BenchRow(model=name, spec=spec, fp=encode(report.fp))
+                    runs.append({**encode(report.purified), "seconds": report.seconds.get("defense", 0.0)})
                 row.defenses[defense] = runs[0] if seeds == 1 else seed_summary(
                     runs, list(range(config.seed, config.seed + seeds)))
             if config.scan is not None:
