@@ -47,7 +47,7 @@ class Report:
         data: dict[str, Any] = {"version": self.VERSION}
         if self.COMMAND is not None:
             data["command"] = self.COMMAND
-        data.update(_fields_to_dict(self))
+        data.update(fields_to_dict(self))
         data.update({name: encode(getattr(self, name)) for name in self.DERIVED})
         return data
 
@@ -94,7 +94,7 @@ def encode(value: Any) -> Any:
     if hasattr(value, "to_dict") and not isinstance(value, type):
         return value.to_dict()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _fields_to_dict(value)
+        return fields_to_dict(value)
     if isinstance(value, (list, tuple)):
         return [encode(v) for v in value]
     if isinstance(value, dict):
@@ -102,7 +102,8 @@ def encode(value: Any) -> Any:
     return value
 
 
-def _fields_to_dict(obj: Any) -> dict:
+def fields_to_dict(obj: Any) -> dict:
+    """The saved fields of dataclass `obj` as plain data (`encode` of each)."""
     return {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.metadata.get(SAVED, True)}
 
 

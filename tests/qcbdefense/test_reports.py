@@ -9,6 +9,7 @@ import pytest
 
 from export.harden import HardenReport
 from export.ort import Check, VerifyReport
+from qcbdefense.bench import BenchConfig, BenchResults, BenchRow
 from qcbdefense.attacks.base import AttackReport, PlantCriteria, make_config
 from qcbdefense.defenses.base import PurifyReport
 from qcbdefense.errors import InputError
@@ -24,6 +25,8 @@ SCORE = Score(ca=91.5, asr=4.25, ra=88.0, agreement=99.5, per_class_accuracy=[90
 NEAREST = Score(ca=90.0, asr=97.0, ra=2.0, agreement=98.0, der=50.0)
 EPOCHS = [EpochRecord(epoch=1, loss=0.5, seconds=1.5, metrics={"ca": 80.0}, steps=4)]
 DATASET = {"name": "builtin", "train": 40, "test": 20}
+BENCH = BenchConfig.from_dict({"name": "t", "model": "small_cnn", "data": "builtin", "clean": {"epochs": 1},
+                               "attacks": [{"name": "pq", "method": "pqbackdoor", "bits": 4}]})
 
 
 def ptq_report() -> PTQReport:
@@ -54,6 +57,9 @@ REPORTS = {
                                    criteria=PlantCriteria(), misses=["W4 ASR 10.0 % < 90"]),
     "purify": purify_report,
     "verify": verify_report,
+    "bench": lambda: BenchResults(BENCH, 1, [BenchRow("clean", "w8a8", SCORE, {"lac": {"ca": 90.0, "seconds": 1.0}},
+                                                      {"verdict": "clean", "target": None}),
+                                             BenchRow("pq", "w4a4", SCORE, not_planted="W4 ASR 10.0 % < 90")], 3.5),
     "harden": lambda: HardenReport(onnx="m.onnx", purified_dir="m.purified", purify=purify_report(),
                                    verify=verify_report(), seconds={"total": 2.0},
                                    before=[Check.of("ASR %", 97.0, 5.0, "max")]),
