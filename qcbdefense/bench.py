@@ -64,7 +64,7 @@ class BenchConfig:
     name: str
     model: str
     data: str
-    clean: dict  # "init": a checkpoint to start from (optional), the rest TrainConfig fields
+    clean: dict  # "init": a checkpoint to start from (optional), the rest TrainConfig fields; init alone: no training
     attacks: tuple[AttackEntry, ...]
     clean_specs: tuple[str, ...] = ("w8a8", "w4a4")  # the clean model is purified and scanned under these
     defenses: tuple[str, ...] = ("nearest", "efrap", "lac", "lac-pda")
@@ -391,8 +391,8 @@ def _attack_settings(config: BenchConfig, entry: AttackEntry) -> dict:
 
 def _clean_model(config: BenchConfig, settings: dict, data, folder: Path, device, log) -> None:
     from models import create_model
-    from qcbdefense.checkpoints import load_model
-    from qcbdefense.train import train
+    from qcbdefense.checkpoints import load_model, save_model
+    from qcbdefense.train import MODEL_FILE, train
     from qcbdefense.training import STATE_FILE, TrainConfig
 
     train_fields = dict(config.clean)
@@ -400,6 +400,9 @@ def _clean_model(config: BenchConfig, settings: dict, data, folder: Path, device
     train_config = TrainConfig(**{"seed": config.seed, **train_fields})
 
     def compute() -> None:
+        if init and not train_fields:  # a checkpoint alone is the clean model, as it is
+            save_model(load_model(config.model, init), folder / MODEL_FILE)
+            return
         torch.manual_seed(config.seed)
         model = (load_model(config.model, init) if init else
                  create_model(config.model, num_classes=data.num_classes, mean=data.mean, std=data.std))
