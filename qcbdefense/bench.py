@@ -329,7 +329,8 @@ def collect_rows(config: BenchConfig, out: Path, seeds: int = 1) -> list[BenchRo
                     report = read_report(out / BenchStep("defense", name, spec, defense, seed).key)
                     if row is None:
                         row = BenchRow(model=name, spec=spec, fp=dataclasses.asdict(report.fp))
-                    runs.append({**dataclasses.asdict(report.purified), "seconds": report.seconds.get("defense", 0.0)})
+                    runs.append({**dataclasses.asdict(report.purified), "seconds": report.seconds.get("defense", 0.0),
+                                 "peak_rss_mb": report.peak_memory_mb.get("rss")})
                 row.defenses[defense] = runs[0] if seeds == 1 else seed_summary(
                     runs, list(range(config.seed, config.seed + seeds)))
             if config.scan is not None:
@@ -472,7 +473,7 @@ def seed_summary(runs: list[dict], seeds: list[int]) -> dict:
         centre = mean(values)
         return None if centre is None else (sum((v - centre) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
-    columns = {key: [run.get(key) for run in runs] for key in (*SCORES, "agreement", "seconds")}
+    columns = {key: [run.get(key) for run in runs] for key in (*SCORES, "agreement", "seconds", "peak_rss_mb")}
     return {**{key: mean(values) for key, values in columns.items()},
             "std": {key: std(columns[key]) for key in SCORES}, "seeds": seeds, "runs": runs}
 
@@ -536,15 +537,17 @@ def timing_table(config: BenchConfig, rows: list[BenchRow]) -> str:
 def scores_table(config: BenchConfig, rows: list[BenchRow]) -> str:
     """One line per model, quantizer and defence: CA, ASR, RA and DER (%, DER against round-to-nearest), and
     the defence's seconds; mean ± std over seeds when the bench ran several."""
-    headers = ["model", "quantizer", "defence", "CA %", "ASR %", "RA %", "DER %", "s"]
+    headers = ["model", "quantizer", "defence", "CA %", "ASR %", "RA %", "DER %", "s", "peak RSS MB"]
     cells = []
     for row in rows:
-        cells.append([row.model, row.spec, "FP"] + [_value(row.fp, key) for key in SCORES] + ["-"])
+        cells.append([row.model, row.spec, "FP"] + [_value(row.fp, key) for key in SCORES] + ["-", "-"])
         for defense in config.defenses:
             score = row.defenses.get(defense)
             if score is not None:
+                peak = score.get("peak_rss_mb")
                 cells.append([row.model, row.spec, DEFENSE_LABELS.get(defense, defense)]
-                             + [_value(score, key) for key in SCORES] + [f"{score['seconds']:.1f}"])
+                             + [_value(score, key) for key in SCORES]
+                             + [f"{score['seconds']:.1f}", "-" if peak is None else f"{peak:.0f}"])
     return format_table(headers, cells)
 
 
@@ -555,17 +558,17 @@ def _write_results(out: Path, config: BenchConfig, rows: list[BenchRow], seconds
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     spread = [f"{key}_std" for key in SCORES] if seeds > 1 else []
-    writer.writerow(["model", "quantizer", "defense", "ca", "asr", "ra", "der", "agreement", "seconds", *spread,
-                     "scan_verdict", "scan_target"])
+    writer.writerow(["model", "quantizer", "defense", "ca", "asr", "ra", "der", "agreement", "seconds", "peak_rss_mb",
+                     *spread, "scan_verdict", "scan_target"])
     for row in rows:
         scan = row.scan or {}
         verdict = "not planted" if row.not_planted else scan.get("verdict", "")
         writer.writerow([row.model, row.spec, "fp", row.fp["ca"], row.fp["asr"], row.fp.get("ra"), "",
-                         row.fp["agreement"], "", *[""] * len(spread), verdict, scan.get("target", "")])
+                         row.fp["agreement"], "", "", *[""] * len(spread), verdict, scan.get("target", "")])
         for defense, score in row.defenses.items():
             std = score.get("std", {})
             writer.writerow([row.model, row.spec, defense, score["ca"], score["asr"], score.get("ra"),
-                             score.get("der"), score["agreement"], round(score["seconds"], 2),
+                             score.get("der"), score["agreement"], round(score["seconds"], 2), score.get("peak_rss_mb"),
                              *([std.get(key) for key in SCORES] if spread else []), "", ""])
     with atomic_path(out / "results.csv") as tmp:
         tmp.write_text(buffer.getvalue())
@@ -576,7 +579,7 @@ def _write_results(out: Path, config: BenchConfig, rows: list[BenchRow], seconds
                       *_not_planted_lines(rows),
                       "CA, ASR, RA (triggered non-target images kept on their class) and DER (defence-effectiveness "
                       "rating against round-to-nearest; 50 = no change, 100 = perfect), with each defence's "
-                      "seconds:", "", scores_table(config, rows), "",
+                      "seconds and its purification's peak RSS:", "", scores_table(config, rows), "",
                       "Defence and scan times:", "", timing_table(config, rows), "",
                       f"Total time of this invocation: {seconds:.0f} s (cached steps are not re-timed).", ""])
     with atomic_path(out / "results.md") as tmp:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import resource
 
 import pytest
 import torch
@@ -202,6 +204,18 @@ def test_every_method_runs_on_a_tiny_model(method, shapes16):
     assert report.purified.der == defense_effectiveness_rating(report.nearest.ca, report.nearest.asr,
                                                                report.purified.ca, report.purified.asr)
     assert purified(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="peak RSS resets on Linux only")
+def test_peak_memory_is_the_purifications_own_not_the_processes(shapes16):
+    """A bench or Ray worker purifies in a process that did other work first: the report's peak RSS must not
+    include that work's peak (here 400 MB allocated and freed before purify)."""
+    before = bytearray(400 * 2 ** 20)  # zero-filled, so resident
+    del before
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    model = create_model("small_cnn", mean=shapes16.mean, std=shapes16.std)
+    _, report = purify(model, shapes16, method="nearest", spec=SPEC, calib=32, trigger="patch")
+    assert 0 < report.peak_memory_mb["rss"] < process_peak - 300
 
 
 def test_cli_lists_every_registered_method():
