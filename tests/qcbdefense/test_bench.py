@@ -115,6 +115,21 @@ def test_bad_configs_are_refused_before_anything_runs(change, message):
         BenchConfig.from_dict({**TINY, **change})
 
 
+def test_a_clean_entry_of_a_checkpoint_alone_is_that_checkpoint_untrained(tmp_path):
+    import torch
+
+    from models import create_model
+    from qcbdefense.bench import BenchStep, run_step
+    from qcbdefense.checkpoints import load_model, save_model
+
+    model = create_model("small_cnn")
+    save_model(model, tmp_path / "init.pt")
+    config = BenchConfig.from_dict({**TINY, "clean": {"init": str(tmp_path / "init.pt")}})
+    run_step(config, BenchStep("clean", "clean"), tmp_path / "bench", None, "cpu", print)  # no data: no training
+    clean = load_model("small_cnn", tmp_path / "bench" / "clean" / "model.pt").state_dict()
+    assert all(torch.equal(value, clean[key]) for key, value in model.state_dict().items())
+
+
 def test_bench_config_files_in_the_repo_are_valid():
     from pathlib import Path
 
