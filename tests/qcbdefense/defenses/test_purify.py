@@ -50,9 +50,8 @@ def _random_resnet(arch: str = "resnet20") -> torch.nn.Module:
 def test_lac_removes_a_weight_conditioned_qcb_and_keeps_accuracy(method, pq_cnn16, shapes16):
     """PQBackdoor's QCB lives in the integer weights alone: LAC re-learns them and the backdoor goes."""
     backdoored, attack_report = pq_cnn16
-    options = {"pda_steps": 50} if method == "lac-pda" else {}
     _, report = purify(backdoored, shapes16, method=method, spec="pqbackdoor-w4a4", calib=512,
-                       trigger="patch", target=0, **options)
+                       trigger="patch", target=0)
     assert report.nearest.asr >= 80.0, f"the attack failed: {attack_report.summary()}"
     assert report.fp.asr <= 20.0, f"the FP model is backdoored too: {attack_report.summary()}"
     assert report.purified.asr <= 10.0, report.summary()
