@@ -37,7 +37,7 @@ class PDAOptions:
     pda_step_size: float = 1e-3
     pda_radius: float = 1e-3
     pda_decay_at: int = 250
-    pda_chunk: int = 256
+    pda_chunk: int = 64  # images per perturbation batch: small enough for the cache (256 cost 8 % more CPU)
 
     def __post_init__(self) -> None:
         for key in ("pda_steps", "pda_chunk"):
