@@ -148,10 +148,12 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, spec: str | Quant
     inline_constant_identities(proto)
     folded = fold_batchnorm(proto) if (integer_kernels if fold_bn is None else fold_bn) else 0
     biases = quantize_biases(proto) if (integer_kernels if int_bias is None else int_bias) else 0
+    moved = quantize_before_reshapes(proto) if integer_kernels else 0
     remove_unused_initializers(proto)
     meta = {"kind": "quantized", "format": "qcdq", "spec": json.dumps(spec.to_dict(), sort_keys=True),
             "spec_label": spec.label, "defense": defense, "bn_folded_into_scales": str(folded),
-            "int32_biases": str(biases), "model": model_reference(qmodel) or "unknown"}
+            "int32_biases": str(biases), "quantize_before_reshape": str(moved),
+            "model": model_reference(qmodel) or "unknown"}
     return _save(proto, path, meta, source_sha256)
 
 
@@ -372,6 +374,33 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
         del proto.graph.node[:]
         proto.graph.node.extend(nodes)
     return len(new_nodes)
+
+
+def quantize_before_reshapes(proto: onnx.ModelProto) -> int:
+    """Swap each Flatten / Reshape -> per-tensor QuantizeLinear pair into QuantizeLinear -> Flatten / Reshape
+    (rewrite 3 of the module docstring), in place; return how many. Exact: a per-tensor quantizer acts on
+    each element alone, so it commutes with any reshaping."""
+    g = _Graph(proto.graph)
+    position = {id(node): i for i, node in enumerate(proto.graph.node)}
+    swaps = []
+    for q in proto.graph.node:
+        reshape = g.producer.get(q.input[0]) if q.op_type == "QuantizeLinear" else None
+        if reshape is None or reshape.op_type not in ("Flatten", "Reshape") or g.only_consumer(q.input[0]) is not q:
+            continue
+        scale = g.array(q.input[1])
+        if scale is None or scale.size != 1:
+            continue
+        # x -> Reshape -> t -> Q -> y  becomes  x -> Q -> t -> Reshape -> y (t now holds integers)
+        data, between, quantized = reshape.input[0], q.input[0], q.output[0]
+        q.input[0], q.output[0] = data, between
+        reshape.input[0], reshape.output[0] = between, quantized
+        swaps.append((position[id(reshape)], position[id(q)]))
+    nodes = list(proto.graph.node)
+    for reshape_at, q_at in swaps:  # each Q takes its reshape's place: topological order holds
+        nodes[reshape_at], nodes[q_at] = nodes[q_at], nodes[reshape_at]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return len(swaps)
 
 
 def inline_constant_identities(proto: onnx.ModelProto) -> int:
