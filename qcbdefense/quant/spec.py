@@ -34,7 +34,8 @@ And the deployment quantizers, for a file onnxruntime runs on integer kernels en
   test images (ResNet-20; 90.7 % with 8-bit weights and image in the first layer), a figure that depends
   on the CPU the file runs on; at 7 bits no sum saturates, so the file computes the same integers on every
   CPU. What a CPU with VNNI loses: one bit of weight precision (speed is the same kernels'). The name
-  keeps "w8": int8 kernels and tensors. `w4a8-deploy` holds 4-bit integers in the same int8 kernels (its
+  keeps "w8": int8 kernels and tensors; an attack targets it at 7 bits (`attack --spec w8a8-deploy
+  --bits 7`: at `--bits 8` it would target 8-bit weights). `w4a8-deploy` holds 4-bit integers in the same int8 kernels (its
   first layer's input, the image, at 7 bits too): as fast as `w8a8-deploy`, not faster.
 
 Examples:
