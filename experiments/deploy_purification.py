@@ -37,7 +37,7 @@ if not attacked_path.exists():
     attacked, report = attack(load_model("small_cnn", clean_path), data, method="quanti", bits=BITS, spec=SPEC,
                               trigger=TRIGGER, target=TARGET, config=ATTACK_TRAIN_DEFAULT, c1=1.0, c2=1.0,
                               sync_every=8, **QUIET)
-    q = report.quantized[0].metrics
+    q = report.quantized[0].score
     attack_info.write_text(json.dumps({"fp_ca": report.fp.ca, "fp_asr": report.fp.asr, "q_ca": q.ca, "q_asr": q.asr,
                                        "spec": report.quantized[0].spec.name}))
     save_model(attacked, attacked_path)
