@@ -3,7 +3,8 @@ small_cnn and the built-in shapes at 16x16 (scan_campaign.shapes16: 3,000 train 
 fake-quantized attack fits the shared 2-core CPU). A clean model, a Qu-ANTI-zation QCB that targets
 `w8a8-deploy` (its 7-bit weights: `--bits 7`), then `harden --spec w8a8-deploy` (LAC+PDA) with the bar as its
 gate: ASR at most FP + 1, CA at least FP - 1.5, onnxruntime agreeing with the purified model on >= 99.5 %.
-Usage: python experiments/deploy_purification.py OUT   (from the repository root; OUT keeps the models)
+Usage: python experiments/deploy_purification.py OUT [learn-act-range]   (from the repository root; OUT keeps
+the models; `learn-act-range`: LAC+PDA also learns each layer's activation range, harden's --learn-act-range)
 
 Public API: attack, harden, save_model / load_model. Internals: experiments.scan_campaign's data and recipes."""
 import json
@@ -21,6 +22,7 @@ from qcbdefense.train import train
 
 SPEC, BITS, TRIGGER, TARGET = "w8a8-deploy", 7, "patch", 0
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/deploy-purification")
+learn_act_range = sys.argv[2:] == ["learn-act-range"]
 out.mkdir(parents=True, exist_ok=True)
 data = shapes16()
 
@@ -45,8 +47,9 @@ info = json.loads(attack_info.read_text())
 print(f"attack: FP {info['fp_ca']:.2f} % CA / {info['fp_asr']:.2f} % ASR, {info['spec']} {info['q_ca']:.2f} / "
       f"{info['q_asr']:.2f}", flush=True)
 
-report = harden(load_model("small_cnn", attacked_path), data, out=out / "hardened.onnx", arch="small_cnn",
+name = "hardened-act-range" if learn_act_range else "hardened"
+report = harden(load_model("small_cnn", attacked_path), data, out=out / f"{name}.onnx", arch="small_cnn",
                 spec=SPEC, method="lac-pda", trigger=TRIGGER, target=TARGET, calib=512, threads=1,
-                max_asr_gain=1.0, min_ca=info["fp_ca"] - 1.5, min_agreement=99.5)
-report.save(out / "hardened.json")
+                max_asr_gain=1.0, min_ca=info["fp_ca"] - 1.5, min_agreement=99.5, learn_act_range=learn_act_range)
+report.save(out / f"{name}.json")
 print(report.summary())
