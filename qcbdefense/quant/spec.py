@@ -30,10 +30,9 @@ And the deployment quantizers, for a file onnxruntime runs on integer kernels en
   Weights are int8 tensors holding 7-bit integers ([-63, 63]; 4-bit in `w4a8-deploy`, whose first and last
   layers are at 7), onnxruntime's `reduce_range`: without VNNI, x86 multiplies u8 by s8 with VPMADDUBSW,
   which saturates each sum of two products at 2^15 - 1, and 2 * 255 * 127 overflows it (2 * 255 * 63
-  does not). With 8-bit weights onnxruntime's file agreed with its PyTorch model on 99.02 % of CIFAR-10
-  test images (ResNet-20; 90.7 % with 8-bit weights and image in the first layer), a figure that depends
-  on the CPU the file runs on; at 7 bits no sum saturates, so the file computes the same integers on every
-  CPU. What a CPU with VNNI loses: one bit of weight precision (speed is the same kernels'). The name
+  does not). With 8-bit weights the file's agreement with its PyTorch model depends on the CPU it runs on
+  (ResNet-20, CIFAR-10 test set, no VNNI: 99.02 %; 90.7 % with the image at 8 bits too); at 7 bits no sum
+  saturates, so the file computes the same integers on every CPU (99.20 %; the rest is not saturation). What a CPU with VNNI loses: one bit of weight precision (speed is the same kernels'). The name
   keeps "w8": int8 kernels and tensors; an attack targets it at 7 bits (`attack --spec w8a8-deploy
   --bits 7`: at `--bits 8` it would target 8-bit weights). `w4a8-deploy` holds 4-bit integers in the same int8 kernels (its
   first layer's input, the image, at 7 bits too): as fast as `w8a8-deploy`, not faster.
