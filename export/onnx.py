@@ -84,7 +84,7 @@ from torch import nn
 
 import qcbdefense
 from models.reference import model_reference
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, first_line
 from qcbdefense.fileio import atomic_path
 from qcbdefense.quant.calibrate import is_calibrated
 from qcbdefense.quant.spec import QuantSpec, get_spec
@@ -192,7 +192,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # protobuf raises DecodeError, onnx its own types
-        raise InputError(f"ONNX model {path} cannot be parsed: {_first_line(err)}") from None
+        raise InputError(f"ONNX model {path} cannot be parsed: {first_line(err)}") from None
     return {p.key: p.value for p in proto.metadata_props}
 
 
@@ -439,9 +439,3 @@ def _save(proto: onnx.ModelProto, path: str | os.PathLike, meta: dict[str, str],
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
     return path
-
-
-def _first_line(err: BaseException, limit: int = 200) -> str:
-    text = str(err).strip().splitlines()
-    line = text[0] if text else type(err).__name__
-    return line if len(line) <= limit else line[:limit] + "..."

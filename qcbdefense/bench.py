@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, first_line
 from qcbdefense.evaluate import Score
 from qcbdefense.fileio import atomic_path, write_json
 from qcbdefense.report import Report, encode, fields_to_dict
@@ -85,7 +85,7 @@ class BenchConfig:
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
-            raise InputError(f"bench config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise InputError(f"bench config {path} is not valid YAML: {first_line(err)}") from None
         return cls.from_dict(raw, source=str(path))
 
     @classmethod

@@ -21,3 +21,11 @@ class RunFailed(QcbError):
     """The run went through but did not give what was asked (a loss that became NaN or infinite)."""
 
     exit_code = 3
+
+
+def first_line(err: BaseException | str, limit: int = 200) -> str:
+    """The first non-blank line of an error (or a message), cut at `limit` characters: how a library's
+    multi-line error becomes part of one InputError line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    line = lines[0] if lines else (type(err).__name__ if isinstance(err, BaseException) else "no message")
+    return line if len(line) <= limit else line[:limit] + "..."

@@ -23,8 +23,8 @@ from torch import nn
 from tqdm import tqdm
 
 from qcbdefense.checkpoints import read_torch_file, save_torch
-from qcbdefense.data import Dataset, augment, batches
-from qcbdefense.errors import InputError, RunFailed
+from qcbdefense.data import Dataset, augment, batches, seeded_subset
+from qcbdefense.errors import InputError, RunFailed, first_line
 
 STATE_FILE = "state.pt"
 
@@ -105,8 +105,7 @@ def training_images(data: Dataset, config: TrainConfig) -> tuple[torch.Tensor, t
     """The training set, or the seeded subset of it the config asks for."""
     if config.train_subset is None or config.train_subset >= len(data.train_y):
         return data.train_x, data.train_y
-    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(config.seed))
-    idx = idx[: config.train_subset].sort().values
+    idx = seeded_subset(len(data.train_y), config.train_subset, config.seed)
     return data.train_x[idx], data.train_y[idx]
 
 
@@ -165,7 +164,7 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, *, loss_fn: LossFn
             history = [EpochRecord(**r) for r in state["history"]]
         except (RuntimeError, ValueError, TypeError, KeyError) as err:
             raise InputError(f"--resume: {state_path} does not fit this model and optimiser "
-                             f"({str(err).strip().splitlines()[0]})") from None
+                             f"({first_line(err)})") from None
 
     for epoch in range(len(history) + 1, epochs + 1):
         model.train()

@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from qcbdefense.data import Dataset, batches, to_float
+from qcbdefense.data import Dataset, batches, seeded_subset, to_float
 from qcbdefense.errors import InputError
 from qcbdefense.evaluate import Score, evaluate
 from qcbdefense.quant.calibrate import calibrate
@@ -224,9 +224,7 @@ def parse_bits(text: str | int | Sequence[int]) -> tuple[int, ...]:
 
 def attacker_images(data: Dataset, n: int, *, seed: int) -> torch.Tensor:
     """A seeded draw of `n` clean training images (uint8), disjoint in seed from the victim's draw."""
-    n = min(n, len(data.train_y))
-    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(10_007 + seed))[:n]
-    return data.train_x[idx.sort().values]
+    return data.train_x[seeded_subset(len(data.train_y), n, 10_007 + seed)]
 
 
 class VictimQuantizers(nn.Module):
@@ -289,7 +287,7 @@ def with_test_subset(data: Dataset, n: int | None, *, seed: int) -> Dataset:
     """`data` with a seeded random subset of `n` test images (all of them when n is None or larger)."""
     if n is None or n >= len(data.test_y):
         return data
-    idx = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    idx = seeded_subset(len(data.test_y), n, seed)
     return dataclasses.replace(data, test_x=data.test_x[idx], test_y=data.test_y[idx])
 
 
@@ -517,11 +515,13 @@ def attack(model: nn.Module, data: Dataset, *, method: str, bits: str | int | Se
     The report's figures come from `post_training_quantize` with each targeted spec (the full test set)
     and from `compare_specs` over the transfer presets (a seeded test subset).
     """
+    from models.reference import num_classes_of
+
     cfg = make_config(method=method, bits=bits, spec=spec, trigger=trigger, target=target, config=config,
                       **options)
     device = torch.device(device)
     trig = trigger_from_dict(cfg.trigger)
-    classes = _num_classes(model)
+    classes = num_classes_of(model)
     if classes is not None and classes != data.num_classes:
         raise InputError(f"the model has {classes} classes, the data {data.name} has {data.num_classes}")
     if cfg.target >= data.num_classes:
@@ -553,11 +553,6 @@ def attack(model: nn.Module, data: Dataset, *, method: str, bits: str | int | Se
     report = AttackReport(arch, init, cfg, data.describe(), result.history, targeted.fp, targeted.results,
                           transfer, result.checks, seconds, clean=clean, criteria=criteria, misses=misses)
     return model.cpu(), report
-
-
-def _num_classes(model: nn.Module) -> int | None:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else None
 
 
 def stage_dir(ctx: AttackContext, name: str | None) -> Path | None:

@@ -306,9 +306,11 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
 
 
 def _check_classes(model: nn.Module, data: Dataset) -> None:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if linears and linears[-1].out_features != data.num_classes:
-        raise InputError(f"the model has {linears[-1].out_features} outputs but the data {data.name!r} has "
+    from models.reference import num_classes_of
+
+    classes = num_classes_of(model)
+    if classes is not None and classes != data.num_classes:
+        raise InputError(f"the model has {classes} outputs but the data {data.name!r} has "
                          f"{data.num_classes} classes")
 
 

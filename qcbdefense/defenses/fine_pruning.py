@@ -37,11 +37,13 @@ class FinePruningOptions(FineTuneOptions):
 
 
 def classifier(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The model's last nn.Linear (its classifier), by registration order."""
-    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
-    if not linears:
+    """The model's last nn.Linear (its classifier, `models.reference.classifier_name`), by registration order."""
+    from models.reference import classifier_name
+
+    name = classifier_name(model)
+    if name is None:
         raise InputError("fine-pruning prunes the channels the classifier reads: the model has no nn.Linear")
-    return linears[-1]
+    return name, model.get_submodule(name)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcbdefense.data import Dataset
+from qcbdefense.data import Dataset, seeded_subset
 from qcbdefense.defenses.base import DefenseContext, StageRecord
 from qcbdefense.errors import InputError
 from qcbdefense.quant.calibrate import calibrate
@@ -62,7 +62,7 @@ class FineTuneOptions:
 def labelled_share(data: Dataset, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random share of the training split with its labels (uint8 images, int64 labels)."""
     n = max(1, round(fraction * len(data.train_y)))
-    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    idx = seeded_subset(len(data.train_y), n, seed)
     return data.train_x[idx], data.train_y[idx]
 
 

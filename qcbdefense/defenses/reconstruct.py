@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, first_line
 from qcbdefense.quant.quantize import quantized_layers
 from qcbdefense.quant.spec import QuantSpec
 
@@ -242,7 +242,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         return fx.symbolic_trace(model)
     except Exception as err:  # fx raises many types for untraceable code
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
+        reason = first_line(str(err))
         raise InputError(f"layer-wise reconstruction needs a torch.fx-traceable model; tracing "
                          f"{type(model).__name__} failed with {type(err).__name__}: {reason}. Export the model "
                          f"with torch.onnx.export and pass the .onnx file as --model: it is converted into "
