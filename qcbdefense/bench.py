@@ -501,9 +501,11 @@ def _scan(config: BenchConfig, name: str, model, upstream: dict, spec: str, data
 
 
 def _scan_result(folder: Path) -> dict:
-    report = json.loads((folder / "report.json").read_text())
-    return {"verdict": report["verdict"], "target": report["target"], "score": report["score"],
-            "seconds": report["seconds"]["total"]}
+    from qcbdefense.scan import ScanReport
+
+    report = ScanReport.load(folder / "report.json")
+    return {"verdict": report.verdict, "target": report.target, "score": report.score,
+            "seconds": report.seconds["total"]}
 
 
 def _value(score: dict, key: str) -> str:

@@ -33,7 +33,8 @@ from torch import nn
 
 from qcbdefense.data import Dataset, to_float
 from qcbdefense.errors import InputError
-from qcbdefense.fileio import atomic_path, sha256_file, write_json
+from qcbdefense.fileio import atomic_path, sha256_file
+from qcbdefense.report import Report
 from qcbdefense.results import fmt, format_table
 from qcbdefense.runinfo import environment
 from qcbdefense.scan.drift import Disagreement, LayerDrift, disagreement, layer_drift, pair_layers
@@ -44,8 +45,6 @@ from qcbdefense.scan.whole_image_search import FAMILIES, WholeImageConfig, searc
 
 if TYPE_CHECKING:  # export stands beside the core and imports it: only the type is needed here
     from export.replica import OnnxReplica
-
-REPORT_VERSION = 2  # 2: the whole-image searches and the weighed verdict (family, signals, best_class), drift_pairing
 
 
 @dataclass(frozen=True)
@@ -70,8 +69,13 @@ class ScanConfig:
     seed: int = 0
 
 
-@dataclass
-class ScanReport:
+@dataclass(frozen=True)
+class ScanReport(Report):
+    """The scan's verdict and its evidence; `to_dict` / `from_dict` round-trip through JSON (report.json)."""
+
+    VERSION = 2  # 2: the whole-image searches and the weighed verdict (family, signals, best_class), drift_pairing
+    KIND = "scan report"
+
     verdict: str  # "clean" or "suspicious"
     score: float  # the verdict's score of the most suspicious class (suspicious from `min_score`)
     target: int | None  # the suspected target class (None when clean)
@@ -88,19 +92,10 @@ class ScanReport:
     signals: dict = field(default_factory=dict)  # best_class's score, signal by signal
     drift_pairing: str = ""  # how the two graphs' layers were paired, or why they could not be
     environment: dict = field(default_factory=environment)
-    version: int = REPORT_VERSION
 
     @property
     def suspicious(self) -> bool:
         return self.verdict == "suspicious"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["disagreement"], d["layers"] = self.disagreement.to_dict(), [layer.to_dict() for layer in self.layers]
-        return d
-
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_json(path, self.to_dict())
 
     def table(self) -> str:
         rows = [[c["class"], fmt(c["area"], 1), fmt(c["success"], 1), fmt(c["anomaly"], 2),
