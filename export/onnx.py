@@ -84,7 +84,7 @@ from torch import nn
 
 import qcbdefense
 from models.reference import model_reference
-from qcbdefense.errors import InputError, first_line
+from qcbdefense.errors import InputError, check_number, first_line
 from qcbdefense.fileio import atomic_path
 from qcbdefense.quant.calibrate import is_calibrated
 from qcbdefense.quant.spec import QuantSpec, get_spec
@@ -411,8 +411,7 @@ def _check_common(path: str | os.PathLike, defense: str, source_sha256: str | No
     if source_sha256 is not None and (not isinstance(source_sha256, str) or len(source_sha256) != 64
                                       or any(c not in "0123456789abcdef" for c in source_sha256)):
         raise InputError(f"source_sha256 must be 64 lowercase hex digits or None, got {source_sha256!r}")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise InputError(f"opset must be an integer >= {MIN_OPSET} (per-channel DequantizeLinear), got {opset!r}")
+    check_number("opset", opset, integer=True, low=MIN_OPSET, kind="an integer (per-channel DequantizeLinear)")
 
 
 def _device_of(model: nn.Module) -> torch.device:

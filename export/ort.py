@@ -29,7 +29,7 @@ from torch import nn
 
 from export.provenance import describe_onnx, metadata_conflicts
 from qcbdefense.data import Dataset, batches
-from qcbdefense.errors import InputError, first_line
+from qcbdefense.errors import InputError, check_number, first_line
 from qcbdefense.evaluate import Score, agreement, predict
 from qcbdefense.fileio import sha256_file
 from qcbdefense.report import Report
@@ -61,8 +61,7 @@ class OrtModel:
             raise InputError(f"ONNX model {self.path} is not a file")
         if self.path.stat().st_size == 0:
             raise InputError(f"ONNX model {self.path} is empty")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise InputError(f"threads must be a positive integer or None, got {threads!r}")
+        check_number("threads", threads, integer=True, low=1, optional=True)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: ORT's warnings are about its own graph rewrites
         options.inter_op_num_threads = 1

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from qcbdefense.errors import InputError, first_line
+from qcbdefense.errors import InputError, check_number, first_line
 from qcbdefense.evaluate import Score
 from qcbdefense.fileio import atomic_path, write_json
 from qcbdefense.report import Report, encode, fields_to_dict
@@ -248,8 +248,7 @@ def model_specs(config: BenchConfig) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def check_seeds(seeds: int) -> None:
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise InputError(f"seeds must be a positive number of runs, got {seeds!r}")
+    check_number("seeds", seeds, integer=True, low=1, kind="a number of runs")
 
 
 def _extra_seeds(config: BenchConfig, seeds: int) -> list[int | None]:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from qcbdefense.data import Dataset, batches, seeded_subset, to_float
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number
 from qcbdefense.evaluate import Score, evaluate
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.ptq import PTQReport, SpecResult, compare_specs, post_training_quantize
@@ -105,10 +105,8 @@ class AttackConfig(Report):
         for name, value, low in (("target", self.target, 0), ("calib", self.calib, 1),
                                  ("sync_every", self.sync_every, -1), ("monitor", self.monitor, 0),
                                  ("victim_calib", self.victim_calib, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.transfer_images is not None and self.transfer_images < 1:
-            raise InputError(f"transfer_images must be >= 1 or None, got {self.transfer_images!r}")
+            check_number(name, value, integer=True, low=low)
+        check_number("transfer_images", self.transfer_images, integer=True, low=1, optional=True)
 
     @classmethod
     def from_dict(cls, data: Any) -> AttackConfig:
@@ -213,8 +211,7 @@ def parse_bits(text: str | int | Sequence[int]) -> tuple[int, ...]:
     if not values:
         raise InputError(f"give at least one bit width, got {text!r}")
     for b in values:
-        if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
-            raise InputError(f"bit widths must be integers in 2..8, got {text!r}")
+        check_number("a bit width", b, integer=True, low=2, high=8)
     if len(set(values)) != len(values):
         raise InputError(f"bit widths must differ, got {text!r}")
     return tuple(values)
@@ -361,8 +358,7 @@ class PlantCriteria:
 
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
-                raise InputError(f"planted criterion {name} must be a percentage in [0, 100], got {value!r}")
+            check_number(f"planted criterion {name}", value, low=0, high=100, kind="a percentage")
 
 
 def plant_misses(criteria: PlantCriteria, bits: Sequence[int], fp: Score, quantized: Sequence[SpecResult],

@@ -20,7 +20,7 @@ from torch import nn
 from qcbdefense.data import Dataset, batches
 from qcbdefense.defenses.base import DEFENSES, Defense, DefenseContext, StageRecord
 from qcbdefense.defenses.finetune import FineTuneOptions, fine_tune_, labelled_data, requantize_
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,7 @@ class FinePruningOptions(FineTuneOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        drop = self.max_accuracy_drop
-        if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop <= 100:
-            raise InputError(f"max_accuracy_drop must be accuracy points in [0, 100], got {drop!r}")
+        check_number("max_accuracy_drop", self.max_accuracy_drop, low=0, high=100, kind="accuracy points")
 
 
 def classifier(model: nn.Module) -> tuple[str, nn.Linear]:

@@ -24,7 +24,7 @@ from torch import nn
 
 from qcbdefense.data import Dataset, seeded_subset
 from qcbdefense.defenses.base import DefenseContext, StageRecord
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.quantize import refresh_weight_ranges
 from qcbdefense.training import Batch, LossFn, TrainConfig, fit
@@ -44,13 +44,10 @@ class FineTuneOptions:
     augment: bool = True
 
     def __post_init__(self) -> None:
-        fraction = self.labelled_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise InputError(f"labelled_fraction must be a share of the training set in (0, 1], got {fraction!r}")
+        check_number("labelled_fraction", self.labelled_fraction, low=0, high=1, low_open=True,
+                     kind="a share of the training set")
         for key in ("epochs", "batch_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{key} must be a positive integer, got {value!r}")
+            check_number(key, getattr(self, key), integer=True, low=1)
         self.train_config(0)  # TrainConfig refuses a nonsense learning rate
 
     def train_config(self, seed: int, **changes) -> TrainConfig:
