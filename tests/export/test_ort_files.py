@@ -25,8 +25,10 @@ from qcbdefense.cli import main
 from qcbdefense.data import load_dataset, to_float
 from qcbdefense.errors import InputError
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
-from qcbdefense.scan import ScanConfig, SearchConfig, scan
-from qcbdefense.scan.scan import measure_drift, plot_drift
+from export.scan_files import scan_onnx
+from qcbdefense.scan import ScanConfig, SearchConfig
+from qcbdefense.scan.files import plot_drift
+from qcbdefense.scan.scan import measure_drift
 from qcbdefense.triggers import parse_trigger
 
 # name: (format, activation type, per-channel, reduce_range, the label describe_onnx must give)
@@ -112,7 +114,7 @@ def test_drift_pairs_a_qdq_file_whose_relus_onnxruntime_removed(ort_files, shape
 @pytest.mark.parametrize("name", ["qdq-s8s8-pt", "qop-s8s8"])
 def test_scan_gives_a_verdict_and_drift_on_a_quantize_static_file(name, ort_files, shapes16, tmp_path):
     config = ScanConfig(images=256, search=SearchConfig(steps=30))
-    report = scan(ort_files["fp"], shapes16, out=tmp_path, quantized=ort_files[name], config=config)
+    report = scan_onnx(ort_files["fp"], ort_files[name], shapes16, out=tmp_path, config=config)
     assert report.verdict in ("clean", "suspicious") and len(report.layers) == 6
     graphs = report.files["graphs"]
     assert graphs["fp"]["label"] == "float" and graphs["quantized"]["label"] == VARIANTS[name][4]
