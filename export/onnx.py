@@ -89,7 +89,7 @@ from torch import nn
 
 import qcbdefense
 from models.reference import model_reference
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number, first_line
 from qcbdefense.fileio import atomic_path
 from qcbdefense.quant.calibrate import is_calibrated
 from qcbdefense.quant.spec import QuantSpec, get_spec
@@ -199,7 +199,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # protobuf raises DecodeError, onnx its own types
-        raise InputError(f"ONNX model {path} cannot be parsed: {_first_line(err)}") from None
+        raise InputError(f"ONNX model {path} cannot be parsed: {first_line(err)}") from None
     return {p.key: p.value for p in proto.metadata_props}
 
 
@@ -445,8 +445,7 @@ def _check_common(path: str | os.PathLike, defense: str, source_sha256: str | No
     if source_sha256 is not None and (not isinstance(source_sha256, str) or len(source_sha256) != 64
                                       or any(c not in "0123456789abcdef" for c in source_sha256)):
         raise InputError(f"source_sha256 must be 64 lowercase hex digits or None, got {source_sha256!r}")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise InputError(f"opset must be an integer >= {MIN_OPSET} (per-channel DequantizeLinear), got {opset!r}")
+    check_number("opset", opset, integer=True, low=MIN_OPSET, kind="an integer (per-channel DequantizeLinear)")
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -473,9 +472,3 @@ def _save(proto: onnx.ModelProto, path: str | os.PathLike, meta: dict[str, str],
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
     return path
-
-
-def _first_line(err: BaseException, limit: int = 200) -> str:
-    text = str(err).strip().splitlines()
-    line = text[0] if text else type(err).__name__
-    return line if len(line) <= limit else line[:limit] + "..."

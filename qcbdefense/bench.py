@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number, first_line
 from qcbdefense.evaluate import Score
 from qcbdefense.fileio import atomic_path, write_json
 from qcbdefense.report import Report, encode, fields_to_dict
@@ -85,7 +85,7 @@ class BenchConfig:
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
-            raise InputError(f"bench config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise InputError(f"bench config {path} is not valid YAML: {first_line(err)}") from None
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
@@ -248,8 +248,7 @@ def model_specs(config: BenchConfig) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def check_seeds(seeds: int) -> None:
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise InputError(f"seeds must be a positive number of runs, got {seeds!r}")
+    check_number("seeds", seeds, integer=True, low=1, kind="a number of runs")
 
 
 def _extra_seeds(config: BenchConfig, seeds: int) -> list[int | None]:
@@ -505,9 +504,11 @@ def _scan(config: BenchConfig, name: str, model, upstream: dict, spec: str, data
 
 
 def _scan_result(folder: Path) -> dict:
-    report = json.loads((folder / "report.json").read_text())
-    return {"verdict": report["verdict"], "target": report["target"], "score": report["score"],
-            "seconds": report["seconds"]["total"]}
+    from qcbdefense.scan import ScanReport
+
+    report = ScanReport.load(folder / "report.json")
+    return {"verdict": report.verdict, "target": report.target, "score": report.score,
+            "seconds": report.seconds["total"]}
 
 
 def _value(score: dict, key: str) -> str:

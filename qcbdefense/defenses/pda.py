@@ -24,7 +24,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from qcbdefense.errors import InputError
+from qcbdefense.errors import check_number
 
 
 @dataclass(frozen=True)
@@ -40,18 +40,11 @@ class PDAOptions:
     pda_chunk: int = 64  # images per perturbation batch: small enough for the cache (256 cost 8 % more CPU)
 
     def __post_init__(self) -> None:
-        for key in ("pda_steps", "pda_chunk"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (key == "pda_chunk"
-                                                                                      and value == 0):
-                raise InputError(f"{key} must be a {'positive' if key == 'pda_chunk' else 'non-negative'} "
-                                 f"integer, got {value!r}")
+        check_number("pda_steps", self.pda_steps, integer=True, low=0)
+        check_number("pda_chunk", self.pda_chunk, integer=True, low=1)
         for key in ("pda_step_size", "pda_radius"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise InputError(f"{key} must be a number >= 0, got {value!r}")
-        if isinstance(self.pda_decay_at, bool) or not isinstance(self.pda_decay_at, int):
-            raise InputError(f"pda_decay_at must be an integer, got {self.pda_decay_at!r}")
+            check_number(key, getattr(self, key), low=0)
+        check_number("pda_decay_at", self.pda_decay_at, integer=True)
 
     def pda_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k.startswith("pda_")}

@@ -58,7 +58,7 @@ from brevitas.function.ops_ste import round_ste
 from torch import nn
 from tqdm import tqdm
 
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number, first_line
 from qcbdefense.quant.quantize import quantized_layers
 from qcbdefense.quant.spec import QuantSpec
 
@@ -243,7 +243,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         return fx.symbolic_trace(model)
     except Exception as err:  # fx raises many types for untraceable code
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
+        reason = first_line(str(err))
         raise InputError(f"layer-wise reconstruction needs a torch.fx-traceable model; tracing "
                          f"{type(model).__name__} failed with {type(err).__name__}: {reason}. Export the model "
                          f"with torch.onnx.export and pass the .onnx file as --model: it is converted into "
@@ -423,14 +423,10 @@ class ReconOptions:
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "check_every", "patience"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{key} must be a positive integer, got {value!r}")
+            check_number(key, getattr(self, key), integer=True, low=1)
         for key in ("lr", "act_lr"):
-            if not (isinstance(getattr(self, key), (int, float)) and getattr(self, key) > 0):
-                raise InputError(f"{key} must be a positive number, got {getattr(self, key)!r}")
-        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
-            raise InputError(f"tol must be a number >= 0, got {self.tol!r}")
+            check_number(key, getattr(self, key), low=0, low_open=True)
+        check_number("tol", self.tol, low=0)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -55,7 +55,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number
 from qcbdefense.fileio import atomic_path
 from qcbdefense.registry import Registry
 
@@ -258,9 +258,7 @@ def _field_names() -> set[str]:
 def _check_bits(key: str, bits: Any, *, optional: bool) -> None:
     if bits is None and optional:
         return
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        extra = " or null" if optional else ""
-        raise InputError(f"{key} must be an integer in {MIN_BITS}..{MAX_BITS}{extra}, got {bits!r}")
+    check_number(key, bits, integer=True, low=MIN_BITS, high=MAX_BITS)
 
 
 SPECS: Registry[QuantSpec] = Registry("quant spec")
