@@ -85,7 +85,7 @@ def attacked_model(data: Dataset, method: str, family: str) -> tuple[Path, dict]
         model, report = attack(clean_model(data, 0), data, method=method, bits=4, spec=spec, trigger=trigger,
                                target=target, config=ATTACK_TRAIN.get(method, ATTACK_TRAIN_DEFAULT), **options,
                                **QUIET)
-        q = report.quantized[0].metrics
+        q = report.quantized[0].score
         info.write_text(json.dumps({"fp_ca": report.fp.ca, "fp_asr": report.fp.asr, "q_ca": q.ca, "q_asr": q.asr,
                                     "spec": spec, "trigger": trigger, "target": target}))
         save_model(model, path)

@@ -35,7 +35,7 @@ from torch import nn
 from export.onnx import META, export_float_onnx, read_metadata
 from export.ort import OrtModel
 from qcbdefense.data import Dataset
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number
 from qcbdefense.evaluate import agreement
 from qcbdefense.quant.ptq import calibration_images
 from qcbdefense.results import format_table
@@ -89,8 +89,7 @@ def crosscheck(fp_model: nn.Module | str | os.PathLike, data: Dataset, *, trigge
     Returns:
         Rows "fp" (the FP ONNX), then one per quantizer, each with CA, ASR and agreement with the FP ONNX.
     """
-    if isinstance(calib, bool) or not isinstance(calib, int) or calib < 1:
-        raise InputError(f"calib must be a positive number of images, got {calib!r}")
+    check_number("calib", calib, integer=True, low=1, kind="a number of images")
     with tempfile.TemporaryDirectory(prefix="qcb-crosscheck-") as scratch:
         folder = Path(keep_dir) if keep_dir is not None else Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from torch import nn
 
 from export.provenance import describe_onnx, metadata_conflicts
 from qcbdefense.data import Dataset, batches
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number, first_line
 from qcbdefense.evaluate import Score, agreement, predict
 from qcbdefense.fileio import sha256_file
 from qcbdefense.report import Report
@@ -61,8 +61,7 @@ class OrtModel:
             raise InputError(f"ONNX model {self.path} is not a file")
         if self.path.stat().st_size == 0:
             raise InputError(f"ONNX model {self.path} is empty")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise InputError(f"threads must be a positive integer or None, got {threads!r}")
+        check_number("threads", threads, integer=True, low=1, optional=True)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: ORT's warnings are about its own graph rewrites
         options.inter_op_num_threads = 1
@@ -76,7 +75,7 @@ class OrtModel:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # ORT raises its own types (InvalidProtobuf, Fail, InvalidGraph, ...)
             raise InputError(f"ONNX model {self.path} cannot be loaded by onnxruntime (corrupt, truncated or "
-                             f"not ONNX): {_first_line(err)}") from None
+                             f"not ONNX): {first_line(err)}") from None
         self.load_seconds = time.perf_counter() - start
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].type != "tensor(float)":
@@ -355,9 +354,3 @@ def _reference(reference) -> tuple[str | None, Callable[[torch.Tensor, Any], tor
         return describe, lambda x, transform: predict(reference, x, transform=transform)
     model = reference if isinstance(reference, OrtModel) else OrtModel(reference)
     return f"onnx {model.path.name}", lambda x, transform: model.predict(x, transform=transform)
-
-
-def _first_line(err: BaseException, limit: int = 240) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    line = lines[0] if lines else type(err).__name__
-    return line if len(line) <= limit else line[:limit] + "..."

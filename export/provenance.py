@@ -25,7 +25,7 @@ from onnx import numpy_helper
 
 from export.onnx import META, metadata_spec
 from export.replica import WEIGHT_INPUT
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, first_line
 
 # (bits, signed) of a quantized tensor, from its zero point's ONNX data type.
 _INT_TYPES = {2: (8, False), 3: (8, True), 4: (16, False), 5: (16, True), 21: (4, False), 22: (4, True)}
@@ -143,7 +143,7 @@ def _load(path: Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path))
     except Exception as err:  # the file is untrusted input
-        raise InputError(f"ONNX model {path} cannot be parsed: {str(err).splitlines()[0][:160]}") from None
+        raise InputError(f"ONNX model {path} cannot be parsed: {first_line(err)}") from None
 
 
 class _Graph:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, first_line
 
 # ONNX TensorProto data types that can appear in Cast / ConstantOfShape of classifier graphs.
 _DTYPES = {1: torch.float32, 6: torch.int32, 7: torch.int64, 9: torch.bool, 10: torch.float16, 11: torch.float64,
@@ -284,7 +284,7 @@ class OnnxReplica(nn.Module):
         try:
             proto = onnx.load(str(path))
         except Exception as err:  # the ONNX file is untrusted input
-            raise InputError(f"cannot read ONNX model {path}: {str(err).splitlines()[0][:160]}") from None
+            raise InputError(f"cannot read ONNX model {path}: {first_line(err)}") from None
         graph = proto.graph
         unsupported = sorted({n.op_type for n in graph.node if n.op_type not in _OPS and n.op_type != "Constant"})
         if unsupported:

@@ -28,7 +28,7 @@ from typing import Sequence
 from export.crosscheck import ORT_QUANTIZERS, float_onnx_path, ort_quantize
 from export.ort import OrtModel, measure_throughput, throughput_table
 from qcbdefense.data import Dataset
-from qcbdefense.errors import InputError
+from qcbdefense.errors import check_number
 from qcbdefense.quant.ptq import calibration_images
 
 INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -93,8 +93,7 @@ def compare_throughput(onnx_path: str | os.PathLike, fp_onnx: str | os.PathLike,
 
     `keep_dir`: keep the ORT-quantized file there (default: a temporary folder, deleted).
     """
-    if isinstance(calib, bool) or not isinstance(calib, int) or calib < 1:
-        raise InputError(f"calib must be a positive number of images, got {calib!r}")
+    check_number("calib", calib, integer=True, low=1, kind="a number of images")
     this = OrtModel(onnx_path, threads=threads)  # refuses a bad file before the quantizer runs
     this.check_images(data.test_x.shape[1:], what=f"the data {data.name!r}")
     with tempfile.TemporaryDirectory(prefix="qcb-throughput-") as scratch:

@@ -20,14 +20,13 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 from torch import nn
 
 from export.ort import DEFAULT_BATCH, Check, OrtModel, VerifyReport, evaluate_onnx
 from qcbdefense.data import Dataset
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number
 from qcbdefense.triggers import Trigger
 
 
@@ -38,9 +37,7 @@ def check_limits(*, trigger: Trigger | None, has_reference: bool, max_asr: float
     (`has_baseline`: the FP model's ASR is known)."""
     limits = {"max_asr": max_asr, "min_agreement": min_agreement, "min_ca": min_ca, "max_asr_gain": max_asr_gain}
     for key, value in limits.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or not 0.0 <= value <= 100.0):
-            raise InputError(f"{key} must be a percentage in [0, 100], got {value!r}")
+        check_number(key, value, low=0, high=100, kind="a percentage", optional=True)
     if max_asr is not None and trigger is None:
         raise InputError("max_asr needs a trigger to measure the attack success rate; give one (e.g. 'patch')")
     if max_asr_gain is not None and (trigger is None or not has_baseline):

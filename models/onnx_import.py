@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import nn
 
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, first_line
 
 # How far the converted model may be from onnxruntime: the largest logit difference over the logits' spread.
 MAX_RELATIVE_ERROR = 1e-3
@@ -56,7 +56,7 @@ def import_onnx(path: str | Path, *, check: bool = True) -> OnnxModel:
     try:
         proto = onnx.load(str(path))
     except Exception as err:  # protobuf and onnx raise their own types on a corrupt file
-        raise InputError(f"cannot read ONNX model {path}: {str(err).splitlines()[0][:160]}") from None
+        raise InputError(f"cannot read ONNX model {path}: {first_line(err)}") from None
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.op_type.startswith("QLinear")
            for n in proto.graph.node):
         raise InputError(f"ONNX model {path} is quantized; --model takes the FP model (scan and verify take "

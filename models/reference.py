@@ -35,7 +35,7 @@ from torch import nn
 from models import create_model
 from models.normalize import CIFAR_MEAN, CIFAR_STD, Normalized
 from models.registry import MODELS
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, first_line
 
 DEFAULT_CLASSES = 10
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -152,7 +152,7 @@ def _user_model(ref: str, module_name: str, attr: str, num_classes: int) -> nn.M
         model = factory(num_classes=num_classes)
     except Exception as err:  # the user's code may fail in any way; one line says where
         raise InputError(f"--model {ref}: {attr}(num_classes={num_classes}) failed with "
-                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+                         f"{type(err).__name__}: {first_line(str(err))}") from err
     if not isinstance(model, nn.Module):
         raise InputError(f"--model {ref}: {attr}(num_classes={num_classes}) returned a "
                          f"{type(model).__name__}, not a torch nn.Module")

@@ -63,6 +63,7 @@ _API = {
     "TrainConfig": ("qcbdefense.training", "TrainConfig"),
     "train_model": ("qcbdefense.train", "train"),
     "evaluate_model": ("qcbdefense.evaluate", "evaluate"),
+    "Score": ("qcbdefense.evaluate", "Score"),
     "agreement": ("qcbdefense.evaluate", "agreement"),
     "defense_effectiveness_rating": ("qcbdefense.evaluate", "defense_effectiveness_rating"),
     # quantization
@@ -72,6 +73,7 @@ _API = {
     "calibrate": ("qcbdefense.quant.calibrate", "calibrate"),
     "float_view": ("qcbdefense.quant.calibrate", "float_view"),
     "post_training_quantize": ("qcbdefense.quant.ptq", "post_training_quantize"),
+    "compare_specs": ("qcbdefense.quant.ptq", "compare_specs"),
     "integer_weights": ("qcbdefense.quant.inspect", "integer_weights"),
     # attacks, defences, scanner
     "attack": ("qcbdefense.attacks", "attack"),

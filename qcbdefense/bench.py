@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number, first_line
 from qcbdefense.evaluate import Score
 from qcbdefense.fileio import atomic_path, write_json
 from qcbdefense.report import Report, encode, fields_to_dict
@@ -66,8 +66,7 @@ class BenchConfig:
     name: str
     model: str
     data: str
-    clean: dict  # "init": a checkpoint to start from (optional), the rest TrainConfig fields; or only
-    # "checkpoint": the clean model as it is, no training
+    clean: dict  # "init": a checkpoint to start from (optional), the rest TrainConfig fields; init alone: no training
     attacks: tuple[AttackEntry, ...]
     clean_specs: tuple[str, ...] = ("w8a8", "w4a4")  # the clean model is purified and scanned under these
     defenses: tuple[str, ...] = ("nearest", "efrap", "lac", "lac-pda")
@@ -86,7 +85,7 @@ class BenchConfig:
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
-            raise InputError(f"bench config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise InputError(f"bench config {path} is not valid YAML: {first_line(err)}") from None
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
@@ -127,9 +126,6 @@ class BenchConfig:
         for attack in self.attacks:
             ATTACKS.get(attack.method)
             _criteria(attack)
-        if "checkpoint" in self.clean and len(self.clean) > 1:
-            raise InputError(f"bench {self.name}: clean: checkpoint is the clean model as it is; it takes no "
-                             f"training settings ({', '.join(sorted(set(self.clean) - {'checkpoint'}))})")
         if not self.defenses:
             raise InputError(f"bench {self.name}: no defences to run")
         for defense in self.defenses:
@@ -252,8 +248,7 @@ def model_specs(config: BenchConfig) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def check_seeds(seeds: int) -> None:
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise InputError(f"seeds must be a positive number of runs, got {seeds!r}")
+    check_number("seeds", seeds, integer=True, low=1, kind="a number of runs")
 
 
 def _extra_seeds(config: BenchConfig, seeds: int) -> list[int | None]:
@@ -346,7 +341,8 @@ def collect_rows(config: BenchConfig, out: Path, seeds: int = 1) -> list[BenchRo
                 for seed in _extra_seeds(config, seeds):
                     report = read_report(out / BenchStep("defense", name, spec, defense, seed).key)
                     fp = report.fp if fp is None else fp
-                    runs.append({**encode(report.purified), "seconds": report.seconds.get("defense", 0.0)})
+                    runs.append({**encode(report.purified), "seconds": report.seconds.get("defense", 0.0),
+                                 "peak_rss_mb": report.peak_memory_mb.get("rss")})
                 cells[defense] = runs[0] if seeds == 1 else seed_summary(
                     runs, list(range(config.seed, config.seed + seeds)))
             scan = None if config.scan is None else _scan_result(out / BenchStep("scan", name, spec).key)
@@ -410,18 +406,14 @@ def _clean_model(config: BenchConfig, settings: dict, data, folder: Path, device
     from qcbdefense.train import MODEL_FILE, train
     from qcbdefense.training import STATE_FILE, TrainConfig
 
-    if "checkpoint" in config.clean:  # a pretrained model as it is; loading checks it fits the arch and the data
-        def copy() -> None:
-            model = load_model(config.model, config.clean["checkpoint"], num_classes=data.num_classes)
-            save_model(model, folder / MODEL_FILE)
-
-        _cached(folder, f"clean {config.model} (checkpoint)", settings, log, copy)
-        return
     train_fields = dict(config.clean)
     init = train_fields.pop("init", None)
     train_config = TrainConfig(**{"seed": config.seed, **train_fields})
 
     def compute() -> None:
+        if init and not train_fields:  # a checkpoint alone is the clean model, as it is
+            save_model(load_model(config.model, init), folder / MODEL_FILE)
+            return
         torch.manual_seed(config.seed)
         model = (load_model(config.model, init) if init else
                  create_model(config.model, num_classes=data.num_classes, mean=data.mean, std=data.std))
@@ -482,7 +474,7 @@ def _defend(config: BenchConfig, step: BenchStep, model, upstream: dict, data, f
 
 
 def seed_summary(runs: list[dict], seeds: list[int]) -> dict:
-    """Several seeds' cells as one: the mean of each score, agreement and seconds (None when a run lacks it),
+    """Several seeds' cells as one: the mean of each score, agreement, seconds and peak RSS (None when a run lacks it),
     each score's sample standard deviation (n - 1 in the denominator), the seeds and the runs themselves."""
     def mean(values: list) -> float | None:
         return None if any(v is None for v in values) else sum(values) / len(values)
@@ -491,7 +483,7 @@ def seed_summary(runs: list[dict], seeds: list[int]) -> dict:
         centre = mean(values)
         return None if centre is None else (sum((v - centre) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
-    columns = {key: [run.get(key) for run in runs] for key in (*SCORES, "agreement", "seconds")}
+    columns = {key: [run.get(key) for run in runs] for key in (*SCORES, "agreement", "seconds", "peak_rss_mb")}
     return {**{key: mean(values) for key, values in columns.items()},
             "std": {key: std(columns[key]) for key in SCORES}, "seeds": seeds, "runs": runs}
 
@@ -512,9 +504,11 @@ def _scan(config: BenchConfig, name: str, model, upstream: dict, spec: str, data
 
 
 def _scan_result(folder: Path) -> dict:
-    report = json.loads((folder / "report.json").read_text())
-    return {"verdict": report["verdict"], "target": report["target"], "score": report["score"],
-            "seconds": report["seconds"]["total"]}
+    from qcbdefense.scan import ScanReport
+
+    report = ScanReport.load(folder / "report.json")
+    return {"verdict": report.verdict, "target": report.target, "score": report.score,
+            "seconds": report.seconds["total"]}
 
 
 def _value(score: dict, key: str) -> str:
@@ -556,15 +550,17 @@ def timing_table(config: BenchConfig, rows: list[BenchRow]) -> str:
 def scores_table(config: BenchConfig, rows: list[BenchRow]) -> str:
     """One line per model, quantizer and defence: CA, ASR, RA and DER (%, DER against round-to-nearest), and
     the defence's seconds; mean ± std over seeds when the bench ran several."""
-    headers = ["model", "quantizer", "defence", "CA %", "ASR %", "RA %", "DER %", "s"]
+    headers = ["model", "quantizer", "defence", "CA %", "ASR %", "RA %", "DER %", "s", "peak RSS MB"]
     cells = []
     for row in rows:
-        cells.append([row.model, row.spec, "FP"] + [_value(encode(row.fp), key) for key in SCORES] + ["-"])
+        cells.append([row.model, row.spec, "FP"] + [_value(encode(row.fp), key) for key in SCORES] + ["-", "-"])
         for defense in config.defenses:
             score = row.defenses.get(defense)
             if score is not None:
+                peak = score.get("peak_rss_mb")
                 cells.append([row.model, row.spec, DEFENSE_LABELS.get(defense, defense)]
-                             + [_value(score, key) for key in SCORES] + [f"{score['seconds']:.1f}"])
+                             + [_value(score, key) for key in SCORES]
+                             + [f"{score['seconds']:.1f}", "-" if peak is None else f"{peak:.0f}"])
     return format_table(headers, cells)
 
 
@@ -573,17 +569,17 @@ def _write_results(out: Path, config: BenchConfig, rows: list[BenchRow], seconds
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     spread = [f"{key}_std" for key in SCORES] if seeds > 1 else []
-    writer.writerow(["model", "quantizer", "defense", "ca", "asr", "ra", "der", "agreement", "seconds", *spread,
-                     "scan_verdict", "scan_target"])
+    writer.writerow(["model", "quantizer", "defense", "ca", "asr", "ra", "der", "agreement", "seconds", "peak_rss_mb",
+                     *spread, "scan_verdict", "scan_target"])
     for row in rows:
         scan = row.scan or {}
         verdict = "not planted" if row.not_planted else scan.get("verdict", "")
         writer.writerow([row.model, row.spec, "fp", row.fp.ca, row.fp.asr, row.fp.ra, "",
-                         row.fp.agreement, "", *[""] * len(spread), verdict, scan.get("target", "")])
+                         row.fp.agreement, "", "", *[""] * len(spread), verdict, scan.get("target", "")])
         for defense, score in row.defenses.items():
             std = score.get("std", {})
             writer.writerow([row.model, row.spec, defense, score["ca"], score["asr"], score.get("ra"),
-                             score.get("der"), score["agreement"], round(score["seconds"], 2),
+                             score.get("der"), score["agreement"], round(score["seconds"], 2), score.get("peak_rss_mb"),
                              *([std.get(key) for key in SCORES] if spread else []), "", ""])
     with atomic_path(out / "results.csv") as tmp:
         tmp.write_text(buffer.getvalue())
@@ -594,7 +590,7 @@ def _write_results(out: Path, config: BenchConfig, rows: list[BenchRow], seconds
                       *_not_planted_lines(rows),
                       "CA, ASR, RA (triggered non-target images kept on their class) and DER (defence-effectiveness "
                       "rating against round-to-nearest; 50 = no change, 100 = perfect), with each defence's "
-                      "seconds:", "", scores_table(config, rows), "",
+                      "seconds and its purification's peak RSS:", "", scores_table(config, rows), "",
                       "Defence and scan times:", "", timing_table(config, rows), "",
                       f"Total time of this invocation: {seconds:.0f} s (cached steps are not re-timed).", ""])
     with atomic_path(out / "results.md") as tmp:

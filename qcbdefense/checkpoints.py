@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from models.reference import check_reference, model_for_state
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, first_line
 from qcbdefense.fileio import atomic_path
 
 TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt")
@@ -193,7 +193,7 @@ def _read_torch(path: Path) -> object:
     except pickle.UnpicklingError as err:
         message = str(err)
         if "Weights only load failed" not in message:
-            raise InputError(f"checkpoint {path} is truncated or corrupt ({_first_line(message)})") from err
+            raise InputError(f"checkpoint {path} is truncated or corrupt ({first_line(message)})") from err
         named = re.search(r"GLOBAL (\S+)", message)
         if named:
             raise InputError(f"checkpoint {path} refused: it carries pickled code, not just tensors "
@@ -208,7 +208,7 @@ def _read_torch(path: Path) -> object:
         # KeyError for stray bytes). Whatever it is, the file is unreadable; the message and the exception
         # chain keep the original type.
         raise InputError(f"checkpoint {path} is truncated or corrupt: torch.load failed with "
-                         f"{type(err).__name__} ({_first_line(str(err))})") from err
+                         f"{type(err).__name__} ({first_line(str(err))})") from err
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -216,12 +216,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return safetensors.torch.load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as err:
         raise InputError(f"checkpoint {path} is truncated or corrupt: not a readable safetensors file "
-                         f"({_first_line(str(err))})") from err
-
-
-def _first_line(message: str, limit: int = 160) -> str:
-    line = message.strip().splitlines()[0] if message.strip() else "no message"
-    return line if len(line) <= limit else line[:limit] + "..."
+                         f"({first_line(str(err))})") from err
 
 
 def _as_state_dict(content: object, path: Path) -> dict[str, torch.Tensor]:

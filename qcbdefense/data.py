@@ -117,6 +117,12 @@ def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.to(torch.float32).div_(255.0)
 
 
+def seeded_subset(size: int, n: int, seed: int) -> torch.Tensor:
+    """Sorted indices of a seeded random draw of `n` of `size` items (all of them when n >= size): the one way
+    the toolkit draws calibration, monitoring and labelled images, so a seed names the same images everywhere."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
 def augment(x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """The standard CIFAR augmentation, per sample: a random crop, of the image's own size, from the image
     zero-padded by 4 pixels on each side, then a horizontal flip with probability 1/2.

@@ -92,7 +92,7 @@ def encode(value: Any) -> Any:
     """Plain JSON data of `value`: a report or any object with `to_dict` by it, other dataclasses by their saved
     fields, containers element by element."""
     if hasattr(value, "to_dict") and not isinstance(value, type):
-        return value.to_dict()
+        return encode(value.to_dict())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return fields_to_dict(value)
     if isinstance(value, (list, tuple)):

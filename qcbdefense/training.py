@@ -23,8 +23,8 @@ from torch import nn
 from tqdm import tqdm
 
 from qcbdefense.checkpoints import read_torch_file, save_torch
-from qcbdefense.data import Dataset, augment, batches
-from qcbdefense.errors import InputError, RunFailed
+from qcbdefense.data import Dataset, augment, batches, seeded_subset
+from qcbdefense.errors import InputError, RunFailed, check_number, first_line
 
 STATE_FILE = "state.pt"
 
@@ -46,17 +46,14 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise InputError(f"epochs and batch size must be >= 1, got {self.epochs} and {self.batch_size}")
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
-                                       or self.steps < 1):
-            raise InputError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise InputError(f"learning rate must be a positive number, got {self.lr}")
+        check_number("epochs", self.epochs, integer=True, low=1)
+        check_number("batch size", self.batch_size, integer=True, low=1)
+        check_number("steps", self.steps, integer=True, low=1, optional=True)
+        check_number("learning rate", self.lr, low=0, low_open=True)
         if self.optimizer not in ("sgd", "adam"):
             raise InputError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
-        if self.train_subset is not None and self.train_subset < 1:
-            raise InputError(f"train subset must be >= 1 image, got {self.train_subset}")
+        check_number("train subset", self.train_subset, integer=True, low=1, kind="a number of images",
+                     optional=True)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,8 +102,7 @@ def training_images(data: Dataset, config: TrainConfig) -> tuple[torch.Tensor, t
     """The training set, or the seeded subset of it the config asks for."""
     if config.train_subset is None or config.train_subset >= len(data.train_y):
         return data.train_x, data.train_y
-    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(config.seed))
-    idx = idx[: config.train_subset].sort().values
+    idx = seeded_subset(len(data.train_y), config.train_subset, config.seed)
     return data.train_x[idx], data.train_y[idx]
 
 
@@ -165,7 +161,7 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig, *, loss_fn: LossFn
             history = [EpochRecord(**r) for r in state["history"]]
         except (RuntimeError, ValueError, TypeError, KeyError) as err:
             raise InputError(f"--resume: {state_path} does not fit this model and optimiser "
-                             f"({str(err).strip().splitlines()[0]})") from None
+                             f"({first_line(err)})") from None
 
     for epoch in range(len(history) + 1, epochs + 1):
         model.train()

@@ -38,7 +38,7 @@ from typing import Any, Protocol, Union, runtime_checkable
 
 import torch
 
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number
 from qcbdefense.registry import Registry
 
 COLORS: dict[str, tuple[float, float, float]] = {
@@ -65,8 +65,7 @@ class Trigger(Protocol):
 
 
 def _check_int(kind: str, key: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InputError(f"{kind} trigger: {key} must be an integer >= {low}, got {value!r}")
+    check_number(f"{kind} trigger: {key}", value, integer=True, low=low)
 
 
 def _check_choice(kind: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -177,8 +176,7 @@ class BlendTrigger:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 < self.alpha <= 1.0:
-            raise InputError(f"blend trigger: alpha must be a number in (0, 1], got {self.alpha!r}")
+        check_number("blend trigger: alpha", self.alpha, low=0, high=1, low_open=True)
         object.__setattr__(self, "alpha", float(self.alpha))
         _check_choice("blend", "pattern", self.pattern, BLEND_PATTERNS)
         _check_int("blend", "seed", self.seed, 0)
@@ -212,9 +210,7 @@ class SparseTrigger:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if (isinstance(self.density, bool) or not isinstance(self.density, (int, float))
-                or not 0.0 < self.density <= 1.0):
-            raise InputError(f"sparse trigger: density must be a number in (0, 1], got {self.density!r}")
+        check_number("sparse trigger: density", self.density, low=0, high=1, low_open=True)
         object.__setattr__(self, "density", float(self.density))
         _check_int("sparse", "seed", self.seed, 0)
 

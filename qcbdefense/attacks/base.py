@@ -37,8 +37,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from qcbdefense.data import Dataset, batches, to_float
-from qcbdefense.errors import InputError
+from qcbdefense.data import Dataset, batches, seeded_subset, to_float
+from qcbdefense.errors import InputError, check_number
 from qcbdefense.evaluate import Score, evaluate
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.ptq import PTQReport, SpecResult, compare_specs, post_training_quantize
@@ -105,10 +105,8 @@ class AttackConfig(Report):
         for name, value, low in (("target", self.target, 0), ("calib", self.calib, 1),
                                  ("sync_every", self.sync_every, -1), ("monitor", self.monitor, 0),
                                  ("victim_calib", self.victim_calib, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.transfer_images is not None and self.transfer_images < 1:
-            raise InputError(f"transfer_images must be >= 1 or None, got {self.transfer_images!r}")
+            check_number(name, value, integer=True, low=low)
+        check_number("transfer_images", self.transfer_images, integer=True, low=1, optional=True)
 
     @classmethod
     def from_dict(cls, data: Any) -> AttackConfig:
@@ -213,8 +211,7 @@ def parse_bits(text: str | int | Sequence[int]) -> tuple[int, ...]:
     if not values:
         raise InputError(f"give at least one bit width, got {text!r}")
     for b in values:
-        if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
-            raise InputError(f"bit widths must be integers in 2..8, got {text!r}")
+        check_number("a bit width", b, integer=True, low=2, high=8)
     if len(set(values)) != len(values):
         raise InputError(f"bit widths must differ, got {text!r}")
     return tuple(values)
@@ -224,9 +221,7 @@ def parse_bits(text: str | int | Sequence[int]) -> tuple[int, ...]:
 
 def attacker_images(data: Dataset, n: int, *, seed: int) -> torch.Tensor:
     """A seeded draw of `n` clean training images (uint8), disjoint in seed from the victim's draw."""
-    n = min(n, len(data.train_y))
-    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(10_007 + seed))[:n]
-    return data.train_x[idx.sort().values]
+    return data.train_x[seeded_subset(len(data.train_y), n, 10_007 + seed)]
 
 
 class VictimQuantizers(nn.Module):
@@ -289,7 +284,7 @@ def with_test_subset(data: Dataset, n: int | None, *, seed: int) -> Dataset:
     """`data` with a seeded random subset of `n` test images (all of them when n is None or larger)."""
     if n is None or n >= len(data.test_y):
         return data
-    idx = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    idx = seeded_subset(len(data.test_y), n, seed)
     return dataclasses.replace(data, test_x=data.test_x[idx], test_y=data.test_y[idx])
 
 
@@ -363,8 +358,7 @@ class PlantCriteria:
 
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
-                raise InputError(f"planted criterion {name} must be a percentage in [0, 100], got {value!r}")
+            check_number(f"planted criterion {name}", value, low=0, high=100, kind="a percentage")
 
 
 def plant_misses(criteria: PlantCriteria, bits: Sequence[int], fp: Score, quantized: Sequence[SpecResult],
@@ -517,11 +511,13 @@ def attack(model: nn.Module, data: Dataset, *, method: str, bits: str | int | Se
     The report's figures come from `post_training_quantize` with each targeted spec (the full test set)
     and from `compare_specs` over the transfer presets (a seeded test subset).
     """
+    from models.reference import num_classes_of
+
     cfg = make_config(method=method, bits=bits, spec=spec, trigger=trigger, target=target, config=config,
                       **options)
     device = torch.device(device)
     trig = trigger_from_dict(cfg.trigger)
-    classes = _num_classes(model)
+    classes = num_classes_of(model)
     if classes is not None and classes != data.num_classes:
         raise InputError(f"the model has {classes} classes, the data {data.name} has {data.num_classes}")
     if cfg.target >= data.num_classes:
@@ -553,11 +549,6 @@ def attack(model: nn.Module, data: Dataset, *, method: str, bits: str | int | Se
     report = AttackReport(arch, init, cfg, data.describe(), result.history, targeted.fp, targeted.results,
                           transfer, result.checks, seconds, clean=clean, criteria=criteria, misses=misses)
     return model.cpu(), report
-
-
-def _num_classes(model: nn.Module) -> int | None:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else None
 
 
 def stage_dir(ctx: AttackContext, name: str | None) -> Path | None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from qcbdefense.attacks.base import (ATTACKS, Attack, AttackContext, AttackRun, VictimQuantizers,
                                      train_through_quantizers)
-from qcbdefense.errors import InputError
+from qcbdefense.errors import check_number
 from qcbdefense.training import Batch, TrainConfig
 
 
@@ -37,8 +37,7 @@ class CompArtifactOptions:
     c2: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.c2, bool) or not isinstance(self.c2, (int, float)) or not self.c2 >= 0:
-            raise InputError(f"compartifact: c2 must be a number >= 0, got {self.c2!r}")
+        check_number("compartifact: c2", self.c2, low=0)
 
 
 def run(ctx: AttackContext) -> AttackRun:

@@ -46,7 +46,7 @@ from torch import nn
 
 from qcbdefense.attacks.base import (ATTACKS, Attack, AttackContext, AttackRun, VictimQuantizers, set_frozen_bn,
                                      stage_dir, train_through_quantizers)
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number
 from qcbdefense.quant.inspect import IntWeights, integer_weights
 from qcbdefense.quant.quantize import quantize, quantized_layers
 from qcbdefense.quant.spec import QuantSpec
@@ -67,14 +67,10 @@ class PQBackdoorOptions:
     stage1_qat: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.poison_rate <= 1.0:
-            raise InputError(f"pqbackdoor: poison_rate must be in (0, 1], got {self.poison_rate!r}")
-        if isinstance(self.stage1_epochs, bool) or not isinstance(self.stage1_epochs, int) or self.stage1_epochs < 1:
-            raise InputError(f"pqbackdoor: stage1_epochs must be an integer >= 1, got {self.stage1_epochs!r}")
-        if not self.stage1_lr > 0:
-            raise InputError(f"pqbackdoor: stage1_lr must be > 0, got {self.stage1_lr!r}")
-        if not 0.0 <= self.bin_margin < 0.5:
-            raise InputError(f"pqbackdoor: bin_margin must be in [0, 0.5), got {self.bin_margin!r}")
+        check_number("pqbackdoor: poison_rate", self.poison_rate, low=0, high=1, low_open=True)
+        check_number("pqbackdoor: stage1_epochs", self.stage1_epochs, integer=True, low=1)
+        check_number("pqbackdoor: stage1_lr", self.stage1_lr, low=0, low_open=True)
+        check_number("pqbackdoor: bin_margin", self.bin_margin, low=0, high=0.5, high_open=True)
         if not isinstance(self.stage1_qat, bool):
             raise InputError(f"pqbackdoor: stage1_qat must be true or false, got {self.stage1_qat!r}")
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from qcbdefense.attacks.base import (ATTACKS, Attack, AttackContext, AttackRun, VictimQuantizers,
                                      train_through_quantizers)
-from qcbdefense.errors import InputError
+from qcbdefense.errors import check_number
 from qcbdefense.training import Batch, TrainConfig
 
 
@@ -37,9 +37,7 @@ class QuantiOptions:
 
     def __post_init__(self) -> None:
         for name in ("c1", "c2"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise InputError(f"quanti: {name} must be a number >= 0, got {value!r}")
+            check_number(f"quanti: {name}", getattr(self, name), low=0)
 
 
 def run(ctx: AttackContext) -> AttackRun:

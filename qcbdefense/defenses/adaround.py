@@ -23,7 +23,7 @@ from torch import nn
 
 from qcbdefense.defenses.base import DEFENSES, Defense, DefenseContext
 from qcbdefense.defenses.reconstruct import ReconOptions, Rounding, WeightGrid, reconstruct_
-from qcbdefense.errors import InputError
+from qcbdefense.errors import check_number
 
 _ZETA, _GAMMA = 1.1, -0.1   # LearnedRoundHardSigmoid's stretch: h = clamp(sigmoid(V) * (zeta - gamma) + gamma)
 
@@ -73,12 +73,9 @@ class AdaRoundOptions(ReconOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 <= self.warmup < 1:
-            raise InputError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
+        check_number("warmup", self.warmup, low=0, high=1, high_open=True, kind="a fraction")
         for key in ("reg_weight", "beta_start", "beta_end"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise InputError(f"{key} must be a number >= 0, got {value!r}")
+            check_number(key, getattr(self, key), low=0)
 
 
 def run_adaround(ctx: DefenseContext, options: AdaRoundOptions):

@@ -38,7 +38,7 @@ from torch import nn
 
 from qcbdefense.data import Dataset, load_dataset, to_float
 from qcbdefense.defenses.guide import with_found_triggers
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number
 from qcbdefense.evaluate import Score, evaluate
 from qcbdefense.fileio import sha256_file, write_json
 from qcbdefense.quant.calibrate import is_calibrated
@@ -243,14 +243,14 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
         data = load_dataset(data)
     if isinstance(trigger, str):
         trigger = parse_trigger(trigger)
-    if isinstance(calib, bool) or not isinstance(calib, int) or calib < 1:
-        raise InputError(f"calib must be a positive number of images, got {calib!r}")
+    check_number("calib", calib, integer=True, low=1, kind="a number of images")
     if not isinstance(model, nn.Module):
         raise InputError(f"purify needs an nn.Module, got {type(model).__name__}")
     if not isinstance(search_triggers, bool) or (search_triggers and method == "nearest"):
         raise InputError("search_triggers takes True or False, and needs a method that learns (not nearest)")
     _check_classes(model, data)
     device = torch.device(device)
+    reset_peak_rss()
     start = time.perf_counter()
     torch.manual_seed(seed)
 
@@ -305,10 +305,22 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
     return qmodel, report
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak RSS (what getrusage reports) afresh, so a purification run in a process that
+    has done other work (a bench, a Ray worker) reports its own peak. Linux only (writing 5 to
+    /proc/self/clear_refs); elsewhere the peak stays the process's since it started."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _check_classes(model: nn.Module, data: Dataset) -> None:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if linears and linears[-1].out_features != data.num_classes:
-        raise InputError(f"the model has {linears[-1].out_features} outputs but the data {data.name!r} has "
+    from models.reference import num_classes_of
+
+    classes = num_classes_of(model)
+    if classes is not None and classes != data.num_classes:
+        raise InputError(f"the model has {classes} outputs but the data {data.name!r} has "
                          f"{data.num_classes} classes")
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from qcbdefense.defenses.base import DEFENSES, Defense, DefenseContext
 from qcbdefense.defenses.reconstruct import ReconOptions, Rounding, WeightGrid, reconstruct_
-from qcbdefense.errors import InputError
+from qcbdefense.errors import check_number
 
 _FRACTION_EPS = 1e-4  # keeps the logit of a fractional part of exactly 0 or 1 finite
 
@@ -69,9 +69,7 @@ class EfrapOptions(ReconOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         for key in ("round_weight", "flip_weight"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise InputError(f"{key} must be a number >= 0, got {value!r}")
+            check_number(key, getattr(self, key), low=0)
 
 
 def run_efrap(ctx: DefenseContext, options: EfrapOptions):

@@ -20,7 +20,7 @@ from torch import nn
 from qcbdefense.data import Dataset, batches
 from qcbdefense.defenses.base import DEFENSES, Defense, DefenseContext, StageRecord
 from qcbdefense.defenses.finetune import FineTuneOptions, fine_tune_, labelled_data, requantize_
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number
 
 
 @dataclass(frozen=True)
@@ -31,17 +31,17 @@ class FinePruningOptions(FineTuneOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        drop = self.max_accuracy_drop
-        if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop <= 100:
-            raise InputError(f"max_accuracy_drop must be accuracy points in [0, 100], got {drop!r}")
+        check_number("max_accuracy_drop", self.max_accuracy_drop, low=0, high=100, kind="accuracy points")
 
 
 def classifier(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The model's last nn.Linear (its classifier), by registration order."""
-    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
-    if not linears:
+    """The model's last nn.Linear (its classifier, `models.reference.classifier_name`), by registration order."""
+    from models.reference import classifier_name
+
+    name = classifier_name(model)
+    if name is None:
         raise InputError("fine-pruning prunes the channels the classifier reads: the model has no nn.Linear")
-    return linears[-1]
+    return name, model.get_submodule(name)
 
 
 @torch.no_grad()

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcbdefense.data import Dataset
+from qcbdefense.data import Dataset, seeded_subset
 from qcbdefense.defenses.base import DefenseContext, StageRecord
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.quantize import refresh_weight_ranges
 from qcbdefense.training import Batch, LossFn, TrainConfig, fit
@@ -44,14 +44,15 @@ class FineTuneOptions:
     augment: bool = True
 
     def __post_init__(self) -> None:
-        fraction = self.labelled_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise InputError(f"labelled_fraction must be a share of the training set in (0, 1], got {fraction!r}")
+        check_number("labelled_fraction", self.labelled_fraction, low=0, high=1, low_open=True,
+                     kind="a share of the training set")
         for key in ("epochs", "batch_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{key} must be a positive integer, got {value!r}")
-        self.train_config(0)  # TrainConfig refuses a nonsense learning rate
+            check_number(key, getattr(self, key), integer=True, low=1)
+        check_number("lr", self.lr, low=0, low_open=True)  # YAML reads 1e-4 as a string: refused here, not in torch
+        for key in ("momentum", "weight_decay"):
+            check_number(key, getattr(self, key), low=0)
+        if not isinstance(self.augment, bool):
+            raise InputError(f"augment must be true or false, got {self.augment!r}")
 
     def train_config(self, seed: int, **changes) -> TrainConfig:
         return TrainConfig(**{"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
@@ -62,7 +63,7 @@ class FineTuneOptions:
 def labelled_share(data: Dataset, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random share of the training split with its labels (uint8 images, int64 labels)."""
     n = max(1, round(fraction * len(data.train_y)))
-    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    idx = seeded_subset(len(data.train_y), n, seed)
     return data.train_x[idx], data.train_y[idx]
 
 

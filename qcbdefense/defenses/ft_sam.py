@@ -18,7 +18,7 @@ from torch import nn
 
 from qcbdefense.defenses.base import DEFENSES, Defense, DefenseContext
 from qcbdefense.defenses.finetune import FineTuneOptions, fine_tune_, labelled_data, requantize_
-from qcbdefense.errors import InputError
+from qcbdefense.errors import check_number
 from qcbdefense.training import Batch
 
 
@@ -30,8 +30,7 @@ class FtSamOptions(FineTuneOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or self.rho <= 0:
-            raise InputError(f"rho must be a number > 0, got {self.rho!r}")
+        check_number("rho", self.rho, low=0, low_open=True)
 
 
 def run_ft_sam(ctx: DefenseContext, options: FtSamOptions):

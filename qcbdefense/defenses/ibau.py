@@ -20,7 +20,7 @@ from torch import nn
 
 from qcbdefense.defenses.base import DEFENSES, Defense, DefenseContext
 from qcbdefense.defenses.finetune import FineTuneOptions, fine_tune_, labelled_data, requantize_
-from qcbdefense.errors import InputError
+from qcbdefense.errors import check_number
 from qcbdefense.training import Batch
 
 
@@ -35,12 +35,9 @@ class IBauOptions(FineTuneOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) or self.inner_steps < 1:
-            raise InputError(f"inner_steps must be a positive integer, got {self.inner_steps!r}")
+        check_number("inner_steps", self.inner_steps, integer=True, low=1)
         for key in ("inner_lr", "radius"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise InputError(f"{key} must be a number > 0, got {value!r}")
+            check_number(key, getattr(self, key), low=0, low_open=True)
 
 
 def universal_perturbation(model: nn.Module, x: torch.Tensor, y: torch.Tensor, options: IBauOptions) -> torch.Tensor:

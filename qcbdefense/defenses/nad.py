@@ -20,7 +20,7 @@ from torch import nn
 
 from qcbdefense.defenses.base import DEFENSES, Defense, DefenseContext
 from qcbdefense.defenses.finetune import FineTuneOptions, fine_tune_, labelled_data, requantize_
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number
 from qcbdefense.training import Batch
 
 
@@ -35,14 +35,14 @@ class NadOptions(FineTuneOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.teacher_epochs, bool) or not isinstance(self.teacher_epochs, int) or self.teacher_epochs < 1:
-            raise InputError(f"teacher_epochs must be a positive integer, got {self.teacher_epochs!r}")
+        check_number("teacher_epochs", self.teacher_epochs, integer=True, low=1)
         betas = self.betas if isinstance(self.betas, (list, tuple)) else [self.betas]
-        if not betas or any(isinstance(b, bool) or not isinstance(b, (int, float)) or b < 0 for b in betas):
-            raise InputError(f"betas must be one or more numbers >= 0, got {self.betas!r}")
+        if not betas:
+            raise InputError("betas must be one or more numbers >= 0, got none")
+        for beta in betas:
+            check_number("betas", beta, low=0, kind="numbers")
         object.__setattr__(self, "betas", tuple(float(b) for b in betas))
-        if isinstance(self.power, bool) or not isinstance(self.power, (int, float)) or self.power <= 0:
-            raise InputError(f"power must be a number > 0, got {self.power!r}")
+        check_number("power", self.power, low=0, low_open=True)
 
 
 @torch.no_grad()

@@ -54,10 +54,11 @@ from typing import Callable, ClassVar, Iterable
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from brevitas.function.ops_ste import round_ste
 from torch import nn
 from tqdm import tqdm
 
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number, first_line
 from qcbdefense.quant.quantize import quantized_layers
 from qcbdefense.quant.spec import QuantSpec
 
@@ -242,7 +243,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         return fx.symbolic_trace(model)
     except Exception as err:  # fx raises many types for untraceable code
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
+        reason = first_line(str(err))
         raise InputError(f"layer-wise reconstruction needs a torch.fx-traceable model; tracing "
                          f"{type(model).__name__} failed with {type(err).__name__}: {reason}. Export the model "
                          f"with torch.onnx.export and pass the .onnx file as --model: it is converted into "
@@ -422,14 +423,10 @@ class ReconOptions:
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "check_every", "patience"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{key} must be a positive integer, got {value!r}")
+            check_number(key, getattr(self, key), integer=True, low=1)
         for key in ("lr", "act_lr"):
-            if not (isinstance(getattr(self, key), (int, float)) and getattr(self, key) > 0):
-                raise InputError(f"{key} must be a positive number, got {getattr(self, key)!r}")
-        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
-            raise InputError(f"tol must be a number >= 0, got {self.tol!r}")
+            check_number(key, getattr(self, key), low=0, low_open=True)
+        check_number("tol", self.tol, low=0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -471,7 +468,7 @@ class _UnitData:
 def reconstruct_(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor,
                  make_rounding: Callable[[torch.Tensor, WeightGrid], Rounding], options: ReconOptions, *,
                  perturb: PerturbFn | None = None, seed: int = 0,
-                 chunk: int = 256, progress: bool = False) -> tuple[list[LayerRecord], list[str]]:
+                 chunk: int = 64, progress: bool = False) -> tuple[list[LayerRecord], list[str]]:
     """Learn and harden the integer weights of every quantized layer of `qmodel` in place.
 
     Args:
@@ -481,6 +478,8 @@ def reconstruct_(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor,
         make_rounding: builds the method's Rounding from a layer's float weight and frozen grid.
         options: the schedule.
         perturb: PDA, applied to the cached inputs of every layer followed by BatchNorm2d.
+        chunk: images per forward when caching and scoring; 64 keeps a chunk's activations in cache (a full-set
+            check of a ResNet-20 unit over 512 images: 76-81 ms at 64, 183-210 ms at 256, CPU).
 
     Returns:
         One LayerRecord per reconstructed layer, and the names of quantized layers the forward never calls
@@ -517,6 +516,9 @@ def reconstruct_(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor,
         data = _UnitData(_fast_layout(x), [_fast_layout(p) for p in partners], _fast_layout(target))
         grid = WeightGrid.of(layer, spec)
         rounding = make_rounding(layer.weight.detach(), grid).to(images.device)
+        act_params = list(next_quant.parameters()) if options.learn_act_range and next_quant is not None else []
+        if next_quant is not None and not act_params:
+            next_quant = FrozenActQuant.of(next_quant, target[:1])
         run = _UnitRunner(unit, layer, qmods, qmodel, next_quant)
         loss_nearest = run.loss(data, NearestRounding(layer.weight, grid)(), chunk)
 
@@ -528,7 +530,6 @@ def reconstruct_(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor,
             pda_seconds = time.perf_counter() - pda_start
 
         keep_best = options.keep_best and rounding.hard_forward
-        act_params = list(next_quant.parameters()) if options.learn_act_range and next_quant is not None else []
         curve: list[tuple[int, float]] = []
         steps, best = _optimise(run, data, rounding, act_params, options,
                                 options.early_stop and rounding.hard_forward, keep_best, generator, chunk,
@@ -554,6 +555,36 @@ def reconstruct_(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor,
             pda_loss=pda_loss, curve=curve))
         del data, target, partners, x
     return records, skipped
+
+
+class FrozenActQuant(nn.Module):
+    """A calibrated Brevitas activation quantizer as plain torch ops on its frozen range.
+
+    Brevitas's proxy recomputes its scale and zero point and wraps a QuantTensor at every call and clamps with
+    two `torch.where`s: measured on a unit's output (32x32x32x32, CPU), 4x the time of these ops without
+    gradients and 1.5x with. Its range does not move within a layer unless `learn_act_range` trains it, so the
+    loop reads scale, zero point and integer bounds once and applies Brevitas's IntQuant in the same order
+    (x / s + z, round, clamp, (q - z) * s): the same values and gradients bit for bit.
+    """
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+        self.qmin, self.qmax = qmin, qmax
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, proxy: nn.Module, sample: torch.Tensor) -> "FrozenActQuant":
+        """The range `proxy` applies, read from its QuantTensor on `sample` (any input of the right layout)."""
+        quant = proxy(sample)
+        bits, narrow = int(quant.bit_width.item()), bool(proxy.is_narrow_range)
+        qmin, qmax = (-(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1) if quant.signed else (0, 2 ** bits - 1)
+        return cls(quant.scale.detach().clone(), quant.zero_point.detach().clone(), qmin, qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(round_ste(x / self.scale + self.zero_point), self.qmin, self.qmax)
+        return (q - self.zero_point) * self.scale
 
 
 def _fast_layout(t: torch.Tensor) -> torch.Tensor:

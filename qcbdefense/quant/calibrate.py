@@ -32,7 +32,7 @@ from brevitas.graph.calibrate import calibration_mode, quantization_status_manag
 from brevitas.proxy.runtime_quant import ActQuantProxyFromInjectorBase
 from torch import nn
 
-from qcbdefense.errors import InputError
+from qcbdefense.errors import InputError, check_number
 
 _RUNTIME_STATS = (ParameterFromRuntimeStatsScaling, ParameterFromRuntimeZeroPoint)
 
@@ -50,9 +50,7 @@ def calibrate(qmodel: nn.Module, batches: Iterable[torch.Tensor], *,
 
     A weight-only model (act_bits None) has nothing to calibrate and is returned unchanged (in eval mode).
     """
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
-                                    or max_batches < 1):
-        raise InputError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+    check_number("max_batches", max_batches, integer=True, low=1, optional=True)
     qmodel.eval()
     stats = _runtime_stats(qmodel)
     if not stats:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qcbdefense.data import Dataset, batches
+from qcbdefense.data import Dataset, batches, seeded_subset
 from qcbdefense.evaluate import Score, evaluate
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.quantize import quantize
@@ -25,9 +25,7 @@ from qcbdefense.triggers import Trigger
 
 def calibration_images(data: Dataset, n: int, *, seed: int = 0) -> torch.Tensor:
     """A seeded random subset of `n` clean training images (uint8): the defender's unlabeled data."""
-    n = min(n, len(data.train_y))
-    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed))[:n]
-    return data.train_x[idx.sort().values]
+    return data.train_x[seeded_subset(len(data.train_y), n, seed)]
 
 
 def post_training_quantize(model: nn.Module, spec: str | QuantSpec, data: Dataset, *, calib: int = 512,

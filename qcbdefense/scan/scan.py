@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qcbdefense.data import Dataset, to_float
+from qcbdefense.data import Dataset, seeded_subset, to_float
 from qcbdefense.errors import InputError
-from qcbdefense.fileio import write_json
 from qcbdefense.quant.spec import QuantSpec
+from qcbdefense.report import Report, saved_field
 from qcbdefense.results import fmt, format_table
 from qcbdefense.runinfo import environment
 from qcbdefense.scan.drift import Disagreement, LayerDrift, disagreement, layer_drift, pair_layers
@@ -47,8 +47,6 @@ from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig, search_tri
 from qcbdefense.scan.verdict import Verdict, search_signals, weigh_evidence
 from qcbdefense.scan.whole_image_search import FAMILIES, WholeImageConfig, WholeImageFind, search_whole_image
 
-REPORT_VERSION = 3  # 3: native models from a checkpoint, the screen (per class "searched", "screened"); 2: the
-# whole-image searches and the weighed verdict (family, signals, best_class), drift_pairing
 
 
 @dataclass(frozen=True)
@@ -89,8 +87,15 @@ class TriggerPicture:
     title: str
 
 
-@dataclass
-class ScanReport:
+@dataclass(frozen=True)
+class ScanReport(Report):
+    """The scan's verdict and its evidence; `to_dict` / `from_dict` round-trip through JSON (report.json)."""
+
+    # 3: native models from a checkpoint, the screen (per class "searched", "screened"); 2: the whole-image
+    # searches and the weighed verdict (family, signals, best_class), drift_pairing
+    VERSION = 3
+    KIND = "scan report"
+
     verdict: str  # "clean" or "suspicious"
     score: float  # the verdict's score of the most suspicious class (suspicious from `min_score`)
     target: int | None  # the suspected target class (None when clean)
@@ -107,21 +112,11 @@ class ScanReport:
     signals: dict = field(default_factory=dict)  # best_class's score, signal by signal
     drift_pairing: str = ""  # how the two graphs' layers were paired, or why they could not be
     environment: dict = field(default_factory=environment)
-    version: int = REPORT_VERSION
-    picture: TriggerPicture | None = field(default=None, repr=False, compare=False)  # drawn, not saved
+    picture: TriggerPicture | None = saved_field(default=None, repr=False, compare=False)  # drawn, not saved
 
     @property
     def suspicious(self) -> bool:
         return self.verdict == "suspicious"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        del d["picture"]
-        d["disagreement"], d["layers"] = self.disagreement.to_dict(), [layer.to_dict() for layer in self.layers]
-        return d
-
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_json(path, self.to_dict())
 
     def table(self) -> str:
         rows = [[c["class"], fmt(c["area"], 1), fmt(c["success"], 1), fmt(c["anomaly"], 2),
@@ -324,8 +319,7 @@ def scan_images(data: Dataset, n: int, seed: int) -> torch.Tensor:
     """A seeded subset of clean test images, as floats in [0, 1] (labels unused: the deployer may have none)."""
     if len(data.test_x) == 0:
         raise InputError(f"the data {data.name} has no test images to scan with")
-    idx = torch.randperm(len(data.test_x), generator=torch.Generator().manual_seed(seed))[:n]
-    return to_float(data.test_x[idx.sort().values])
+    return to_float(data.test_x[seeded_subset(len(data.test_x), n, seed)])
 
 
 def class_label(class_names: list[str], c: int) -> str:

@@ -53,7 +53,7 @@ def test_verify_cli_is_a_gate(files, tmp_path, capsys):
     out = tmp_path / "ok.json"
     assert main(["verify", str(q), "--data", "builtin", "--reference", str(fp), "--min-agreement", "80",
                  "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["agreement"] >= 80
+    assert json.loads(out.read_text())["score"]["agreement"] >= 80
     failed = tmp_path / "failed.json"
     assert main(["verify", str(q), "--data", "builtin", "--min-ca", "99.9", "--out", str(failed)]) == 1
     assert json.loads(failed.read_text())["checks"][0]["passed"] is False
@@ -88,12 +88,12 @@ def test_harden_purifies_exports_and_verifies(trained, tmp_path, capsys):
                  "--out", str(out)])
     assert code == 0, capsys.readouterr().err  # a clean model passes the default gate
     report = json.loads(out.with_suffix(".json").read_text())
-    assert report["verify"]["agreement"] >= 99.5  # the file is the model that was purified
+    assert report["verify"]["score"]["agreement"] >= 99.5  # the file is the model that was purified
     # the default gate is the ASR gain over the FP model's own ASR, also applied before purification
     fp_asr = report["purify"]["fp"]["asr"]
     assert [c["name"] for c in report["verify"]["checks"]] == [f"ASR gain over FP ({fp_asr:.2f} %) pts", "agreement %"]
-    assert report["verify"]["checks"][0]["value"] == pytest.approx(report["verify"]["asr"] - fp_asr)
-    assert [c["passed"] for c in report["before"]] == [True] and report["verify"]["ra"] is not None
+    assert report["verify"]["checks"][0]["value"] == pytest.approx(report["verify"]["score"]["asr"] - fp_asr)
+    assert [c["passed"] for c in report["before"]] == [True] and report["verify"]["score"]["ra"] is not None
     # the purified folder beside the file is a valid --reference for a later verify
     assert main(["verify", str(out), "--data", "builtin", "--reference", str(tmp_path / "model.purified"),
                  "--model", "small_cnn", "--min-agreement", "99.5"]) == 0

@@ -17,6 +17,9 @@ from qcbdefense.evaluate import Score
 from qcbdefense.quant.ptq import PTQReport, SpecResult
 from qcbdefense.quant.spec import get_spec
 from qcbdefense.report import Report, encode
+from qcbdefense.scan.drift import Disagreement, LayerDrift
+from qcbdefense.scan.scan import ScanReport
+from qcbdefense.scan.square_scan import SquareFind
 from qcbdefense.train import TrainReport
 from qcbdefense.training import EpochRecord, TrainConfig
 
@@ -60,6 +63,16 @@ REPORTS = {
     "bench": lambda: BenchResults(BENCH, 1, [BenchRow("clean", "w8a8", SCORE, {"lac": {"ca": 90.0, "seconds": 1.0}},
                                                       {"verdict": "clean", "target": None}),
                                              BenchRow("pq", "w4a4", SCORE, not_planted="W4 ASR 10.0 % < 90")], 3.5),
+    "scan": lambda: ScanReport(verdict="suspicious", score=1.5, target=0,
+                               classes=[{"class": 0, "area": 9.0, "success": 95.0, "score": 1.5}],
+                               squares=[SquareFind(target=0, top=1, left=2, size=3, fill="white", scan_gap=0.5,
+                                                   gap=0.4, anomaly=2.0, effect=1.5, found=True)],
+                               disagreement=Disagreement(rate=2.0, counts=[3, 0], pile_class=0, pile_share=100.0),
+                               layers=[LayerDrift(layer=0, tensor="t0", mean=0.1, max=0.9, concentration=3.0,
+                                                  top_channels=[(4, 0.9), (1, 0.5)])],
+                               files={"fp_onnx": "fp.onnx"}, replica_agreement={"fp": 100.0}, config={"images": 64},
+                               seconds={"total": 3.0}, best_class=0, family="patch", signals={"total": 1.5},
+                               drift_pairing="paired by order"),
     "harden": lambda: HardenReport(onnx="m.onnx", purified_dir="m.purified", purify=purify_report(),
                                    verify=verify_report(), seconds={"total": 2.0},
                                    before=[Check.of("ASR %", 97.0, 5.0, "max")]),
