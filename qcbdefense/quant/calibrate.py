@@ -18,15 +18,22 @@ What Brevitas activation quantizers do on their own, and what we make of it:
 
 `is_calibrated(qmodel)` tells whether every activation quantizer holds a calibrated range; attack and
 defence code should check it before training or evaluating through a quantized model.
+
+Percentile ranges (the 0.001 % and 99.999 % points of every activation tensor) are Brevitas's statistics
+computed by `kth_smallest` instead of a full `torch.kthvalue` (`PercentileIntervalStats`,
+`NegativePercentileOrZeroStats`, `AbsPercentileStats`, which `quantize` uses): the same values, bit for bit,
+at a fraction of the cost, since a calibration pass spent most of its time in `kthvalue`.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import torch
 from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling
+from brevitas.core.stats import AbsPercentile, NegativePercentileOrZero, PercentileInterval
 from brevitas.core.zero_point import ParameterFromRuntimeZeroPoint
 from brevitas.graph.calibrate import calibration_mode, quantization_status_manager
 from brevitas.proxy.runtime_quant import ActQuantProxyFromInjectorBase
@@ -108,6 +115,73 @@ def float_view(qmodel: nn.Module) -> Iterator[nn.Module]:
     with quantization_status_manager(qmodel, disable_act_quant=True, disable_weight_quant=True,
                                      disable_bias_quant=True):
         yield qmodel
+
+
+# ---- percentile statistics -------------------------------------------------------------------------------
+
+_SAMPLE = 1 << 16
+
+
+def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """`torch.kthvalue(x.flatten(), k)[0]` exactly, fast when k is near either end of the sorted values.
+
+    A strided sample gives a threshold t with, very likely, at least k values on the near side of it; if so
+    the k-th value is among those few and is selected there, else (never seen) from all of `x`. Exact either
+    way: with at least k values <= t, the k-th smallest is <= t and its rank among them is k (likewise from
+    the top).
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    rank_from_top = n - k + 1
+    near = min(k, rank_from_top)
+    if n <= 4 * _SAMPLE or near * 64 > n:
+        return torch.kthvalue(flat, k)[0]
+    stride = n // _SAMPLE
+    sample = flat[::stride]
+    margin = min(len(sample), 4 * math.ceil(near / stride) + 16)
+    if k <= rank_from_top:
+        threshold = torch.kthvalue(sample, margin)[0]
+        candidates = flat[flat <= threshold]
+        if candidates.numel() >= k:
+            return torch.kthvalue(candidates, k)[0]
+    else:
+        threshold = torch.kthvalue(sample, len(sample) - margin + 1)[0]
+        candidates = flat[flat >= threshold]
+        if candidates.numel() >= rank_from_top:
+            return torch.kthvalue(candidates, candidates.numel() - rank_from_top + 1)[0]
+    return torch.kthvalue(flat, k)[0]
+
+
+class PercentileIntervalStats(PercentileInterval):
+    """Brevitas's `PercentileInterval` (asymmetric scale: high minus low percentile) through `kth_smallest`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stats_reduce_dim is not None:
+            return super().forward(x)
+        low_k = int(math.ceil(.01 * self.low_q * x.numel()))
+        high_k = int(math.floor(.01 * self.high_q * x.numel() + 0.5))
+        low = torch.clamp(kth_smallest(x, low_k), max=self.zero())
+        return torch.abs(kth_smallest(x, high_k) - low)
+
+
+class NegativePercentileOrZeroStats(NegativePercentileOrZero):
+    """Brevitas's `NegativePercentileOrZero` (asymmetric zero point) through `kth_smallest`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stats_reduce_dim is not None:
+            return super().forward(x)
+        k = int(math.ceil(.01 * self.q * x.numel()))
+        return torch.clamp(kth_smallest(x, k), max=self.zero())
+
+
+class AbsPercentileStats(AbsPercentile):
+    """Brevitas's `AbsPercentile` (symmetric scale) through `kth_smallest`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stats_reduce_dim is not None:
+            return super().forward(x)
+        k = int(math.floor(.01 * self.q * x.numel() + 0.5))
+        return kth_smallest(x.abs(), k)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""Seconds per optimizer step of clean training and of each attack's training loop, and per quantizer sync,
+measured side by side in one process (ResNet-20, CIFAR-10 shapes, random pixels: timing only).
+
+Run: PYTHONPATH=. OMP_NUM_THREADS=1 python experiments/attack_step_speed.py [--steps 6] [--profile quanti]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import time
+
+import torch
+import torch.nn.functional as F
+
+from models import create_model
+from qcbdefense.attacks.base import ATTACKS, AttackContext, make_config
+from qcbdefense.data import Dataset
+from qcbdefense.training import TrainConfig, fit
+
+
+def random_cifar(n: int, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return Dataset("random", [str(i) for i in range(10)], x, y, x[:256], y[:256], (0.5,) * 3, (0.25,) * 3)
+
+
+def clean_step_seconds(data: Dataset, steps: int) -> float:
+    model = create_model("resnet20")
+    cfg = TrainConfig(epochs=1, steps=steps, batch_size=128)
+    history = fit(model, data, cfg, loss_fn=lambda m, b: F.cross_entropy(m(b.augment(b.x)), b.y),
+                  evaluate_fn=lambda m: {}, desc="clean")
+    return history[0].seconds / steps
+
+
+def attack_seconds(data: Dataset, method: str, steps: int, sync_every: int, **options) -> dict:
+    model = create_model("resnet20")
+    train = TrainConfig(epochs=1, steps=steps, batch_size=128, optimizer="adam", lr=1e-4)
+    cfg = make_config(method=method, bits=4, config=train, monitor=0, sync_every=sync_every, **options)
+    ctx = AttackContext(model, data, cfg, __import__("qcbdefense.triggers", fromlist=["parse_trigger"])
+                        .trigger_from_dict(cfg.trigger), None, False, torch.device("cpu"))
+    start = time.perf_counter()
+    run = ATTACKS.get(method).run(ctx)
+    total = time.perf_counter() - start
+    stage = list(run.history)[-1]
+    record = run.history[stage][0]
+    syncs, sync_s = run.checks.get("quantizer_syncs", 0), run.checks.get("sync_seconds", 0.0)
+    return {"stage": stage, "epoch_s": record.seconds, "steps": record.steps, "total_s": total,
+            "syncs": syncs, "sync_s": sync_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--sync-every", type=int, default=3)
+    parser.add_argument("--profile", default=None, help="cProfile this method's run (top 30 by tottime)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    data = random_cifar(128 * args.steps)
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        attack_seconds(data, args.profile, args.steps, args.sync_every)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        return
+    clean = clean_step_seconds(data, args.steps)
+    rows = {"clean_step_s": round(clean, 4)}
+    for method, options in (("quanti", {}), ("compartifact", {}), ("pqbackdoor", {"stage1_epochs": 1})):
+        r = attack_seconds(data, method, args.steps, args.sync_every, **options)
+        # epoch_s covers the steps and the mid-epoch syncs; the epoch-start sync is outside it.
+        mid_syncs = r["syncs"] - 1 if r["syncs"] else 0
+        per_sync = r["sync_s"] / r["syncs"] if r["syncs"] else 0.0
+        step = (r["epoch_s"] - mid_syncs * per_sync) / r["steps"]
+        rows[method] = {"step_s": round(step, 4), "step/clean": round(step / clean, 2),
+                        "sync_s": round(per_sync, 3), "syncs": r["syncs"],
+                        f"sync share at sync_every {args.sync_every}":
+                            round(r["sync_s"] / (r["sync_s"] + step * r["steps"]), 3) if r["syncs"] else 0.0}
+        print(method, rows[method], flush=True)
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
