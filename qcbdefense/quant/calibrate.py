@@ -125,30 +125,29 @@ _SAMPLE = 1 << 16
 def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
     """`torch.kthvalue(x.flatten(), k)[0]` exactly, fast when k is near either end of the sorted values.
 
-    A strided sample gives a threshold t with, very likely, at least k values on the near side of it; if so
-    the k-th value is among those few and is selected there, else (never seen) from all of `x`. Exact either
-    way: with at least k values <= t, the k-th smallest is <= t and its rank among them is k (likewise from
-    the top).
+    A strided sample gives a threshold t with, very likely, at least k values strictly on the near side of
+    it (or t itself is the answer: fewer than k values beyond t, at least k up to and including it, as with
+    the zeros after a ReLU); the k-th value is then selected among those few, else (never seen) from all of
+    `x`. Exact either way: with at least k values below t, the k-th smallest is below t and its rank among
+    them is k (likewise from the top).
     """
     flat = x.reshape(-1)
     n = flat.numel()
-    rank_from_top = n - k + 1
-    near = min(k, rank_from_top)
-    if n <= 4 * _SAMPLE or near * 64 > n:
+    from_top = k > n - k + 1
+    rank = n - k + 1 if from_top else k  # rank from the near end
+    if n <= 4 * _SAMPLE or rank * 64 > n:
         return torch.kthvalue(flat, k)[0]
     stride = n // _SAMPLE
     sample = flat[::stride]
-    margin = min(len(sample), 4 * math.ceil(near / stride) + 16)
-    if k <= rank_from_top:
-        threshold = torch.kthvalue(sample, margin)[0]
-        candidates = flat[flat <= threshold]
-        if candidates.numel() >= k:
-            return torch.kthvalue(candidates, k)[0]
-    else:
-        threshold = torch.kthvalue(sample, len(sample) - margin + 1)[0]
-        candidates = flat[flat >= threshold]
-        if candidates.numel() >= rank_from_top:
-            return torch.kthvalue(candidates, candidates.numel() - rank_from_top + 1)[0]
+    margin = min(len(sample), 4 * math.ceil(rank / stride) + 16)
+    threshold = torch.kthvalue(sample, len(sample) - margin + 1 if from_top else margin)[0]
+    beyond = flat > threshold if from_top else flat < threshold
+    count = int(torch.count_nonzero(beyond))
+    if count >= rank:
+        candidates = flat[beyond]
+        return torch.kthvalue(candidates, count - rank + 1 if from_top else rank)[0]
+    if count + int(torch.count_nonzero(flat == threshold)) >= rank:
+        return threshold
     return torch.kthvalue(flat, k)[0]
 
 
