@@ -1,7 +1,13 @@
 """Seconds per optimizer step of clean training and of each attack's training loop, and per quantizer sync,
 measured side by side in one process (ResNet-20, CIFAR-10 shapes, random pixels: timing only).
 
+Two references: a clean step (batch 128, one float forward and backward) and a float step of the same work
+as the attack's (each attack step runs the batch and its triggered copy, 256 images, through the float
+model and each quantized model: CompArtifact and Qu-ANTI-zation at one bit width do two passes of 256,
+PQBackdoor's stage 2 one), so `step/same-work` is what the fake quantizers add.
+
 Run: PYTHONPATH=. OMP_NUM_THREADS=1 python experiments/attack_step_speed.py [--steps 6] [--profile quanti]
+(quanti here targets 4 bits only, as the W4 rows do.)
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from models import create_model
 from qcbdefense.attacks.base import ATTACKS, AttackContext, make_config
 from qcbdefense.data import Dataset
 from qcbdefense.training import TrainConfig, fit
+from qcbdefense.triggers import trigger_from_dict
 
 
 def random_cifar(n: int, seed: int = 0) -> Dataset:
@@ -36,12 +43,23 @@ def clean_step_seconds(data: Dataset, steps: int) -> float:
     return history[0].seconds / steps
 
 
+def same_work_step_seconds(data: Dataset, steps: int, passes: int) -> float:
+    """A float step over the batch and its copy (256 images), `passes` forward/backward passes."""
+    model = create_model("resnet20")
+    cfg = TrainConfig(epochs=1, steps=steps, batch_size=128, optimizer="adam", lr=1e-4)
+
+    def loss_fn(m, b):
+        x, y = b.augment(torch.cat([b.x, b.x])), torch.cat([b.y, b.y])
+        return sum(F.cross_entropy(m(x), y) for _ in range(passes))
+
+    return fit(model, data, cfg, loss_fn=loss_fn, evaluate_fn=lambda m: {}, desc="same work")[0].seconds / steps
+
+
 def attack_seconds(data: Dataset, method: str, steps: int, sync_every: int, **options) -> dict:
     model = create_model("resnet20")
     train = TrainConfig(epochs=1, steps=steps, batch_size=128, optimizer="adam", lr=1e-4)
     cfg = make_config(method=method, bits=4, config=train, monitor=0, sync_every=sync_every, **options)
-    ctx = AttackContext(model, data, cfg, __import__("qcbdefense.triggers", fromlist=["parse_trigger"])
-                        .trigger_from_dict(cfg.trigger), None, False, torch.device("cpu"))
+    ctx = AttackContext(model, data, cfg, trigger_from_dict(cfg.trigger), None, False, torch.device("cpu"))
     start = time.perf_counter()
     run = ATTACKS.get(method).run(ctx)
     total = time.perf_counter() - start
@@ -68,14 +86,17 @@ def main() -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         return
     clean = clean_step_seconds(data, args.steps)
-    rows = {"clean_step_s": round(clean, 4)}
-    for method, options in (("quanti", {}), ("compartifact", {}), ("pqbackdoor", {"stage1_epochs": 1})):
+    same = {passes: same_work_step_seconds(data, args.steps, passes) for passes in (1, 2)}
+    rows = {"clean_step_s": round(clean, 4), "same_work_step_s": {p: round(v, 4) for p, v in same.items()}}
+    for method, options, passes in (("quanti", {}, 2), ("compartifact", {}, 2),
+                                    ("pqbackdoor", {"stage1_epochs": 1}, 1)):
         r = attack_seconds(data, method, args.steps, args.sync_every, **options)
         # epoch_s covers the steps and the mid-epoch syncs; the epoch-start sync is outside it.
         mid_syncs = r["syncs"] - 1 if r["syncs"] else 0
         per_sync = r["sync_s"] / r["syncs"] if r["syncs"] else 0.0
         step = (r["epoch_s"] - mid_syncs * per_sync) / r["steps"]
         rows[method] = {"step_s": round(step, 4), "step/clean": round(step / clean, 2),
+                        "step/same-work": round(step / same[passes], 2),
                         "sync_s": round(per_sync, 3), "syncs": r["syncs"],
                         f"sync share at sync_every {args.sync_every}":
                             round(r["sync_s"] / (r["sync_s"] + step * r["steps"]), 3) if r["syncs"] else 0.0}
