@@ -12,7 +12,8 @@ so through `VictimQuantizers`: the victim's quantized models, sharing the float 
 the victim would" on the current weights at the start of every epoch (fresh MSE weight ranges, activation
 ranges recalibrated on the attacker's own clean images) and, optionally, every `sync_every` steps.
 Why: Brevitas holds an MSE weight range and a calibrated activation range fixed once found, so a model
-trained through stale quantizers learns a backdoor for a quantizer nobody deploys.
+trained through stale quantizers learns a backdoor for a quantizer nobody deploys. Between syncs the steps
+run through `attacks.fakequant` views of those models (the same ranges and integers, fused kernels).
 
 Specs: `spec` names the base quantizer (a preset, a spec file or a QuantSpec); the spec at each targeted bit
 width b is derived from it (`spec_at`): weight bits b, activation bits b when the base has equal weight and
