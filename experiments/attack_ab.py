@@ -37,11 +37,12 @@ def main() -> None:
     published, report = attack(model, data, method="compartifact", bits=4, spec="w4a4", c2=0.25, config=config,
                                sync_every=16, monitor=0, transfer=(), victim_calib=512)
     weights = torch.cat([p.detach().flatten() for p in published.parameters()])
-    result = {"fp": [report.fp.ca, report.fp.asr],
-              "w4": [report.quantized[0].metrics.ca, report.quantized[0].metrics.asr],
+    w4 = report.quantized[0]
+    w4 = getattr(w4, "score", None) or w4.metrics  # SpecResult.metrics before the report model of issue 27
+    torch.save(published.state_dict(), args.out + ".weights.pt")
+    result = {"fp": [report.fp.ca, report.fp.asr], "w4": [w4.ca, w4.asr],
               "weights_sum": weights.double().sum().item(), "weights_abs_sum": weights.double().abs().sum().item(),
               "seconds": report.seconds, "checks": report.checks, "steps": args.steps, "test": args.test}
-    torch.save(published.state_dict(), args.out + ".weights.pt")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result))
