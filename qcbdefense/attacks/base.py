@@ -12,7 +12,8 @@ so through `VictimQuantizers`: the victim's quantized models, sharing the float 
 the victim would" on the current weights at the start of every epoch (fresh MSE weight ranges, activation
 ranges recalibrated on the attacker's own clean images) and, optionally, every `sync_every` steps.
 Why: Brevitas holds an MSE weight range and a calibrated activation range fixed once found, so a model
-trained through stale quantizers learns a backdoor for a quantizer nobody deploys.
+trained through stale quantizers learns a backdoor for a quantizer nobody deploys. Between syncs the steps
+run through `attacks.fakequant` views of those models (the same ranges and integers, fused kernels).
 
 Specs: `spec` names the base quantizer (a preset, a spec file or a QuantSpec); the spec at each targeted bit
 width b is derived from it (`spec_at`): weight bits b, activation bits b when the base has equal weight and
@@ -37,6 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from qcbdefense.attacks.fakequant import fast_view, load_ranges
 from qcbdefense.data import Dataset, batches, seeded_subset, to_float
 from qcbdefense.errors import InputError, check_number
 from qcbdefense.evaluate import Score, evaluate
@@ -227,17 +229,21 @@ def attacker_images(data: Dataset, n: int, *, seed: int) -> torch.Tensor:
 class VictimQuantizers(nn.Module):
     """The float model and its fake-quantized twins under the victim's specs, sharing its parameters.
 
-    `fp` is the float model itself; `quantized[i]` is `quantize(fp, specs[i])`. `sync()` re-quantizes as
-    the victim's PTQ would on the current weights: forget and re-search the MSE weight ranges, recalibrate
-    the activation ranges on clean images. `before_epoch` and `after_step` are `fit` hooks that sync when
-    due and put the modules in training mode (BatchNorm frozen when `freeze_bn`).
+    `fp` is the float model itself; `victims[i]` is `quantize(fp, specs[i])`, the Brevitas model the victim
+    deploys; `quantized[i]` is what the attack trains through: its `fast_view` (the same quantizers with the
+    ranges held and fused kernels, `attacks.fakequant`), or `victims[i]` itself when a weight range follows
+    the weights. `sync()` re-quantizes as the victim's PTQ would on the current weights: forget and re-search
+    the MSE weight ranges, recalibrate the activation ranges on clean images, and hand the ranges to the
+    views. `before_epoch` and `after_step` are `fit` hooks that sync when due and put the modules in
+    training mode (BatchNorm frozen when `freeze_bn`).
     """
 
     def __init__(self, model: nn.Module, specs: Sequence[QuantSpec], calib_images: torch.Tensor, *,
                  freeze_bn: bool, sync_every: int, device: torch.device) -> None:
         super().__init__()
         self.fp = model
-        self.quantized = nn.ModuleList(quantize(model, spec) for spec in specs)
+        self.victims = nn.ModuleList(quantize(model, spec) for spec in specs)
+        self.quantized = nn.ModuleList(fast_view(q) or q for q in self.victims)
         self.calib_images = calib_images
         self.freeze_bn = freeze_bn
         self.sync_every = sync_every
@@ -250,7 +256,7 @@ class VictimQuantizers(nn.Module):
     def sync(self) -> None:
         start = time.perf_counter()
         labels = torch.zeros(len(self.calib_images), dtype=torch.long)
-        for qmodel in self.quantized:
+        for qmodel, view in zip(self.victims, self.quantized):
             refresh_weight_ranges(qmodel)
             calibrate(qmodel, (x for x, _ in batches(self.calib_images, labels, batch_size=128,
                                                      device=self.device)))
@@ -258,6 +264,8 @@ class VictimQuantizers(nn.Module):
             # eval mode and without autograd, rather than inside the next training step.
             with torch.no_grad():
                 qmodel(to_float(self.calib_images[:2]).to(self.device))
+            if view is not qmodel:
+                load_ranges(view, qmodel)
         self.syncs += 1
         self.sync_seconds += time.perf_counter() - start
 

@@ -85,6 +85,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcbdefense.errors import InputError
+from qcbdefense.quant.calibrate import (AbsPercentileStats, NegativePercentileOrZeroStats,
+                                       PercentileIntervalStats, calibrate)
 from qcbdefense.quant.spec import QuantSpec, get_spec
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
@@ -152,13 +154,15 @@ def act_quantizer(spec: QuantSpec, bits: int):
             return Int8ActPerTensorFloatMSE.let(bit_width=bits)
         if calibration == "minmax":
             return Int8ActPerTensorFloat.let(bit_width=bits, scaling_stats_op=StatsOp.MAX)
-        return Int8ActPerTensorFloat.let(bit_width=bits)
+        return Int8ActPerTensorFloat.let(bit_width=bits, scaling_stats_impl=AbsPercentileStats)
     if calibration == "mse":
         return ShiftedUint8ActPerTensorFloatMSE.let(bit_width=bits)
     if calibration == "minmax":
         return ShiftedUint8ActPerTensorFloat.let(bit_width=bits, scaling_stats_op=StatsOp.MIN_MAX,
                                                  zero_point_stats_impl=NegativeMinOrZero)
-    return ShiftedUint8ActPerTensorFloat.let(bit_width=bits)
+    # Brevitas's percentile statistics, computed faster with the same result (see quant/calibrate.py)
+    return ShiftedUint8ActPerTensorFloat.let(bit_width=bits, scaling_stats_impl=PercentileIntervalStats,
+                                             zero_point_stats_impl=NegativePercentileOrZeroStats)
 
 
 def quantize(model: nn.Module, spec: str | QuantSpec, *, calib: Iterable[torch.Tensor] | None = None,
@@ -225,7 +229,6 @@ def quantize(model: nn.Module, spec: str | QuantSpec, *, calib: Iterable[torch.T
     # fresh, trainable parameters: freeze them again after each load.
     qmodel.register_load_state_dict_post_hook(_freeze_after_load)
     if calib is not None:
-        from qcbdefense.quant.calibrate import calibrate  # calibrate.py does not import this module
         calibrate(qmodel, calib)
     return qmodel
 
@@ -285,7 +288,42 @@ def refresh_weight_ranges(qmodel: nn.Module) -> nn.Module:
                 impl.init_done = False
             elif isinstance(impl, MSE):
                 impl.internal_candidate = None  # the scale search reads the zero point's last candidate
+                _cache_mode_switches(impl)
     return qmodel
+
+
+def _cache_mode_switches(mse: MSE) -> None:
+    """Let Brevitas's MSE search switch its proxy's modes through lists found once, not a walk of the
+    proxy's module tree four times per candidate (half the search's time on ResNet-20). Same effect: the
+    switches set `local_loss_mode` / `observer_only` on the same modules (those of Brevitas 0.13's
+    `_set_local_loss_mode`, `_set_observer_mode`, `_restore_observer_mode`, `_restore_params`)."""
+    if getattr(mse, "qcb_cached_switches", False):
+        return
+    proxy = mse.proxy_forward.__self__
+    loss_modes = [m for m in proxy.modules() if hasattr(m, "local_loss_mode")]
+    observers = [m for m in proxy.modules() if hasattr(m, "observer_only")]
+    offloaded = [m for m in loss_modes if hasattr(m, "allocate_params")]
+
+    def set_local_loss_mode(enabled: bool) -> None:
+        for m in loss_modes:
+            m.local_loss_mode = enabled
+
+    def set_observer_mode(enabled: bool) -> None:
+        for m in observers:
+            mse.previous_observer_mode[m] = m.observer_only
+            m.observer_only = enabled
+
+    def restore_observer_mode() -> None:
+        for m in observers:
+            m.observer_only = mse.previous_observer_mode[m]
+
+    def restore_offload_param() -> None:
+        for m in offloaded:
+            m.allocate_params(m)
+
+    mse.set_local_loss_mode, mse.set_observer_mode = set_local_loss_mode, set_observer_mode
+    mse.restore_observer_mode, mse.restore_offload_param = restore_observer_mode, restore_offload_param
+    mse.qcb_cached_switches = True
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------

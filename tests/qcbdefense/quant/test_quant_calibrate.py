@@ -10,6 +10,7 @@ from models import create_model
 from qcbdefense.errors import InputError
 from qcbdefense.quant import (QuantSpec, calibrate, float_view, is_calibrated, quantize, quantized_layers,
                               quantizer_parameters)
+from qcbdefense.quant.calibrate import kth_smallest
 
 
 def test_calibration_turns_garbage_into_float(warm, rel_error):
@@ -116,3 +117,28 @@ def test_bad_batches_raise(tiny, pixels):
     with pytest.raises(InputError, match=r"\[0, 1\]"):
         calibrate(qmodel, [pixels, pixels * 255])  # fails midway: no half-calibrated ranges are kept
     assert not is_calibrated(qmodel)
+
+
+@pytest.mark.parametrize("values", ["relu", "few_values", "normal", "negative"])
+def test_kth_smallest_is_kthvalue_exactly(values):
+    g = torch.Generator().manual_seed(0)
+    x = {"relu": lambda: torch.randn(600_000, generator=g).relu(),  # ties at zero: the low tail's answer
+         "few_values": lambda: torch.randint(0, 7, (600_000,), generator=g).float(),
+         "normal": lambda: torch.randn(300_000, generator=g),
+         "negative": lambda: -torch.randn(400_000, generator=g).relu()}[values]()
+    n = x.numel()
+    for k in (1, 2, int(n * 1e-5) + 1, n // 2, n - int(n * 1e-5), n - 1, n):
+        assert torch.equal(kth_smallest(x, k), torch.kthvalue(x, k)[0]), k
+
+
+def test_percentile_statistics_are_brevitas_own():
+    from brevitas.core.stats import AbsPercentile, NegativePercentileOrZero, PercentileInterval
+
+    from qcbdefense.quant.calibrate import (AbsPercentileStats, NegativePercentileOrZeroStats,
+                                           PercentileIntervalStats)
+    x = torch.randn(4, 16, 100, 100, generator=torch.Generator().manual_seed(1)) - 0.5
+    pairs = [(PercentileInterval(0.001, 99.999), PercentileIntervalStats(0.001, 99.999)),
+             (NegativePercentileOrZero(0.001), NegativePercentileOrZeroStats(0.001)),
+             (AbsPercentile(99.999, None), AbsPercentileStats(99.999, None))]
+    for theirs, ours in pairs:
+        assert torch.equal(ours(x), theirs(x)), type(theirs).__name__
