@@ -8,6 +8,7 @@ backdoor did not plant (missed its criteria; `--allow-weak` accepts it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import warnings
@@ -238,7 +239,6 @@ def _source_file(args: argparse.Namespace) -> Path:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from qcbdefense.data import load_dataset
-    from qcbdefense.fileio import write_json
     from qcbdefense.quant.ptq import compare_specs
     from qcbdefense.quant.spec import get_spec
     from qcbdefense.runinfo import resolve_device
@@ -257,7 +257,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                            calib=_calib(args, data), seed=args.seed, device=device)
     print(report.table())
     if args.out is not None:
-        write_json(args.out, report.to_dict())
+        report.save(args.out)
         print(f"report: {args.out}")
     return 0
 
@@ -451,7 +451,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
         comparison = compare_throughput(args.onnx, reference, data, calib=_calib(args, data), seed=args.seed,
                                         threads=args.threads or 2)
-        report.throughput = comparison.to_dict()
+        report = dataclasses.replace(report, throughput=comparison.to_dict())
         print(comparison.table())
     if args.out is not None:
         report.save(args.out)

@@ -128,7 +128,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config: DemoConfig = DemoConfig(
         result.rows.append({"bits": bits, "spec": spec, "fp": {"ca": p.fp.ca, "asr": p.fp.asr},
                             "nearest": {"ca": p.nearest.ca, "asr": p.nearest.asr},
                             "purified": {"ca": p.purified.ca, "asr": p.purified.asr},
-                            "onnx": {"ca": v.ca, "asr": v.asr}, "onnx_agreement": v.agreement,
+                            "onnx": {"ca": v.score.ca, "asr": v.score.asr}, "onnx_agreement": v.score.agreement,
                             "gate_passed": report.passed,
                             "scan": {"verdict": scans[bits].verdict, "target": scans[bits].target,
                                      "score": scans[bits].score},

@@ -140,7 +140,7 @@ def test_verify_reads_a_quantize_dynamic_file_and_flags_its_metadata(ort_files, 
     report = verify(ort_files["dynamic"], shapes16, trigger=parse_trigger("patch"), reference=ort_files["fp"],
                     min_agreement=90.0)
     assert report.graph["format"] == "dynamic" and report.passed
-    assert report.ra is not None and report.reference_ra is not None and 0 <= report.ra <= 100
+    assert report.score.ra is not None and report.reference_score.ra is not None and 0 <= report.score.ra <= 100
     summary = report.summary()
     assert "graph: dynamic" in summary and "WARNING: metadata says float" in summary and "RA %" in summary
 
@@ -151,10 +151,10 @@ def test_gate_judges_asr_against_the_fp_models_own(ort_files, clean_cnn16, shape
                     max_asr_gain=5.0)
     (check,) = report.checks
     assert check.name.startswith("ASR gain over FP") and check.value == pytest.approx(
-        report.asr - report.reference_asr)
-    assert report.reference_asr > 0  # the clean FP model already sends some triggered images to the target
+        report.score.asr - report.reference_score.asr)
+    assert report.reference_score.asr > 0  # the clean FP model already sends some triggered images to the target
     strict = verify(ort_files["qdq-s8s8-pc"], shapes16, trigger=trigger, reference=ort_files["fp"],
-                    max_asr_gain=0.0, baseline_asr=report.asr + 1.0)
+                    max_asr_gain=0.0, baseline_asr=report.score.asr + 1.0)
     assert strict.passed and strict.checks[0].value == pytest.approx(-1.0)
     with pytest.raises(InputError, match="max_asr_gain"):
         verify(ort_files["qdq-s8s8-pc"], shapes16, trigger=trigger, max_asr_gain=5.0)

@@ -64,7 +64,7 @@ def blend_scan(clean_cnn16, shapes16, tmp_path_factory):
 
 def test_blend_qcb_is_flagged_with_its_target_and_a_whole_image_family(blend_scan):
     attacked, report, out = blend_scan
-    assert attacked.fp.asr <= 20.0 and attacked.quantized[0].metrics.asr >= 80.0, attacked.summary()  # planted
+    assert attacked.fp.asr <= 20.0 and attacked.quantized[0].score.asr >= 80.0, attacked.summary()  # planted
     assert report.suspicious and report.target == 3, report.summary()
     assert report.family in ("additive", "blend"), report.summary()
     assert report.signals[f"search_{report.family}"] >= max(report.signals["search_patch"], 0.01)
