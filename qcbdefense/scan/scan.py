@@ -36,6 +36,7 @@ from qcbdefense.data import Dataset, to_float
 from qcbdefense.errors import InputError
 from qcbdefense.fileio import write_json
 from qcbdefense.quant.spec import QuantSpec
+from qcbdefense.report import SAVED
 from qcbdefense.results import fmt, format_table
 from qcbdefense.runinfo import environment
 from qcbdefense.scan.drift import Disagreement, LayerDrift, disagreement, layer_drift, pair_layers
@@ -108,7 +109,8 @@ class ScanReport:
     drift_pairing: str = ""  # how the two graphs' layers were paired, or why they could not be
     environment: dict = field(default_factory=environment)
     version: int = REPORT_VERSION
-    picture: TriggerPicture | None = field(default=None, repr=False, compare=False)  # drawn, not saved
+    picture: TriggerPicture | None = field(default=None, repr=False, compare=False,
+                                           metadata={SAVED: False})  # drawn (files.write_scan), not saved
 
     @property
     def suspicious(self) -> bool:
