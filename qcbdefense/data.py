@@ -399,14 +399,14 @@ def make_builtin(seed: int = 0, *, n_train: int = BUILTIN_TRAIN, n_test: int = B
 @DATASETS.register("builtin")
 def _load_builtin(arg: str | None, cache_dir: Path) -> Dataset:
     seed_text, classes = "0", 10
-    for part in ("" if arg is None else arg).split(","):
+    for part in [] if arg is None else arg.split(","):
         key, _, value = part.strip().rpartition("=")
         if key == "classes":
             if not value.isdigit() or not 2 <= int(value) <= 1000:
                 raise InputError(f"builtin dataset classes must be an integer in 2..1000 (builtin:classes=N), "
                                  f"got {value!r}")
             classes = int(value)
-        elif key or value:
+        else:
             seed_text = part.strip()
     try:
         seed = int(seed_text)

@@ -188,7 +188,8 @@ def scan(fp: nn.Module, data: Dataset, *, spec: str | QuantSpec, out: str | os.P
     report.seconds["prepare"] = prepared - start
     report.seconds["total"] = time.perf_counter() - start
     if out is not None:
-        write_scan(Path(out), report, x[0], title=f"activation drift from FP: the FP model vs {spec}")
+        write_scan(Path(out), report, x[0],
+                   title=f"activation drift from FP: the FP model vs {quantized.qcb_spec.name}")
     return report
 
 

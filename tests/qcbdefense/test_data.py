@@ -84,6 +84,14 @@ def test_builtin_seed_spec_and_name(cache_dir, monkeypatch):
     assert_same(d, make_builtin(7, n_train=30, n_test=10))
 
 
+def test_builtin_with_more_classes_has_each_shape_in_bands_of_hue():
+    d = make_builtin(0, n_train=240, n_test=48, classes=24)
+    assert d.num_classes == 24 and d.classes[11] == "ring-1" and d.classes[23] == "diamond-2"
+    assert set(d.train_y.tolist()) == set(range(24))
+    assert torch.equal(make_builtin(3, n_train=50, n_test=20, classes=10).train_x,
+                       make_builtin(3, n_train=50, n_test=20).train_x)  # ten classes: the same images as before
+
+
 @pytest.mark.parametrize("spec", ["builtin:x", "builtin:1.5", "builtin:", "builtin:-1"])
 def test_builtin_bad_seed(spec, cache_dir):
     with pytest.raises(InputError, match="seed"):

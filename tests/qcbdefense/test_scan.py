@@ -118,7 +118,7 @@ def test_a_many_class_model_is_screened_down_to_its_target(shapes16):
         fp[0].weight.mul_(20.0)
     shipped = CheckerBonus(fp, target=13, bonus=50.0, classes=24).eval()
     x = shapes16.test_x[:512].float() / 255
-    config = ScanConfig(screen=ScreenConfig(searched=8, steps=10))
+    config = ScanConfig(screen=ScreenConfig(searched=8, share=0.05))
     report = scan_models(fp, shipped, x, config=config)
     searched = [c["class"] for c in report.classes if c["searched"]]
     assert len(searched) == 8 and 13 in searched, report.classes
