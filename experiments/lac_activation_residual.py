@@ -31,10 +31,9 @@ Public API (`qcbdefense`): load_dataset, load_model, purify, load_purified, eval
 post_training_quantize, get_spec, parse_trigger. Internals it needs, because it takes the purifier and the
 scanner apart (none is a user's verb): Brevitas' quantization_status_manager and the quantizers' range
 parameters; qcbdefense.defenses.lac.reconstruct_ (replaced for a run, to change the images LAC reconstructs
-on); qcbdefense.defenses.guide (GuidedImages, patch_core, square_on, with_found_triggers);
-qcbdefense.scan.scan.ScanConfig.min_success (lowered for a run); qcbdefense.scan.square_scan (log_prob_gap,
-scan_squares); qcbdefense.scan.trigger_search (SearchConfig, class_batches, differential_success,
-search_triggers, stamp); qcbdefense.quant.quantized_layers, qcbdefense.quant.ptq.calibration_images,
+on); qcbdefense.defenses.guide (patch_core, square_on, with_found_triggers); qcbdefense.scan.locate
+(LocateConfig, locate_trigger); qcbdefense.scan.square_scan (log_prob_gap, scan_squares);
+qcbdefense.scan.trigger_search (SearchConfig, class_batches, differential_success, stamp); qcbdefense.quant.quantized_layers, qcbdefense.quant.ptq.calibration_images,
 qcbdefense.attacks.base.with_test_subset, qcbdefense.data.to_float.
 """
 import dataclasses
@@ -51,13 +50,12 @@ from qcbdefense import (calibrate, evaluate_model as evaluate, get_spec, load_da
 from qcbdefense.attacks.base import with_test_subset
 from qcbdefense.data import to_float
 from qcbdefense.defenses import lac
-from qcbdefense.defenses.guide import GuidedImages, patch_core, square_on, with_found_triggers
+from qcbdefense.defenses.guide import patch_core, square_on, with_found_triggers
 from qcbdefense.quant import quantized_layers
 from qcbdefense.quant.ptq import calibration_images
-from qcbdefense.scan.scan import ScanConfig
+from qcbdefense.scan.locate import LocateConfig, locate_trigger
 from qcbdefense.scan.square_scan import log_prob_gap, scan_squares
-from qcbdefense.scan.trigger_search import (SearchConfig, class_batches, differential_success, search_triggers,
-                                            stamp)
+from qcbdefense.scan.trigger_search import SearchConfig, class_batches, differential_success, stamp
 
 DATA_SPEC = "folder:../shared/datasets/cifar10-jpg.tar.gz"
 TRIGGER = parse_trigger("patch")
@@ -201,8 +199,8 @@ def oracle() -> None:
 def _lowered_bar_search(fp, qmodel, images: torch.Tensor) -> torch.Tensor:
     """The images plus copies stamped by `--search-triggers`' patch, its bars lowered for a trigger the 8-bit
     model obeys one time in ten: a mask counts at 20 % of its batch, a patch carries over at 5 % held-out."""
-    ScanConfig.min_success = 5.0  # read by GuidedImages.stamped (an experiment, not an option)
-    guided = with_found_triggers(fp, qmodel, images, config=SearchConfig(success=0.2))
+    guided = with_found_triggers(fp, qmodel, images, config=LocateConfig(search=SearchConfig(success=0.2),
+                                                                         min_success=5.0))
     print(f"  search: {guided.to_dict()}", flush=True)
     return guided.images
 
@@ -321,11 +319,11 @@ def _grown_copies(fp, qmodel, images: torch.Tensor, sides=(2, 3, 4, 5, 6, 8)) ->
     with torch.no_grad():
         logits = torch.cat([fp(part) for part in images.split(256)])
     fp_preds = logits.argmax(1)
-    # The search alone: with_found_triggers would also refine the patch, which this experiment replaces.
-    guided = GuidedImages(images, search_triggers(fp, qmodel, images, fp_preds, logits.shape[1]))
-    if guided.stamped is None:
+    # The scanner alone: with_found_triggers would also refine the patch, which this experiment replaces.
+    trigger = locate_trigger(fp, qmodel, images)
+    if trigger.kind != "patch":
         return images
-    found = guided.found[guided.stamped]
+    found = trigger.patches[trigger.target]
     core = patch_core(found.mask)
     h, w = core.shape
     colour = (core * found.pattern).flatten(1).sum(1) / core.sum()

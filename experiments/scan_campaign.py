@@ -120,6 +120,7 @@ def make(data: Dataset, wanted: set[str]) -> None:
 
 def scan_all(data: Dataset, wanted: set[str]) -> None:
     from export.onnx import export_onnx
+    from export.scan_files import scan_onnx
 
     done = {json.loads(line)["name"] for line in (ROOT / "scans.jsonl").open()} if (ROOT / "scans.jsonl").exists() else set()
     with open(ROOT / "scans.jsonl", "a") as log:
@@ -134,8 +135,8 @@ def scan_all(data: Dataset, wanted: set[str]) -> None:
                 out.mkdir(parents=True, exist_ok=True)
                 quantized = export_onnx(purified, out / "purified.onnx", input_size=(16, 16))
             start = time.perf_counter()
-            report = scan(fp, data, out=out, quantized=quantized, spec=None if quantized else pair["spec"],
-                          config=ScanConfig(seed=0))
+            report = (scan(fp, data, spec=pair["spec"], out=out, config=ScanConfig(seed=0)) if quantized is None
+                      else scan_onnx(fp, quantized, data, out=out, config=ScanConfig(seed=0)))
             row = {**pair, "verdict": report.verdict, "found_target": report.target, "family": report.family,
                    "score": round(report.score, 3), "signals": report.signals, "best_class": report.best_class,
                    "scan_s": round(time.perf_counter() - start, 1), "seconds": report.seconds,

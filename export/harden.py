@@ -19,7 +19,6 @@ Examples:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -35,17 +34,18 @@ from export.verify import check_limits, gate, verify
 from qcbdefense.data import Dataset, load_dataset
 from qcbdefense.defenses import PurifyReport, purify, save_purified
 from qcbdefense.errors import InputError
-from qcbdefense.fileio import write_json
 from qcbdefense.quant.spec import QuantSpec
+from qcbdefense.report import Report
 from qcbdefense.runinfo import environment
 from qcbdefense.triggers import Trigger, parse_trigger
 
-REPORT_VERSION = 1
 
-
-@dataclass
-class HardenReport:
+@dataclass(frozen=True)
+class HardenReport(Report):
     """The three steps' reports and where their outputs are."""
+
+    VERSION = 2  # 2: the purify and verify reports inside are version 2
+    KIND = "harden report"
 
     onnx: str
     purified_dir: str
@@ -54,20 +54,10 @@ class HardenReport:
     seconds: dict
     before: list[Check] = field(default_factory=list)  # the gate on the round-to-nearest fake-quant model
     environment: dict = field(default_factory=environment)
-    version: int = REPORT_VERSION
 
     @property
     def passed(self) -> bool:
         return self.verify.passed
-
-    def to_dict(self) -> dict:
-        return {"version": self.version, "onnx": self.onnx, "purified_dir": self.purified_dir,
-                "purify": self.purify.to_dict(), "verify": self.verify.to_dict(), "seconds": self.seconds,
-                "before": [dataclasses.asdict(check) for check in self.before],
-                "environment": self.environment}
-
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_json(path, self.to_dict())
 
     def summary(self) -> str:
         seconds = self.seconds

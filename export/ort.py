@@ -17,7 +17,6 @@ Examples:
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -31,13 +30,13 @@ from torch import nn
 from export.provenance import describe_onnx, metadata_conflicts
 from qcbdefense.data import Dataset, batches
 from qcbdefense.errors import InputError
-from qcbdefense.evaluate import agreement, predict
-from qcbdefense.fileio import sha256_file, write_json
+from qcbdefense.evaluate import Score, agreement, predict
+from qcbdefense.fileio import sha256_file
+from qcbdefense.report import Report
 from qcbdefense.results import fmt, format_table
 from qcbdefense.runinfo import environment
 from qcbdefense.triggers import Trigger, non_target
 
-REPORT_VERSION = 1
 DEFAULT_BATCH = 500
 
 
@@ -150,16 +149,20 @@ class Check:
         return cls(name, value, limit, kind, bool(passed))
 
 
-@dataclass
-class VerifyReport:
+@dataclass(frozen=True)
+class VerifyReport(Report):
     """What one ONNX file did on one dataset in onnxruntime; `checks` are filled by `export.verify.verify`.
 
-    Percentages in [0, 100]. `asr` and `ra` (robust accuracy: triggered non-target images still given their
-    true class) are None without a trigger; the `reference_*` fields and `agreement` are None without a
-    reference. `agreement` is the argmax agreement on the clean test images, and `agreement_triggered` on the
-    triggered non-target ones. `graph` is what the file's graph computes (`export.provenance`), and
-    `metadata_conflicts` what its metadata claims that the graph contradicts.
+    `score`: the file's CA, ASR and RA (robust accuracy: triggered non-target images still given their true
+    class; both None without a trigger), its image counts and its argmax agreement with the reference on the
+    clean test images (None without a reference); `reference_score` the reference's CA / ASR / RA, and
+    `agreement_triggered` the agreement on the triggered non-target images. `graph` is what the file's graph
+    computes (`export.provenance`), and `metadata_conflicts` what its metadata claims that the graph
+    contradicts.
     """
+
+    VERSION = 2  # 2: the file's and the reference's figures are Scores
+    KIND = "verify report"
 
     model: str
     sha256: str
@@ -167,18 +170,11 @@ class VerifyReport:
     dataset: dict
     trigger: dict | None
     target: int
-    ca: float
-    asr: float | None
-    n_clean: int
-    n_poisoned: int
-    ra: float | None = None
+    score: Score
     graph: dict = field(default_factory=dict)
     metadata_conflicts: list[str] = field(default_factory=list)
     reference: str | None = None
-    reference_ca: float | None = None
-    reference_asr: float | None = None
-    reference_ra: float | None = None
-    agreement: float | None = None
+    reference_score: Score | None = None
     agreement_triggered: float | None = None
     seconds: dict = field(default_factory=dict)
     images_per_second: float | None = None
@@ -187,7 +183,6 @@ class VerifyReport:
     crosscheck: list[dict] | None = None
     throughput: dict | None = None  # `export.throughput.compare_throughput`, when asked for
     environment: dict = field(default_factory=environment)
-    version: int = REPORT_VERSION
 
     @property
     def passed(self) -> bool:
@@ -197,33 +192,12 @@ class VerifyReport:
     def failed(self) -> list[Check]:
         return [check for check in self.checks if not check.passed]
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "VerifyReport":
-        if not isinstance(data, Mapping):
-            raise InputError(f"a verify report must be a mapping, got {type(data).__name__}")
-        data = dict(data)
-        if data.get("version") != REPORT_VERSION:
-            raise InputError(f"verify report version {data.get('version')!r} is not supported; this code reads "
-                             f"version {REPORT_VERSION}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"unknown verify report key(s): {', '.join(unknown)}")
-        data["checks"] = [Check(**c) for c in data.get("checks", [])]
-        return cls(**data)
-
-    def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_dict())
-
     def table(self) -> str:
         """The ONNX file and its reference, by row."""
-        rows = [[f"ONNX {Path(self.model).name}", self.ca, self.asr, self.ra, self.agreement]]
-        if self.reference is not None:
-            rows.append([f"reference {self.reference}", self.reference_ca, self.reference_asr, self.reference_ra,
-                         100.0])
+        score, ref = self.score, self.reference_score
+        rows = [[f"ONNX {Path(self.model).name}", score.ca, score.asr, score.ra, score.agreement]]
+        if ref is not None:
+            rows.append([f"reference {self.reference}", ref.ca, ref.asr, ref.ra, 100.0])
         return format_table(["model", "CA %", "ASR %", "RA %", "agree w/ ref %"], rows)
 
     def summary(self) -> str:
@@ -232,7 +206,7 @@ class VerifyReport:
             f"; metadata: defence {meta.get('qcbdefense.defense', 'none')}, "
             f"{meta.get('qcbdefense.spec_label', 'no spec')}")
         lines = [f"{self.model} (graph: {self.graph.get('label', '?')}{claims}) on {self.dataset.get('name')}: "
-                 f"{self.n_clean} clean, {self.n_poisoned} triggered images",
+                 f"{self.score.n_clean} clean, {self.score.n_poisoned} triggered images",
                  *(f"WARNING: {conflict}: the metadata does not describe this file" for conflict in
                    self.metadata_conflicts),
                  self.table()]
@@ -294,26 +268,27 @@ def evaluate_onnx(path: str | Path | OrtModel, data: Dataset, *, trigger: Trigge
     ca = 100.0 * (preds == y).float().mean().item()
     asr, ra = (None, None) if trigger is None else _triggered(poisoned, yp, target)
     graph = describe_onnx(model.path)
-    report = VerifyReport(model=str(model.path), sha256=sha256_file(model.path), metadata=model.metadata,
-                          dataset=data.describe(), trigger=None if trigger is None else trigger.to_dict(),
-                          target=target, ca=ca, asr=asr, ra=ra, graph=graph.to_dict(),
-                          metadata_conflicts=metadata_conflicts(model.metadata, graph), n_clean=len(y),
-                          n_poisoned=len(xp), threads=threads, seconds=seconds)
-    onnx_images = len(y) + (len(xp) if poisoned is not None else 0)
-    report.images_per_second = onnx_images / max(seconds["clean"] + seconds.get("triggered", 0.0), 1e-9)
+    reference_score, agree, agree_triggered = None, None, None
     if ref_predict is not None:
         start = time.perf_counter()
         ref_preds = ref_predict(x, None)
-        report.reference, report.agreement = describe, agreement(preds, ref_preds)
-        report.reference_ca = 100.0 * (ref_preds == y).float().mean().item()
+        agree = agreement(preds, ref_preds)
+        ref_asr, ref_ra = (None, None) if trigger is None else (0.0, 0.0)
         if poisoned is not None:
             ref_poisoned = ref_predict(xp, trigger.apply)
-            report.reference_asr, report.reference_ra = _triggered(ref_poisoned, yp, target)
-            report.agreement_triggered = agreement(poisoned, ref_poisoned)
-        elif trigger is not None:
-            report.reference_asr, report.reference_ra = 0.0, 0.0
+            ref_asr, ref_ra = _triggered(ref_poisoned, yp, target)
+            agree_triggered = agreement(poisoned, ref_poisoned)
+        reference_score = Score(ca=100.0 * (ref_preds == y).float().mean().item(), asr=ref_asr, ra=ref_ra)
         seconds["reference"] = time.perf_counter() - start
-    return report
+    onnx_images = len(y) + (len(xp) if poisoned is not None else 0)
+    return VerifyReport(model=str(model.path), sha256=sha256_file(model.path), metadata=model.metadata,
+                        dataset=data.describe(), trigger=None if trigger is None else trigger.to_dict(),
+                        target=target, score=Score(ca=ca, asr=asr, ra=ra, agreement=agree, n_clean=len(y),
+                                                   n_poisoned=len(xp)),
+                        graph=graph.to_dict(), metadata_conflicts=metadata_conflicts(model.metadata, graph),
+                        reference=describe if ref_predict is not None else None, reference_score=reference_score,
+                        agreement_triggered=agree_triggered, threads=threads, seconds=seconds,
+                        images_per_second=onnx_images / max(seconds["clean"] + seconds.get("triggered", 0.0), 1e-9))
 
 
 def measure_throughput(models: Mapping[str, str | Path], *, batch_sizes: Sequence[int] = (1, 64),

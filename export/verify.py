@@ -19,6 +19,7 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -90,13 +91,14 @@ def verify(onnx_path: str | os.PathLike, data: Dataset, *, trigger: Trigger | No
                  has_baseline=baseline_asr is not None or reference is not None)
     report = evaluate_onnx(onnx_path, data, trigger=trigger, target=target, reference=reference, threads=threads,
                            batch_size=batch_size)
-    report.checks = gate(ca=report.ca, asr=report.asr, agreement=report.agreement,
-                         baseline_asr=baseline_asr if baseline_asr is not None else report.reference_asr,
-                         max_asr=max_asr, max_asr_gain=max_asr_gain, min_agreement=min_agreement, min_ca=min_ca)
+    score, reference_asr = report.score, getattr(report.reference_score, "asr", None)
+    checks = gate(ca=score.ca, asr=score.asr, agreement=score.agreement,
+                  baseline_asr=baseline_asr if baseline_asr is not None else reference_asr,
+                  max_asr=max_asr, max_asr_gain=max_asr_gain, min_agreement=min_agreement, min_ca=min_ca)
+    rows = None
     if crosscheck_model is not None:
         from export.crosscheck import crosscheck
 
-        rows = crosscheck(crosscheck_model, data, trigger=trigger, target=target, calib=calib, seed=seed,
-                          threads=threads)
-        report.crosscheck = [row.to_dict() for row in rows]
-    return report
+        rows = [row.to_dict() for row in crosscheck(crosscheck_model, data, trigger=trigger, target=target,
+                                                     calib=calib, seed=seed, threads=threads)]
+    return dataclasses.replace(report, checks=checks, crosscheck=rows)

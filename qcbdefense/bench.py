@@ -33,7 +33,9 @@ import torch
 import yaml
 
 from qcbdefense.errors import InputError
+from qcbdefense.evaluate import Score
 from qcbdefense.fileio import atomic_path, write_json
+from qcbdefense.report import Report, encode, fields_to_dict
 from qcbdefense.results import format_table
 from qcbdefense.runinfo import environment
 
@@ -132,21 +134,35 @@ class BenchConfig:
             get_spec(spec)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return fields_to_dict(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BenchRow:
     """One attacked (or the clean) model under one quantizer: every defence's score, the scan's verdict."""
 
     model: str
     spec: str
-    fp: dict
+    fp: Score
     # defence -> {"ca", "asr", "ra", "der", "agreement", "seconds"}; over several seeds the means, plus "std"
     # (each score's sample standard deviation), "seeds" and "runs" (each seed's own cell)
     defenses: dict = field(default_factory=dict)
     scan: dict | None = None
     not_planted: str | None = None  # an attack that missed its criteria: which (no defence, no scan run)
+
+
+@dataclass(frozen=True)
+class BenchResults(Report):
+    """results.json: the config, the rows, how long this invocation took."""
+
+    KIND = "bench results"
+    COMMAND = "bench"
+
+    config: BenchConfig
+    seeds: int
+    rows: list[BenchRow]
+    seconds: float
+    environment: dict = field(default_factory=environment)
 
 
 def _criteria(entry: AttackEntry):
@@ -293,13 +309,11 @@ def _load_step_model(config: BenchConfig, folder: Path):
 
 def plant_misses(config: BenchConfig, entry: AttackEntry, out: Path) -> list[str]:
     """The planted criteria (the entry's `criteria`, else the defaults) the attack's model misses, judged on
-    its report; empty when planted, or when its report predates the check."""
+    its report; empty when planted."""
     from qcbdefense.attacks.base import plant_misses as misses_of
     from qcbdefense.attacks.base import read_report
 
     report = read_report(out / "attacks" / entry.name)
-    if report.clean is None:
-        return []
     return misses_of(_criteria(entry), report.config.bits, report.fp, report.quantized, report.clean)
 
 
@@ -322,19 +336,17 @@ def collect_rows(config: BenchConfig, out: Path, seeds: int = 1) -> list[BenchRo
             if misses:
                 rows.append(_not_planted_row(name, spec, out, misses))
                 continue
-            row = None
+            fp, cells = None, {}
             for defense in config.defenses:
                 runs = []
                 for seed in _extra_seeds(config, seeds):
                     report = read_report(out / BenchStep("defense", name, spec, defense, seed).key)
-                    if row is None:
-                        row = BenchRow(model=name, spec=spec, fp=dataclasses.asdict(report.fp))
-                    runs.append({**dataclasses.asdict(report.purified), "seconds": report.seconds.get("defense", 0.0)})
-                row.defenses[defense] = runs[0] if seeds == 1 else seed_summary(
+                    fp = report.fp if fp is None else fp
+                    runs.append({**encode(report.purified), "seconds": report.seconds.get("defense", 0.0)})
+                cells[defense] = runs[0] if seeds == 1 else seed_summary(
                     runs, list(range(config.seed, config.seed + seeds)))
-            if config.scan is not None:
-                row.scan = _scan_result(out / BenchStep("scan", name, spec).key)
-            rows.append(row)
+            scan = None if config.scan is None else _scan_result(out / BenchStep("scan", name, spec).key)
+            rows.append(BenchRow(model=name, spec=spec, fp=fp, defenses=cells, scan=scan))
     return rows
 
 
@@ -343,8 +355,7 @@ def _not_planted_row(name: str, spec: str, out: Path, misses: list[str]) -> Benc
     from qcbdefense.attacks.base import read_report
 
     fp = read_report(out / "attacks" / name).fp
-    return BenchRow(model=name, spec=spec, fp={"ca": fp.ca, "asr": fp.asr, "ra": fp.ra, "agreement": 100.0},
-                    not_planted="; ".join(misses))
+    return BenchRow(model=name, spec=spec, fp=dataclasses.replace(fp, agreement=100.0), not_planted="; ".join(misses))
 
 
 def _cached(folder: Path, what: str, settings: dict, log: Callable[[str], None],
@@ -517,7 +528,8 @@ def results_table(config: BenchConfig, rows: list[BenchRow]) -> str:
     for row in rows:
         scan = "-" if row.scan is None else verdict_label(row.scan["verdict"], row.scan["target"])
         scan = "NOT planted" if row.not_planted else scan
-        cells.append([row.model, row.spec, _cell(row.fp)] + [_cell(row.defenses.get(d)) for d in config.defenses]
+        cells.append([row.model, row.spec, _cell(encode(row.fp))]
+                     + [_cell(row.defenses.get(d)) for d in config.defenses]
                      + [scan])
     return format_table(headers, cells)
 
@@ -536,7 +548,7 @@ def scores_table(config: BenchConfig, rows: list[BenchRow]) -> str:
     headers = ["model", "quantizer", "defence", "CA %", "ASR %", "RA %", "DER %", "s"]
     cells = []
     for row in rows:
-        cells.append([row.model, row.spec, "FP"] + [_value(row.fp, key) for key in SCORES] + ["-"])
+        cells.append([row.model, row.spec, "FP"] + [_value(encode(row.fp), key) for key in SCORES] + ["-"])
         for defense in config.defenses:
             score = row.defenses.get(defense)
             if score is not None:
@@ -546,9 +558,7 @@ def scores_table(config: BenchConfig, rows: list[BenchRow]) -> str:
 
 
 def _write_results(out: Path, config: BenchConfig, rows: list[BenchRow], seconds: float, seeds: int = 1) -> None:
-    write_json(out / "results.json", {"command": "bench", "config": config.to_dict(), "seeds": seeds,
-                                      "rows": [dataclasses.asdict(r) for r in rows], "seconds": seconds,
-                                      "environment": environment()})
+    BenchResults(config, seeds, rows, seconds).save(out / "results.json")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     spread = [f"{key}_std" for key in SCORES] if seeds > 1 else []
@@ -557,8 +567,8 @@ def _write_results(out: Path, config: BenchConfig, rows: list[BenchRow], seconds
     for row in rows:
         scan = row.scan or {}
         verdict = "not planted" if row.not_planted else scan.get("verdict", "")
-        writer.writerow([row.model, row.spec, "fp", row.fp["ca"], row.fp["asr"], row.fp.get("ra"), "",
-                         row.fp["agreement"], "", *[""] * len(spread), verdict, scan.get("target", "")])
+        writer.writerow([row.model, row.spec, "fp", row.fp.ca, row.fp.asr, row.fp.ra, "",
+                         row.fp.agreement, "", *[""] * len(spread), verdict, scan.get("target", "")])
         for defense, score in row.defenses.items():
             std = score.get("std", {})
             writer.writerow([row.model, row.spec, defense, score["ca"], score["asr"], score.get("ra"),

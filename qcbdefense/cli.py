@@ -8,6 +8,7 @@ backdoor did not plant (missed its criteria; `--allow-weak` accepts it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import warnings
@@ -238,7 +239,6 @@ def _source_file(args: argparse.Namespace) -> Path:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from qcbdefense.data import load_dataset
-    from qcbdefense.fileio import write_json
     from qcbdefense.quant.ptq import compare_specs
     from qcbdefense.quant.spec import get_spec
     from qcbdefense.runinfo import resolve_device
@@ -257,7 +257,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                            calib=_calib(args, data), seed=args.seed, device=device)
     print(report.table())
     if args.out is not None:
-        write_json(args.out, report.to_dict())
+        report.save(args.out)
         print(f"report: {args.out}")
     return 0
 
@@ -451,7 +451,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
         comparison = compare_throughput(args.onnx, reference, data, calib=_calib(args, data), seed=args.seed,
                                         threads=args.threads or 2)
-        report.throughput = comparison.to_dict()
+        report = dataclasses.replace(report, throughput=comparison.to_dict())
         print(comparison.table())
     if args.out is not None:
         report.save(args.out)
@@ -564,7 +564,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     is_onnx = args.fp.suffix.lower() == ".onnx"
     if is_onnx == (args.model is not None):
         raise InputError("--fp takes an .onnx file, or a checkpoint with --model NAME")
-    written = ("report.json", "trigger.png", "drift.png") + (() if is_onnx else ("fp.onnx",))  # fp.onnx: exported
+    exported = args.quantized is not None and not is_onnx  # the checkpoint, exported to compare with the file
+    written = ("report.json", "trigger.png", "drift.png") + (("fp.onnx",) if exported else ())
     _check_outputs(args, *(args.out / name for name in written), folder=args.out)
     if not is_onnx:
         fp = load_model(args.model, args.fp, mean=args.mean, std=args.std)
@@ -575,11 +576,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
     data = load_dataset(args.data, cache_dir=args.cache_dir)
     _check_fits_data(args, data, fp=fp, quantized=args.quantized)
     config = ScanConfig(images=args.images, search=SearchConfig(steps=args.steps), seed=args.seed,
-                        min_replica_agreement=args.min_replica_agreement)
+                        min_replica_agreement=args.min_replica_agreement, square_scan=args.squares)
     with removed_on_error(args.out):
-        report = scan(fp, data, out=args.out, quantized=args.quantized, spec=args.spec, config=config,
-                      calib=_calib(args, data), device=device,
-                      source_sha256=None if fp is args.fp else sha256_file(args.fp), progress=True)
+        if args.quantized is None:  # a checkpoint (or an FP .onnx as torch modules) and its quantization: native
+            report = scan(fp, data, spec=args.spec, out=args.out, config=config, calib=_calib(args, data),
+                          device=device, progress=True)
+        else:
+            from export.scan_files import scan_onnx
+
+            report = scan_onnx(fp, args.quantized, data, out=args.out, config=config, device=device,
+                               source_sha256=None if fp is args.fp else sha256_file(args.fp), progress=True)
     print(report.summary())
     print(f"report: {args.out / 'report.json'}  trigger: {args.out / 'trigger.png'}  drift: {args.out / 'drift.png'}")
     return 1 if report.suspicious else 0
@@ -723,6 +729,8 @@ def build_parser() -> Parser:
     p.add_argument("--data", required=True, help="clean data: builtin[:SEED] | cifar10:PATH | folder:PATH")
     p.add_argument("--images", type=_positive_int, default=512, help="clean test images to scan with (labels unused)")
     p.add_argument("--steps", type=_positive_int, default=200, help="trigger-search steps")
+    p.add_argument("--squares", action="store_true",
+                   help="when the verdict is clean, also run the square scan (a trigger obeyed now and then; slow)")
     p.add_argument("--min-replica-agreement", type=_percentage, default=99.0,
                    help="%% argmax agreement of the torch replicas with onnxruntime needed to scan (default 99)")
     _add_calib(p, 512, "clean training images to calibrate --spec on")

@@ -4,6 +4,8 @@ A spec names a dataset on the command line:
 
 - ``builtin`` or ``builtin:SEED``: ten classes of smooth coloured shapes, generated from the seed (default 0)
   in about a second with no download; small_cnn learns it to about 90 % but, by design, never 100 %.
+  ``builtin:classes=N`` (or ``builtin:SEED,classes=N``) makes N classes: each shape in ceil(N / 10) bands of
+  foreground hue, class c being shape c mod 10 in band c // 10 (a task with many classes, for timing).
 - ``cifar10:PATH``: the python-pickle CIFAR-10 (``cifar-10-batches-py``); PATH is that folder or its parent.
 - ``folder:PATH``: an ImageFolder tree ``PATH/{train,test}/<class>/*.jpg|jpeg|png|ppm`` (``val`` stands in for a
   missing ``test``), or a ``.tar.gz``/``.tgz`` archive of one, extracted once into the cache. Classes are the
@@ -299,15 +301,18 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return v[:, None] - v[:, None] * s[:, None] * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
-def _generate_shapes(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """`n` images ``[n, 3, 32, 32]`` uint8 and labels ``[n]``, balanced over the ten classes."""
+def _generate_shapes(n: int, gen: torch.Generator, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` images ``[n, 3, 32, 32]`` uint8 and labels ``[n]``, balanced over the classes (`classes` > 10: the
+    shapes in bands of foreground hue)."""
     size = BUILTIN_SIZE
+    bands = -(-classes // len(BUILTIN_CLASSES))
 
     def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(shape or (n,), generator=gen)
 
-    y = torch.arange(n) % len(BUILTIN_CLASSES)
-    y = y[torch.randperm(n, generator=gen)]
+    label = torch.arange(n) % classes
+    label = label[torch.randperm(n, generator=gen)]
+    y, band = label % len(BUILTIN_CLASSES), label // len(BUILTIN_CLASSES)
 
     # Each image: one shape with a random centre, radius, aspect and small rotation (small, so that square
     # and diamond, or the two stripe classes, stay apart), on a darker two-colour gradient, with texture.
@@ -334,7 +339,8 @@ def _generate_shapes(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.
 
     # Colours: a saturated foreground (value <= 0.9, saturation >= 0.45, so never near white: the default
     # trigger is a white square) on a darker, duller gradient background.
-    fg = _hsv_to_rgb(uniform(0.0, 1.0), uniform(0.45, 1.0), uniform(0.55, 0.9))
+    fg = _hsv_to_rgb((band + uniform(0.0, 1.0) * (0.8 if bands > 1 else 1.0)) / bands, uniform(0.45, 1.0),
+                     uniform(0.55, 0.9))  # bands of hue, apart by a fifth of a band
     bg_a = _hsv_to_rgb(uniform(0.0, 1.0), uniform(0.0, 0.7), uniform(0.05, 0.45))
     bg_b = _hsv_to_rgb(uniform(0.0, 1.0), uniform(0.0, 0.7), uniform(0.05, 0.45))
     direction = uniform(0.0, 2.0 * math.pi)
@@ -350,14 +356,22 @@ def _generate_shapes(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.
 
     # Label noise: a few labels replaced by a different class.
     flip = torch.rand(n, generator=gen) < BUILTIN_LABEL_NOISE
-    wrong = (y + torch.randint(1, len(BUILTIN_CLASSES), (n,), generator=gen)) % len(BUILTIN_CLASSES)
-    y = torch.where(flip, wrong, y)
+    wrong = (label + torch.randint(1, classes, (n,), generator=gen)) % classes
+    label = torch.where(flip, wrong, label)
 
     x = (image.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-    return x, y.to(torch.int64)
+    return x, label.to(torch.int64)
 
 
-def make_builtin(seed: int = 0, *, n_train: int = BUILTIN_TRAIN, n_test: int = BUILTIN_TEST) -> Dataset:
+def builtin_classes(classes: int) -> list[str]:
+    """The class names: the ten shapes, or with more classes each shape with its hue band ("disc-1")."""
+    if classes == len(BUILTIN_CLASSES):
+        return BUILTIN_CLASSES
+    return [f"{BUILTIN_CLASSES[c % len(BUILTIN_CLASSES)]}-{c // len(BUILTIN_CLASSES)}" for c in range(classes)]
+
+
+def make_builtin(seed: int = 0, *, n_train: int = BUILTIN_TRAIN, n_test: int = BUILTIN_TEST,
+                 classes: int = 10) -> Dataset:
     """Generate the builtin dataset (no cache); the same seed gives the same tensors on every machine."""
     gen = torch.Generator().manual_seed(seed)
     threads = torch.get_num_threads()
@@ -366,26 +380,38 @@ def make_builtin(seed: int = 0, *, n_train: int = BUILTIN_TRAIN, n_test: int = B
     torch.set_num_threads(1)
     try:
         n = n_train + n_test
-        chunks = [_generate_shapes(min(2000, n - start), gen) for start in range(0, n, 2000)]  # bounds memory
+        chunks = [_generate_shapes(min(2000, n - start), gen, classes)
+                  for start in range(0, n, 2000)]  # bounds memory
     finally:
         torch.set_num_threads(threads)
     x = torch.cat([c[0] for c in chunks])
     y = torch.cat([c[1] for c in chunks])
     name = "builtin" if seed == 0 else f"builtin:{seed}"
-    return _make_dataset(name, BUILTIN_CLASSES, x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+    return _make_dataset(name, builtin_classes(classes), x[:n_train], y[:n_train], x[n_train:], y[n_train:])
 
 
 @DATASETS.register("builtin")
 def _load_builtin(arg: str | None, cache_dir: Path) -> Dataset:
-    text = "0" if arg is None else arg.strip()
+    seed_text, classes = "0", 10
+    for part in ("" if arg is None else arg).split(","):
+        key, _, value = part.strip().rpartition("=")
+        if key == "classes":
+            if not value.isdigit() or not 2 <= int(value) <= 1000:
+                raise InputError(f"builtin dataset classes must be an integer in 2..1000 (builtin:classes=N), "
+                                 f"got {value!r}")
+            classes = int(value)
+        elif key or value:
+            seed_text = part.strip()
     try:
-        seed = int(text)
+        seed = int(seed_text)
     except ValueError:
         raise InputError(f"builtin dataset seed must be an integer (builtin:SEED), got {arg!r}") from None
     if not 0 <= seed < 2**63:
         raise InputError(f"builtin dataset seed must be in 0..2**63-1, got {seed}")
     name = "builtin" if arg is None else f"builtin:{arg}"
-    data = _cached(cache_dir, "builtin", f"builtin-v{BUILTIN_VERSION}-{seed}", name, lambda: make_builtin(seed))
+    key = f"builtin-v{BUILTIN_VERSION}-{seed}" + ("" if classes == 10 else f"-c{classes}")
+    data = _cached(cache_dir, "builtin", key, name,
+                   lambda: make_builtin(seed) if classes == 10 else make_builtin(seed, classes=classes))
     data.name = name
     return data
 

@@ -29,7 +29,8 @@ from qcbdefense.fileio import atomic_path, write_json
 from qcbdefense.results import format_table
 from qcbdefense.runinfo import environment
 from qcbdefense.scan import ScanConfig, scan, verdict_label
-from qcbdefense.scan.scan import measure_drift, plot_drift, scan_images
+from qcbdefense.scan.files import plot_drift
+from qcbdefense.scan.scan import measure_drift, scan_images
 from qcbdefense.train import train
 from qcbdefense.training import TrainConfig
 
@@ -73,6 +74,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config: DemoConfig = DemoConfig(
     """Run the demo, writing everything under `out_dir`; returns the table's figures."""
     from export.harden import harden  # the export package stands beside the core; only the demo needs it here
     from export.replica import OnnxReplica
+    from export.scan_files import export_pair
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,15 +119,16 @@ def run_demo(out_dir: str | Path = "runs/demo", config: DemoConfig = DemoConfig(
                         seed=config.seed, device=device, max_asr=5.0, min_agreement=99.0, progress=True,
                         pda_steps=config.pda_steps)
         report.save(out / f"purified-w{bits}.json")
-        fp_onnx = OnnxReplica(scans[bits].files["fp_onnx"])
-        drift = {"nearest": measure_drift(fp_onnx, OnnxReplica(scans[bits].files["quantized_onnx"]), images)[0],
+        fp_file, nearest_file = export_pair(out / f"scan-w{bits}", backdoored, spec, data, seed=config.seed)
+        fp_onnx = OnnxReplica(fp_file)
+        drift = {"nearest": measure_drift(fp_onnx, OnnxReplica(nearest_file), images)[0],
                  "LAC+PDA": measure_drift(fp_onnx, OnnxReplica(report.onnx), images)[0]}
         plot_drift(out / f"drift-w{bits}.png", drift, title=f"activation drift from FP, {spec}: nearest vs LAC+PDA")
         p, v = report.purify, report.verify
         result.rows.append({"bits": bits, "spec": spec, "fp": {"ca": p.fp.ca, "asr": p.fp.asr},
                             "nearest": {"ca": p.nearest.ca, "asr": p.nearest.asr},
                             "purified": {"ca": p.purified.ca, "asr": p.purified.asr},
-                            "onnx": {"ca": v.ca, "asr": v.asr}, "onnx_agreement": v.agreement,
+                            "onnx": {"ca": v.score.ca, "asr": v.score.asr}, "onnx_agreement": v.score.agreement,
                             "gate_passed": report.passed,
                             "scan": {"verdict": scans[bits].verdict, "target": scans[bits].target,
                                      "score": scans[bits].score},

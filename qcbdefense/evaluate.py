@@ -1,38 +1,47 @@
-"""Metrics of the field: clean accuracy (CA), attack success rate (ASR) and robust accuracy (RA) on non-target
+"""Scores of the field: clean accuracy (CA), attack success rate (ASR) and robust accuracy (RA) on non-target
 images, per-class accuracy, and the defence-effectiveness rating (DER) of a defence."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 from torch import nn
 
 from qcbdefense.data import Dataset, batches
+from qcbdefense.report import saved_field
 from qcbdefense.triggers import Trigger, non_target
 
 
-@dataclass
-class Metrics:
-    """Percentages in [0, 100]; `asr` and `ra` are None when no trigger was given.
+@dataclass(frozen=True)
+class Score:
+    """How one model did, in % in [0, 100]: the one score of the toolkit (evaluate, PTQ, purify, verify, bench).
 
-    RA (robust accuracy, as BackdoorBench reports it): triggered non-target images still given their true class.
-
+    `asr` and `ra` are None without a trigger. RA (robust accuracy, as BackdoorBench reports it): triggered
+    non-target images still given their true class. `agreement`: argmax agreement with a reference model on the
+    clean test images (None when not compared). `der`: the defence-effectiveness rating against the undefended
+    round-to-nearest model (`defense_effectiveness_rating`; None when not a defended model or without a trigger).
     `predictions` (clean split, kept for agreement checks) is not part of the saved record.
     """
 
     ca: float
-    asr: float | None
-    per_class_accuracy: list[float]
-    n_clean: int
-    n_poisoned: int
+    asr: float | None = None
     ra: float | None = None
-    predictions: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    agreement: float | None = None
+    der: float | None = None
+    per_class_accuracy: list[float] = field(default_factory=list)
+    n_clean: int = 0
+    n_poisoned: int = 0
+    predictions: torch.Tensor | None = saved_field(default=None, repr=False, compare=False)
 
-    def to_dict(self) -> dict:
-        return {"ca": self.ca, "asr": self.asr, "ra": self.ra, "per_class_accuracy": self.per_class_accuracy,
-                "n_clean": self.n_clean, "n_poisoned": self.n_poisoned}
+    def against(self, reference: "Score", undefended: "Score | None" = None) -> "Score":
+        """This score with its agreement with `reference`'s predictions and, given the undefended model's score,
+        its DER."""
+        der = None
+        if undefended is not None and undefended.asr is not None and self.asr is not None:
+            der = defense_effectiveness_rating(undefended.ca, undefended.asr, self.ca, self.asr)
+        return replace(self, agreement=agreement(self.predictions, reference.predictions), der=der)
 
 
 @torch.no_grad()
@@ -77,7 +86,7 @@ def defense_effectiveness_rating(undefended_ca: float, undefended_asr: float, de
 
 
 def evaluate(model: nn.Module, data: Dataset, *, trigger: Trigger | None = None, target: int = 0,
-             device: str | torch.device = "cpu", split: str = "test") -> Metrics:
+             device: str | torch.device = "cpu", split: str = "test") -> Score:
     """CA and per-class accuracy on the clean split; ASR too when a trigger is given."""
     x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
     preds = predict(model, x, device=device)
@@ -86,7 +95,7 @@ def evaluate(model: nn.Module, data: Dataset, *, trigger: Trigger | None = None,
                  for c in range(data.num_classes)]
     asr, ra, n_poisoned = (None, None, 0) if trigger is None else triggered_scores(model, x, y, trigger, target,
                                                                                   device=device)
-    return Metrics(ca=100.0 * correct.mean().item(), asr=asr, per_class_accuracy=per_class,
+    return Score(ca=100.0 * correct.mean().item(), asr=asr, per_class_accuracy=per_class,
                    n_clean=len(y), n_poisoned=n_poisoned, ra=ra, predictions=preds)
 
 

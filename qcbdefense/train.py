@@ -11,8 +11,8 @@ from torch import nn
 
 from qcbdefense.checkpoints import save_model
 from qcbdefense.data import Dataset
-from qcbdefense.evaluate import Metrics, evaluate
-from qcbdefense.fileio import write_json
+from qcbdefense.evaluate import Score, evaluate
+from qcbdefense.report import Report
 from qcbdefense.runinfo import environment
 from qcbdefense.training import Batch, EpochRecord, TrainConfig, fit
 
@@ -20,23 +20,21 @@ MODEL_FILE = "model.pt"
 REPORT_FILE = "report.json"
 
 
-@dataclass
-class TrainReport:
+@dataclass(frozen=True)
+class TrainReport(Report):
     """Everything needed to trace and rerun a training run."""
+
+    VERSION = 2  # 2: the final figures are a Score
+    KIND = "train report"
+    COMMAND = "train"
 
     model: str
     config: TrainConfig
     dataset: dict
     init: str | None
     history: list[EpochRecord]
-    final: Metrics
+    final: Score
     environment: dict = field(default_factory=environment)
-
-    def to_dict(self) -> dict:
-        return {"version": 1, "command": "train", "model": self.model, "init": self.init,
-                "config": self.config.to_dict(), "dataset": self.dataset,
-                "history": [vars(r) for r in self.history], "final": self.final.to_dict(),
-                "environment": self.environment}
 
     def summary(self) -> str:
         return (f"{self.model} on {self.dataset['name']}: CA {self.final.ca:.2f} % after "
@@ -56,7 +54,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, *, arch: str, ou
     optimiser state for `resume`; the report (config, dataset, per-epoch CA, final metrics) is `report.json`.
     """
     out = Path(out_dir) if out_dir is not None else None
-    latest: list[Metrics] = []
+    latest: list[Score] = []
 
     def eval_and_save(m: nn.Module) -> dict:
         if out is not None:
@@ -69,5 +67,5 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, *, arch: str, ou
     final = latest[0] if latest else evaluate(model, data, device=device)  # resumed a finished run
     report = TrainReport(arch, config, data.describe(), init, history, final)
     if out is not None:
-        write_json(out / REPORT_FILE, report.to_dict())
+        report.save(out / REPORT_FILE)
     return report

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,27 +39,25 @@ from torch import nn
 
 from qcbdefense.data import Dataset, batches, to_float
 from qcbdefense.errors import InputError
-from qcbdefense.evaluate import Metrics, evaluate
-from qcbdefense.fileio import write_json
+from qcbdefense.evaluate import Score, evaluate
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.ptq import PTQReport, SpecResult, compare_specs, post_training_quantize
 from qcbdefense.quant.quantize import quantize, refresh_weight_ranges
 from qcbdefense.quant.spec import SPECS, QuantSpec, get_spec
 from qcbdefense.registry import Registry
+from qcbdefense.report import Report
 from qcbdefense.results import fmt, format_table
 from qcbdefense.runinfo import environment
 from qcbdefense.training import Batch, EpochRecord, TrainConfig, fit
 from qcbdefense.triggers import Trigger, parse_trigger, trigger_from_dict
 
-REPORT_VERSION = 1
-CONFIG_VERSION = 1
 MODEL_FILE, SAFETENSORS_FILE, REPORT_FILE = "model.pt", "model.safetensors", "report.json"
 
 
 # ---- configuration ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class AttackConfig:
+class AttackConfig(Report):
     """Everything that defines one attack run (plain data: prints, diffs, saves, round-trips JSON).
 
     Attributes:
@@ -81,6 +78,8 @@ class AttackConfig:
         transfer: other quantizer presets to report (None: every preset not targeted; () none).
         transfer_images: test images (a seeded subset) for the transfer table; None: the whole test set.
     """
+
+    KIND = "attack config"
 
     method: str
     bits: tuple[int, ...]
@@ -111,46 +110,11 @@ class AttackConfig:
         if self.transfer_images is not None and self.transfer_images < 1:
             raise InputError(f"transfer_images must be >= 1 or None, got {self.transfer_images!r}")
 
-    def to_dict(self) -> dict:
-        return {"version": CONFIG_VERSION, "method": self.method, "bits": list(self.bits),
-                "specs": [s.to_dict() for s in self.specs], "trigger": self.trigger, "target": self.target,
-                "train": self.train.to_dict(), "options": dataclasses.asdict(self.options),
-                "calib": self.calib, "sync_every": self.sync_every, "freeze_bn": self.freeze_bn,
-                "monitor": self.monitor, "victim_calib": self.victim_calib,
-                "transfer": None if self.transfer is None else list(self.transfer),
-                "transfer_images": self.transfer_images}
-
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AttackConfig:
-        """Inverse of `to_dict`; InputError for another version, an unknown or a missing key."""
-        data = _checked_mapping(data, "attack config", CONFIG_VERSION, cls)
-        method = ATTACKS.get(data["method"])
-        data["bits"] = tuple(data["bits"])
-        data["specs"] = tuple(QuantSpec.from_dict(s) for s in data["specs"])
-        data["train"] = TrainConfig(**data["train"])
-        data["options"] = method.make_options(data["options"])
-        if data["transfer"] is not None:
-            data["transfer"] = tuple(data["transfer"])
-        return cls(**data)
-
-
-def _checked_mapping(data: Any, what: str, version: int, cls: type) -> dict:
-    if not isinstance(data, Mapping):
-        raise InputError(f"{what} must be a mapping, got {type(data).__name__}")
-    data = dict(data)
-    found = data.pop("version", None)
-    if found != version:
-        raise InputError(f"{what} version {found!r} is not supported; this code reads version {version}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise InputError(f"unknown {what} key(s): {', '.join(unknown)}")
-    required = {f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    missing = sorted(required - set(data))
-    if missing:
-        raise InputError(f"{what} lacks key(s): {', '.join(missing)}")
-    return data
+    def from_dict(cls, data: Any) -> AttackConfig:
+        """Inverse of `to_dict`; the options are read by the method's options dataclass."""
+        config = super().from_dict(data)
+        return dataclasses.replace(config, options=ATTACKS.get(config.method).make_options(config.options))
 
 
 # ---- the registry ----------------------------------------------------------------------------------------
@@ -403,17 +367,17 @@ class PlantCriteria:
                 raise InputError(f"planted criterion {name} must be a percentage in [0, 100], got {value!r}")
 
 
-def plant_misses(criteria: PlantCriteria, bits: Sequence[int], fp: Metrics, quantized: Sequence[SpecResult],
+def plant_misses(criteria: PlantCriteria, bits: Sequence[int], fp: Score, quantized: Sequence[SpecResult],
                  clean: PTQReport) -> list[str]:
     """The criteria an attacked model misses, one phrase each (empty: planted); `clean` is the clean model
     under the same targeted specs."""
     misses = []
     for b, result, before in zip(bits, quantized, clean.results):
-        if result.metrics.asr < criteria.min_asr:
-            misses.append(f"W{b} ASR {result.metrics.asr:.1f} % < {criteria.min_asr:g}")
-        if before.metrics.ca - result.metrics.ca > criteria.max_quantized_ca_drop:
-            misses.append(f"W{b} CA {result.metrics.ca:.1f} % is {before.metrics.ca - result.metrics.ca:.1f} "
-                          f"points under the clean model's {before.metrics.ca:.1f} "
+        if result.score.asr < criteria.min_asr:
+            misses.append(f"W{b} ASR {result.score.asr:.1f} % < {criteria.min_asr:g}")
+        if before.score.ca - result.score.ca > criteria.max_quantized_ca_drop:
+            misses.append(f"W{b} CA {result.score.ca:.1f} % is {before.score.ca - result.score.ca:.1f} "
+                          f"points under the clean model's {before.score.ca:.1f} "
                           f"(> {criteria.max_quantized_ca_drop:g})")
     if fp.asr > criteria.max_fp_asr:
         misses.append(f"FP ASR {fp.asr:.1f} % > {criteria.max_fp_asr:g}")
@@ -425,84 +389,50 @@ def plant_misses(criteria: PlantCriteria, bits: Sequence[int], fp: Metrics, quan
 
 # ---- the report ------------------------------------------------------------------------------------------
 
-@dataclass
-class AttackReport:
+@dataclass(frozen=True)
+class AttackReport(Report):
     """What one attack did and what the victim gets: FP CA/ASR, CA/ASR after round-to-nearest PTQ at each
     targeted bit width (its spec; full test set), and the transfer to other quantizers (a test subset).
 
     `to_dict` / `from_dict` round-trip through JSON (`report.json`); `summary()` is the table the CLI prints.
     """
 
+    VERSION = 2  # 2: one Score per model; the clean model, the criteria and the misses always recorded
+    KIND = "attack report"
+    COMMAND = "attack"
+    DERIVED = ("seed", "planted")
+
     model: str
     init: str | None
     config: AttackConfig
     dataset: dict
     history: dict[str, list[EpochRecord]]
-    fp: Metrics
+    fp: Score
     quantized: list[SpecResult]
     transfer: PTQReport | None
     checks: dict
     seconds: dict
+    clean: PTQReport  # the clean model it started from, FP and under the targeted specs
+    criteria: PlantCriteria
+    misses: list[str]  # the criteria missed (empty: planted)
     environment: dict = field(default_factory=environment)
-    clean: PTQReport | None = None  # the clean model it started from, FP and under the targeted specs
-    criteria: PlantCriteria | None = None
-    misses: list[str] | None = None  # the criteria missed (empty: planted; None: not checked, an old report)
 
     @property
     def seed(self) -> int:
         return self.config.train.seed
 
     @property
-    def planted(self) -> bool | None:
-        """Whether the attack met its criteria (None for a report written before the check existed)."""
-        return None if self.misses is None else not self.misses
+    def planted(self) -> bool:
+        """Whether the attack met its criteria."""
+        return not self.misses
 
     def plant_line(self) -> str:
         """One line saying whether the backdoor planted and, if not, which criteria it missed."""
-        if self.misses is None:
-            return "planted: not checked (a report from before the check)"
         return "planted" if not self.misses else "NOT planted: " + "; ".join(self.misses)
-
-    def to_dict(self) -> dict:
-        return {"version": REPORT_VERSION, "command": "attack", "model": self.model, "init": self.init,
-                "seed": self.seed, "config": self.config.to_dict(), "dataset": self.dataset,
-                "history": {stage: [dataclasses.asdict(r) for r in records]
-                            for stage, records in self.history.items()},
-                "fp": self.fp.to_dict(),
-                "quantized": [_spec_result_dict(r) for r in self.quantized],
-                "transfer": None if self.transfer is None else self.transfer.to_dict(),
-                "checks": self.checks, "seconds": self.seconds, "environment": self.environment,
-                "clean": None if self.clean is None else self.clean.to_dict(),
-                "criteria": None if self.criteria is None else dataclasses.asdict(self.criteria),
-                "planted": self.planted, "misses": self.misses}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AttackReport:
-        if not isinstance(data, Mapping):
-            raise InputError(f"an attack report must be a mapping, got {type(data).__name__}")
-        data = dict(data)
-        data.pop("command", None)
-        data.pop("seed", None)  # derived from the config
-        data.pop("planted", None)  # derived from the misses
-        data = _checked_mapping(data, "attack report", REPORT_VERSION, cls)
-        data["config"] = AttackConfig.from_dict(data["config"])
-        data["history"] = {stage: [EpochRecord(**r) for r in records]
-                           for stage, records in data["history"].items()}
-        data["fp"] = Metrics(**data["fp"])
-        data["quantized"] = [_spec_result(r) for r in data["quantized"]]
-        for key in ("transfer", "clean"):
-            if data.get(key) is not None:
-                data[key] = _ptq_report(data[key])
-        if data.get("criteria") is not None:
-            data["criteria"] = PlantCriteria(**data["criteria"])
-        return cls(**data)
-
-    def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_dict())
 
     def table(self) -> str:
         rows = [["FP", "-", self.fp.ca, self.fp.asr, 100.0]]
-        rows += [[f"W{bits} (targeted)", r.spec.name, r.metrics.ca, r.metrics.asr, r.agreement]
+        rows += [[f"W{bits} (targeted)", r.spec.name, r.score.ca, r.score.asr, r.score.agreement]
                  for bits, r in zip(self.config.bits, self.quantized)]
         return format_table(["model", "spec", "CA %", "ASR %", "agree w/ FP %"], rows)
 
@@ -518,7 +448,7 @@ class AttackReport:
             lines.append(f"transfer to other quantizers ({n} test images; FP there: CA "
                          f"{fmt(self.transfer.fp.ca)}, ASR {fmt(self.transfer.fp.asr)}):")
             lines.append(format_table(["spec", "CA %", "ASR %", "agree w/ FP %"],
-                                      [[r.spec.name, r.metrics.ca, r.metrics.asr, r.agreement]
+                                      [[r.spec.name, r.score.ca, r.score.asr, r.score.agreement]
                                        for r in self.transfer.results]))
         for key, value in self.checks.items():
             lines.append(f"check {key}: {value}")
@@ -526,36 +456,10 @@ class AttackReport:
         return "\n".join(lines)
 
 
-def _spec_result_dict(r: SpecResult) -> dict:
-    return {"spec": r.spec.to_dict(), "metrics": r.metrics.to_dict(), "agreement": r.agreement,
-            "calib_seconds": r.calib_seconds, "eval_seconds": r.eval_seconds}
-
-
-def _ptq_report(d: Mapping[str, Any]) -> PTQReport:
-    t = dict(d)
-    t.pop("version", None)
-    t.pop("command", None)
-    t["fp"] = Metrics(**t["fp"])
-    t["results"] = [_spec_result(r) for r in t["results"]]
-    return PTQReport(**t)
-
-
-def _spec_result(d: Mapping[str, Any]) -> SpecResult:
-    return SpecResult(QuantSpec.from_dict(d["spec"]), Metrics(**d["metrics"]), d["agreement"],
-                      d["calib_seconds"], d["eval_seconds"])
-
-
 def read_report(path: str | Path) -> AttackReport:
     """Load the report.json an attack wrote (a folder means its report.json)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / REPORT_FILE
-    if not path.is_file():
-        raise InputError(f"attack report {path} does not exist")
-    try:
-        return AttackReport.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as err:
-        raise InputError(f"attack report {path} is not valid JSON: {err}") from None
+    return AttackReport.load(path / REPORT_FILE if path.is_dir() else path)
 
 
 # ---- the verb --------------------------------------------------------------------------------------------

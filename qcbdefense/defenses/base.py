@@ -39,18 +39,18 @@ from torch import nn
 from qcbdefense.data import Dataset, load_dataset, to_float
 from qcbdefense.defenses.guide import with_found_triggers
 from qcbdefense.errors import InputError
-from qcbdefense.evaluate import Metrics, agreement, defense_effectiveness_rating, evaluate
+from qcbdefense.evaluate import Score, evaluate
 from qcbdefense.fileio import sha256_file, write_json
 from qcbdefense.quant.calibrate import is_calibrated
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
 from qcbdefense.quant.quantize import quantize, quantizer_parameters
 from qcbdefense.quant.spec import QuantSpec, get_spec
 from qcbdefense.registry import Registry
+from qcbdefense.report import Report
 from qcbdefense.results import format_table
 from qcbdefense.runinfo import environment
 from qcbdefense.triggers import Trigger, parse_trigger, trigger_from_dict
 
-REPORT_VERSION = 1
 WEIGHTS_FILE, SPEC_FILE, REPORT_FILE, MODEL_FILE, MANIFEST_FILE = ("purified.pt", "spec.json", "report.json",
                                                                    "model.json", "manifest.json")
 
@@ -118,29 +118,12 @@ class StageRecord:
         return {"name": self.name, "stage": True, "steps": self.steps, "seconds": self.seconds, **self.details}
 
 
-@dataclass
-class Score:
-    """CA, ASR and RA (%, ASR and RA None without a trigger) of one model, its argmax agreement with the FP
-    model, and its DER (%) against the undefended round-to-nearest model (None for the FP model, without a
-    trigger, and in reports written before DER was recorded)."""
-
-    ca: float
-    asr: float | None
-    agreement: float
-    ra: float | None = None
-    der: float | None = None
-
-    @classmethod
-    def of(cls, metrics: Metrics, fp: Metrics, nearest: "Score | None" = None) -> "Score":
-        der = None
-        if nearest is not None and nearest.asr is not None and metrics.asr is not None:
-            der = defense_effectiveness_rating(nearest.ca, nearest.asr, metrics.ca, metrics.asr)
-        return cls(metrics.ca, metrics.asr, agreement(metrics.predictions, fp.predictions), metrics.ra, der)
-
-
-@dataclass
-class PurifyReport:
+@dataclass(frozen=True)
+class PurifyReport(Report):
     """Everything one purification did and measured; `to_dict`/`from_dict` round-trip through JSON."""
+
+    VERSION = 2  # 2: one Score per model (with per-class accuracy and image counts); every key required
+    KIND = "purify report"
 
     method: str
     arch: str
@@ -159,38 +142,9 @@ class PurifyReport:
     skipped_layers: list[str]
     seconds: dict
     peak_memory_mb: dict
-    trigger_search: dict | None = None  # what `search_triggers` found (guide.GuidedImages.to_dict)
-    data_used: dict | None = None  # what data the defence used (DefenseContext.data_used); None in older reports
+    trigger_search: dict | None  # what `search_triggers` found (guide.GuidedImages.to_dict)
+    data_used: dict  # what data the defence used (DefenseContext.data_used)
     environment: dict = field(default_factory=environment)
-    version: int = REPORT_VERSION
-
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["spec"] = self.spec.to_dict()
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PurifyReport":
-        if not isinstance(data, Mapping):
-            raise InputError(f"a purify report must be a mapping, got {type(data).__name__}")
-        data = dict(data)
-        if data.get("version") != REPORT_VERSION:
-            raise InputError(f"purify report version {data.get('version')!r} is not supported; this code "
-                             f"reads version {REPORT_VERSION}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"unknown purify report key(s): {', '.join(unknown)}")
-        missing = sorted(known - set(data) - {"trigger_search", "data_used", "environment", "version"})
-        if missing:
-            raise InputError(f"purify report lacks key(s): {', '.join(missing)}")
-        data["spec"] = QuantSpec.from_dict(data["spec"])
-        for key in ("fp", "nearest", "purified"):
-            data[key] = None if data[key] is None else Score(**data[key])
-        return cls(**data)
-
-    def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_dict())
 
     def table(self) -> str:
         rows = []
@@ -235,22 +189,22 @@ class PurifyReport:
 
 
 def _squares_line(search: dict) -> str:
-    """What the square scan found, for the summary (reports from before the scan have none)."""
-    squares = search.get("squares")
+    """What the square scan found, for the summary."""
+    squares = search["squares"]
     if squares is None:
         return "nothing added"
     top = max(squares["classes"], key=lambda find: find["gap"])
-    effect = f", {top['effect']:.1f}x the clean spread" if "effect" in top else ""  # older reports lack it
     best = (f"{top['fill']} {top['size']}x{top['size']} square at ({top['top']}, {top['left']}) raising class "
-            f"{top['target']} by {top['gap']:.2f} nats (anomaly {top['anomaly']:.1f}{effect})")
+            f"{top['target']} by {top['gap']:.2f} nats (anomaly {top['anomaly']:.1f}, {top['effect']:.1f}x the "
+            f"clean spread)")
     if squares["stamped"] is None:
         return f"the square scan's best, a {best}, does not stand out; nothing added"
     return f"the square scan found a {best}, stamped on a copy of each calibration image"
 
 
 def _refined_line(search: dict) -> str:
-    """How the stamped patch was refined, for the summary (reports from before the refinement have none)."""
-    refined = search.get("refined")
+    """How the stamped patch was refined, for the summary (None: no patch was refined)."""
+    refined = search["refined"]
     if refined is None:
         return ""
     return (f"refined to a {refined['side']}x{refined['side']} square at ({refined['top']}, {refined['left']}) "
@@ -309,13 +263,11 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
     quantized = time.perf_counter()
 
     scores: dict[str, Score | None] = {"fp": None, "nearest": None, "purified": None}
-    fp_metrics = None
     if evaluate_models:
-        fp_metrics = evaluate(fp_model, data, trigger=trigger, target=target, device=device)
-        scores["fp"] = Score.of(fp_metrics, fp_metrics)
-        nearest_metrics = evaluate(qmodel, data, trigger=trigger, target=target, device=device)
-        nearest = Score.of(nearest_metrics, fp_metrics)
-        scores["nearest"] = Score.of(nearest_metrics, fp_metrics, nearest)  # its DER is 50 by definition
+        fp_score = evaluate(fp_model, data, trigger=trigger, target=target, device=device)
+        scores["fp"] = fp_score.against(fp_score)
+        nearest = evaluate(qmodel, data, trigger=trigger, target=target, device=device).against(fp_score)
+        scores["nearest"] = nearest.against(fp_score, nearest)  # its DER is 50 by definition
     evaluated = time.perf_counter()
 
     if device.type == "cuda":
@@ -335,8 +287,8 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
 
     if evaluate_models:
         scores["purified"] = (scores["nearest"] if method == "nearest" else
-                              Score.of(evaluate(qmodel, data, trigger=trigger, target=target, device=device),
-                                       fp_metrics, scores["nearest"]))
+                              evaluate(qmodel, data, trigger=trigger, target=target, device=device)
+                              .against(scores["fp"], scores["nearest"]))
     done = time.perf_counter()
     peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
     if device.type == "cuda":
@@ -468,18 +420,9 @@ def load_purified(arch: str | None, path: str | Path) -> nn.Module:
 
 
 def read_report(path: str | Path) -> PurifyReport:
-    """Load a report.json written by `save_purified`."""
-    import json
-
+    """Load a report.json written by `save_purified` (a folder means its report.json)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / REPORT_FILE
-    if not path.is_file():
-        raise InputError(f"purify report {path} does not exist")
-    try:
-        return PurifyReport.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as err:
-        raise InputError(f"purify report {path} is not valid JSON: {err}") from None
+    return PurifyReport.load(path / REPORT_FILE if path.is_dir() else path)
 
 
 def report_trigger(report: PurifyReport) -> Trigger | None:

@@ -2,13 +2,12 @@
 
 LAC matches the FP model's activations on clean images. A QCB whose quantized model still answers the
 trigger through activation rounding alone (measured on Qu-ANTI-zation, docs/notebook.md) survives that: clean
-images never carry the trigger, so nothing asks the purified model to ignore it. The scanner's differential
-trigger search (`scan.trigger_search`) finds, for every class, a small patch that sends the round-to-nearest
-model to that class while the FP model keeps its prediction; of the patches that carry over to held-out images
-(the scanner's rule, `ScanConfig.min_success`), the smallest is the one the quantized model answers most
-easily (a planted target when there is one). A stamped copy of every calibration image carries that patch, so
-the reconstruction also sees where the two models part, and there the FP model's activations are what the
-purified model must reproduce. No labels, no trigger and no verdict are needed: on a clean pair no patch
+images never carry the trigger, so nothing asks the purified model to ignore it. The scanner (`scan.locate`)
+finds, for every class, a small patch that sends the round-to-nearest model to that class while the FP model
+keeps its prediction; of the patches that carry over to held-out images, the smallest is the one the quantized
+model answers most easily (a planted target when there is one). A stamped copy of every calibration image
+carries that patch, so the reconstruction also sees where the two models part, and there the FP model's
+activations are what the purified model must reproduce. No labels, no trigger and no verdict are needed: on a clean pair no patch
 usually carries over, and then nothing is added.
 
 The search's area penalty shaves the patch to the trigger's most telling pixels (a quarter of a 4x4 trigger on
@@ -18,23 +17,23 @@ own loss; the copies carry whichever of patch and square moves more calibration 
 (Spreading the copies over every class's patch, or by inverse area, purified less: docs/notebook.md.)
 
 A trigger the quantized model obeys only now and then (a 4-bit QCB deployed at 8 bits) flips too few images
-for any patch to carry over. Then the differential square scan (`scan.square_scan`) looks for the square that
-raises one class's quantized log-probability far above the FP model's, and when one class stands out the
-copies carry that square instead.
+for any patch to carry over. Then the scanner answers with the square that raises one class's quantized
+log-probability far above the FP model's (its square scan), and the copies carry that square as it is.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qcbdefense.errors import InputError
-from qcbdefense.scan.scan import ScanConfig
-from qcbdefense.scan.square_scan import SquareFind, SquareScanConfig, scan_squares, standing_out
-from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig, differential_success, search_triggers, stamp
+from qcbdefense.scan.locate import LocateConfig, LocatedTrigger, locate_trigger
+from qcbdefense.scan.square_scan import SquareFind
+from qcbdefense.scan.trigger_search import ClassSearch, differential_success, stamp
 
 
 @dataclass(frozen=True)
@@ -64,76 +63,69 @@ class Refinement:
 
 @dataclass
 class GuidedImages:
-    """The calibration images followed by their stamped copies, and what the search found."""
+    """The calibration images followed by their stamped copies, what the scanner found, and the refinement of
+    a found patch with the settings it ran with."""
 
     images: torch.Tensor
-    found: list[ClassSearch]
+    trigger: LocatedTrigger
     refined: Refinement | None = None
-    squares: list[SquareFind] | None = None  # the square scan's best square per class, when it ran
-
-    def to_dict(self) -> dict:
-        """Per class: the patch's area (pixels) and held-out differential success %; the class whose patch was
-        stamped (None when no patch carried over); its refinement; the square scan's finds and the class whose
-        square was stamped; the number of images reconstructed on."""
-        refined = None if self.refined is None else {**vars(self.refined), "used": self.refined.used,
-                                                     "config": vars(RefineConfig())}
-        squares = None if self.squares is None else {
-            "classes": [asdict(find) for find in self.squares], "stamped": self.square_stamped,
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(SquareScanConfig()).items()}}
-        return {"classes": [{"class": c.target, "area": c.area, "success": c.success, "found": c.found}
-                            for c in self.found],
-                "stamped": self.stamped, "refined": refined, "squares": squares, "images": len(self.images)}
+    refine_config: RefineConfig = field(default_factory=RefineConfig)
 
     @property
-    def square_stamped(self) -> int | None:
-        square = standing_out(self.squares)
-        return None if square is None else square.target
+    def found(self) -> list[ClassSearch]:
+        return self.trigger.patches
+
+    @property
+    def squares(self) -> list[SquareFind] | None:
+        return self.trigger.squares
 
     @property
     def stamped(self) -> int | None:
-        carried = [c for c in self.found if c.found and c.success >= ScanConfig.min_success]
-        return min(carried, key=lambda c: c.area).target if carried else None
+        """The class whose patch was stamped (None when no patch carried over)."""
+        return self.trigger.target if self.trigger.kind == "patch" else None
+
+    @property
+    def square_stamped(self) -> int | None:
+        """The class whose square was stamped (None when the square scan did not run or found none)."""
+        return self.trigger.target if self.trigger.kind == "square" else None
+
+    def to_dict(self) -> dict:
+        """Per class: the patch's area (pixels) and held-out differential success %; the class whose patch was
+        stamped; its refinement; the square scan's finds and the class whose square was stamped; the number of
+        images reconstructed on; the settings the scanner and the refinement ran with."""
+        found = self.trigger.to_dict()
+        refined = None if self.refined is None else {**vars(self.refined), "used": self.refined.used,
+                                                     "config": asdict(self.refine_config)}
+        squares = None if self.squares is None else {"classes": found["squares"], "stamped": self.square_stamped}
+        return json.loads(json.dumps({"classes": found["classes"], "stamped": self.stamped, "refined": refined,
+                                      "squares": squares, "images": len(self.images), "config": found["config"]}))
 
 
 def with_found_triggers(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, *, seed: int = 0,
-                        config: SearchConfig = SearchConfig(), chunk: int = 256,
+                        config: LocateConfig = LocateConfig(), refine: RefineConfig = RefineConfig(),
                         progress: bool = False) -> GuidedImages:
-    """Search a differential patch per class between `fp_model` and the calibrated round-to-nearest
-    `qmodel` on `images` (float [N, C, H, W] in [0, 1]), then append a copy of every image stamped with the
-    smallest patch that carries over, or with the square refined from it when that flips more images. Without
-    a patch that carries over, the square scan runs, and a copy of every image stamped with the square it
-    found is appended; when it finds none either the images come back alone. Neither model is modified."""
-    with torch.no_grad():
-        logits = torch.cat([fp_model(part) for part in images.split(chunk)])
-    fp_preds = logits.argmax(1)
-    try:  # both searches refuse too few calibration images (a search batch in every class; a held-out set)
-        found = search_triggers(fp_model, qmodel, images, fp_preds, logits.shape[1], config, seed=seed,
-                                progress=progress)
-        guided = GuidedImages(images, found)
-        if guided.stamped is None:
-            return with_found_square(fp_model, qmodel, images, fp_preds, found, seed=seed)
+    """Ask the scanner (`locate_trigger`) for the trigger the calibrated round-to-nearest `qmodel` answers most
+    easily against `fp_model` on `images` (float [N, C, H, W] in [0, 1]), and append a copy of every image
+    stamped with it: a found patch is first refined into a square (`refine_patch`), stamped instead when it flips
+    more images. When the scanner finds nothing the images come back alone. Neither model is modified."""
+    try:  # the scanner refuses too few calibration images (a search batch in every class; a held-out set)
+        trigger = locate_trigger(fp_model, qmodel, images, config, seed=seed, progress=progress)
     except ValueError as err:
         raise InputError(f"search_triggers: {err} (use more calibration images)") from None
-    patch = found[guided.stamped]
-    mask, pattern = patch.mask.to(images.device), patch.pattern.to(images.device)
-    refined = refine_patch(fp_model, qmodel, images, fp_preds, patch, seed=seed)
+    if trigger.kind == "none":
+        return GuidedImages(images, trigger, refine_config=refine)
+    mask, pattern = trigger.mask.to(images.device), trigger.pattern.to(images.device)
     refinement = None
-    if refined is not None:
-        refinement, square, square_pattern = refined
-        if refinement.used:
-            mask, pattern = square, square_pattern
-    return GuidedImages(torch.cat([images, stamp(images, mask, pattern)]), found, refinement)
-
-
-def with_found_square(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, fp_preds: torch.Tensor,
-                      found: list[ClassSearch], *, seed: int = 0) -> GuidedImages:
-    """The images, plus a copy of each stamped with the square the square scan found (if it found one)."""
-    squares = scan_squares(fp_model, qmodel, images, fp_preds, len(found), seed=seed)
-    square = standing_out(squares)
-    if square is not None:
-        mask, pattern = square.mask_and_pattern(*images.shape[-2:], seed)
-        images = torch.cat([images, stamp(images, mask.to(images.device), pattern.to(images.device))])
-    return GuidedImages(images, found, squares=squares)
+    if trigger.kind == "patch":
+        with torch.no_grad():
+            fp_preds = torch.cat([fp_model(part) for part in images.split(256)]).argmax(1)
+        refined = refine_patch(fp_model, qmodel, images, fp_preds, trigger.patches[trigger.target], config=refine,
+                               seed=seed)
+        if refined is not None:
+            refinement, square, square_pattern = refined
+            if refinement.used:
+                mask, pattern = square, square_pattern
+    return GuidedImages(torch.cat([images, stamp(images, mask, pattern)]), trigger, refinement, refine)
 
 
 def patch_core(mask: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from qcbdefense.data import Dataset, batches
-from qcbdefense.evaluate import Metrics, agreement, evaluate
+from qcbdefense.evaluate import Score, evaluate
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.quantize import quantize
 from qcbdefense.quant.spec import QuantSpec, get_spec
+from qcbdefense.report import Report
 from qcbdefense.results import format_table
 from qcbdefense.runinfo import environment
 from qcbdefense.triggers import Trigger
@@ -38,39 +39,36 @@ def post_training_quantize(model: nn.Module, spec: str | QuantSpec, data: Datase
     return calibrate(qmodel, (x for x, _ in batches(images, labels, batch_size=128, device=device)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SpecResult:
+    """The round-to-nearest quantization under one spec: its score (agreement with the FP model on the clean
+    test set) and how long calibration and scoring took."""
+
     spec: QuantSpec
-    metrics: Metrics
-    agreement: float          # argmax agreement (%) with the FP model on the clean test set
+    score: Score
     calib_seconds: float
     eval_seconds: float
 
 
-@dataclass
-class PTQReport:
+@dataclass(frozen=True)
+class PTQReport(Report):
+    VERSION = 2  # 2: one Score per model (the agreement moved into it)
+    KIND = "quantize report"
+    COMMAND = "quantize"
+
     model: str
     dataset: dict
     trigger: dict | None
     target: int
     calib: int
     seed: int
-    fp: Metrics
+    fp: Score
     results: list[SpecResult]
     environment: dict = field(default_factory=environment)
 
-    def to_dict(self) -> dict:
-        return {"version": 1, "command": "quantize", "model": self.model, "dataset": self.dataset,
-                "trigger": self.trigger, "target": self.target, "calib": self.calib, "seed": self.seed,
-                "fp": self.fp.to_dict(),
-                "results": [{"spec": r.spec.to_dict(), "metrics": r.metrics.to_dict(), "agreement": r.agreement,
-                             "calib_seconds": r.calib_seconds, "eval_seconds": r.eval_seconds}
-                            for r in self.results],
-                "environment": self.environment}
-
     def table(self) -> str:
         rows = [["FP", self.fp.ca, self.fp.asr, 100.0, None, None]]
-        rows += [[r.spec.name, r.metrics.ca, r.metrics.asr, r.agreement, r.calib_seconds, r.eval_seconds]
+        rows += [[r.spec.name, r.score.ca, r.score.asr, r.score.agreement, r.calib_seconds, r.eval_seconds]
                  for r in self.results]
         return format_table(["model", "CA %", "ASR %", "agree w/ FP %", "calib s", "eval s"], rows)
 
@@ -86,8 +84,7 @@ def compare_specs(model: nn.Module, data: Dataset, specs: list[str | QuantSpec],
         start = time.perf_counter()
         qmodel = post_training_quantize(model, spec, data, calib=calib, seed=seed, device=device)
         calibrated = time.perf_counter()
-        metrics = evaluate(qmodel, data, trigger=trigger, target=target, device=device)
-        agree = agreement(metrics.predictions, fp.predictions)
-        results.append(SpecResult(spec, metrics, agree, calibrated - start, time.perf_counter() - calibrated))
+        score = evaluate(qmodel, data, trigger=trigger, target=target, device=device).against(fp)
+        results.append(SpecResult(spec, score, calibrated - start, time.perf_counter() - calibrated))
     return PTQReport(arch, data.describe(), None if trigger is None else trigger.to_dict(), target, calib, seed,
                      fp, results)

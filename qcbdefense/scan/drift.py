@@ -5,22 +5,27 @@ rest move as rounding noise does. Drift is measured against the FP model's own s
 different scale compare, and its concentration (how far the worst neurons stand above the typical one) is
 reported beside its size. These are evidence for a human; the verdict rests on the trigger search.
 
-The two graphs' layers are paired by what they compute: their conv/linear layers in order, which must have the
-same weight shapes (`export.replica.weight_layers`). Quantizers rewrite everything else: onnxruntime removes the
-ReLU behind a quantizer, fuses BN, turns Conv into QLinearConv; none of that moves a layer's weights.
+The two models' layers are paired by what they compute: their conv/linear layers in order, which must have the
+same weight shapes (`export.replica.weight_layers` for ONNX graphs, `tapped.TappedModel.layers` for native
+models). Quantizers rewrite everything else: onnxruntime removes the ReLU behind a quantizer, fuses BN, turns
+Conv into QLinearConv; none of that moves a layer's weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:  # the core does not import export at run time
-    from export.replica import LayerTap
-
 EPS = 1e-6
+
+
+class Layer(Protocol):
+    """A weight layer as the scan's models list it: its weight's shape and the tensor it is tapped by."""
+
+    weight_shape: tuple[int, ...]
+    tensor: str
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,7 @@ class Disagreement:
         return asdict(self)
 
 
-def pair_layers(fp: "list[LayerTap]", quantized: "list[LayerTap]") -> tuple[list[tuple[str, str]], str]:
+def pair_layers(fp: list[Layer], quantized: list[Layer]) -> tuple[list[tuple[str, str]], str]:
     """(FP tensor, quantized tensor) of each pair of layers, and a sentence saying how they were paired or why
     they could not be (then no pair)."""
     fp_shapes, q_shapes = [t.weight_shape for t in fp], [t.weight_shape for t in quantized]

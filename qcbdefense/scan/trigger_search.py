@@ -14,6 +14,7 @@ while it fails; the smallest mask that reached the success rate is kept.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,8 @@ class ClassSearch:
     found: bool
     mask: torch.Tensor  # [H, W] in [0, 1]
     pattern: torch.Tensor  # [3, H, W] in [0, 1]
+    searched: bool = True  # False: the class was screened out (`scan.screen`), nothing was searched
+    rate: float = 0.0  # the largest share of its batch any step's patch flipped differentially (the screen's rank)
 
 
 def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -87,35 +90,41 @@ def adapt_weights(lam: torch.Tensor, hits: torch.Tensor, step: int, config: Sear
 
 def search_triggers(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds: torch.Tensor,
                     num_classes: int, config: SearchConfig = SearchConfig(), *, seed: int = 0,
-                    progress: bool = False) -> list[ClassSearch]:
-    """Search every class at once on images `x` ([N, 3, H, W] in [0, 1]) with FP predictions `fp_preds`.
+                    classes: Sequence[int] | None = None, progress: bool = False) -> list[ClassSearch]:
+    """Search every class (or only `classes`) at once on images `x` ([N, 3, H, W] in [0, 1]) with FP
+    predictions `fp_preds`; one `ClassSearch` per class, `searched` False on the classes left out.
 
     For class c the search batch is the first `images_per_class` images the FP model does not put in c; the
-    next ones (up to 4x as many) are held out to measure the success of the patch that was kept.
+    next ones (up to 4x as many) are held out to measure the success of the patch that was kept. Batches and
+    starting patterns are drawn for every class, so a class searched with others left out starts as it would
+    with all.
     """
     gen = torch.Generator().manual_seed(seed)
     n, h, w = config.images_per_class, x.shape[-2], x.shape[-1]
     batches, held_out = class_batches(fp_preds, num_classes, n, gen)
     if any(len(b) < n for b in batches):
         raise ValueError(f"the trigger search needs {n} images outside each class; got fewer")
-    xb = torch.cat([x[b] for b in batches])  # [classes * n, 3, H, W]
-    yb_fp = torch.cat([fp_preds[b] for b in batches])
-    targets = torch.arange(num_classes).repeat_interleave(n).to(x.device)
+    chosen = list(range(num_classes)) if classes is None else sorted(set(classes))
+    k = len(chosen)
+    xb = torch.cat([x[batches[c]] for c in chosen])  # [k * n, 3, H, W]
+    yb_fp = torch.cat([fp_preds[batches[c]] for c in chosen])
+    targets = torch.tensor(chosen).repeat_interleave(n).to(x.device)
 
-    mask_logit = torch.full((num_classes, 1, h, w), -2.0, device=x.device).requires_grad_()
-    pattern_logit = (torch.randn((num_classes, 3, h, w), generator=gen) * 0.1).to(x.device).requires_grad_()
+    mask_logit = torch.full((k, 1, h, w), -2.0, device=x.device).requires_grad_()
+    pattern_logit = (torch.randn((num_classes, 3, h, w), generator=gen)[chosen] * 0.1).to(x.device).requires_grad_()
     optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=config.lr)
-    lam = torch.full((num_classes,), config.lambda_init, device=x.device)
-    best_area = torch.full((num_classes,), float(h * w))
-    best_mask = torch.zeros((num_classes, 1, h, w))
-    best_pattern = torch.zeros((num_classes, 3, h, w))
-    hits = torch.zeros(num_classes, device=x.device)
+    lam = torch.full((k,), config.lambda_init, device=x.device)
+    best_area = torch.full((k,), float(h * w))
+    best_mask = torch.zeros((k, 1, h, w))
+    best_pattern = torch.zeros((k, 3, h, w))
+    hits = torch.zeros(k, device=x.device)
+    best_rate = torch.zeros(k)
     for step in tqdm(range(config.steps), desc="trigger search", disable=not progress, leave=False):
         mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
         xs = stamp(xb, mask.repeat_interleave(n, 0), pattern.repeat_interleave(n, 0))
         q_logits, fp_logits = quantized(xs), fp(xs)
-        flip = F.cross_entropy(q_logits, targets, reduction="none").view(num_classes, n).mean(1)
-        keep = F.cross_entropy(fp_logits, yb_fp, reduction="none").view(num_classes, n).mean(1)
+        flip = F.cross_entropy(q_logits, targets, reduction="none").view(k, n).mean(1)
+        keep = F.cross_entropy(fp_logits, yb_fp, reduction="none").view(k, n).mean(1)
         area = mask.flatten(1).mean(1)
         loss = (flip + keep + lam * area).sum()
         optimizer.zero_grad()
@@ -123,25 +132,27 @@ def search_triggers(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_pre
         optimizer.step()
         with torch.no_grad():
             ok = ((q_logits.argmax(1) == targets) & (fp_logits.argmax(1) == yb_fp)).float()
-            rate = ok.view(num_classes, n).mean(1)
+            rate = ok.view(k, n).mean(1)
             pixels = mask.flatten(1).sum(1).cpu()
             better = (rate.cpu() >= config.success) & (pixels < best_area)
             best_area = torch.where(better, pixels, best_area)
             best_mask[better] = mask.detach().cpu()[better]
             best_pattern[better] = pattern.detach().cpu()[better]
+            best_rate = torch.maximum(best_rate, rate.cpu())
             hits += rate >= config.success
             lam, hits = adapt_weights(lam, hits, step, config)
-    results = []
-    for c in range(num_classes):
-        found = bool(best_area[c] < h * w)
-        m, p = best_mask[c, 0], best_pattern[c]
+    results = [ClassSearch(target=c, area=float(h * w), success=0.0, found=False, mask=torch.zeros(h, w),
+                           pattern=torch.zeros(3, h, w), searched=False) for c in range(num_classes)]
+    for i, c in enumerate(chosen):
+        found = bool(best_area[i] < h * w)
+        m, p = best_mask[i, 0], best_pattern[i]
         rest = held_out[c]
         success = 0.0
         if found and len(rest):
             ok = differential_success(fp, quantized, x[rest], fp_preds[rest], c, m.to(x.device), p.to(x.device))
             success = 100.0 * ok.float().mean().item()
-        results.append(ClassSearch(target=c, area=float(best_area[c]), success=success, found=found,
-                                   mask=m, pattern=p))
+        results[c] = ClassSearch(target=c, area=float(best_area[i]), success=success, found=found, mask=m,
+                                 pattern=p, rate=float(best_rate[i]))
     return results
 
 

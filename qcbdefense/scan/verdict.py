@@ -46,13 +46,17 @@ class Verdict:
 
 
 def search_signals(efforts: list[float], successes: list[float], *, largest: float, cheap: float,
-                   config: "ScanConfig") -> tuple[list[float], list[float], list[float]]:
+                   config: "ScanConfig", searched: list[bool] | None = None
+                   ) -> tuple[list[float], list[float], list[float]]:
     """One family's per-class evidence from its efforts (mask pixels, or % of the largest budget) and held-out
     successes: the counted effort (`largest` when the trigger does not carry over to held-out images), its
     anomaly index, and the search signal (anomaly / `min_anomaly`, counted only when it carries over and the
-    effort is at most `cheap`)."""
+    effort is at most `cheap`). Classes not `searched` (screened out: `scan.screen`) count at `largest` with
+    no anomaly, and the anomaly index of the others is measured among the searched classes alone."""
+    searched = [True] * len(efforts) if searched is None else searched
     counted = [e if s >= config.min_success else largest for e, s in zip(efforts, successes)]
-    anomalies = anomaly_index(counted)
+    among = iter(anomaly_index([e for e, done in zip(counted, searched) if done]))
+    anomalies = [next(among) if done else 0.0 for done in searched]
     signals = [max(a, 0.0) / config.min_anomaly if s >= config.min_success and e <= cheap else 0.0
                for a, e, s in zip(anomalies, counted, successes)]
     return counted, anomalies, signals

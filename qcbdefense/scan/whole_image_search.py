@@ -17,6 +17,7 @@ few dozen steps where a mask needs a couple of hundred.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,8 @@ class WholeImageFind:
     found: bool
     delta: torch.Tensor  # [3, H, W]: additive, the perturbation; blend, the pattern in [0, 1]
     strength: float  # eps or alpha itself
+    searched: bool = True  # False: the class was screened out (`scan.screen`), nothing was searched
+    rate: float = 0.0  # the largest share of its batch any step's trigger flipped differentially
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The trigger applied to images `x` (pixels in [0, 1])."""
@@ -57,7 +60,8 @@ class WholeImageFind:
 
     def to_dict(self) -> dict:
         return {"family": self.family, "target": self.target, "effort": self.effort, "success": self.success,
-                "found": self.found, "strength": self.strength}
+                "found": self.found, "strength": self.strength, "searched": self.searched,
+                "rate": self.rate}
 
 
 def apply_family(family: str, x: torch.Tensor, delta: torch.Tensor, strength: torch.Tensor | float) -> torch.Tensor:
@@ -80,28 +84,33 @@ def _held_out_success(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_p
 
 def search_whole_image(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds: torch.Tensor,
                        num_classes: int, config: WholeImageConfig = WholeImageConfig(),
-                       search: SearchConfig = SearchConfig(), *, seed: int = 0,
+                       search: SearchConfig = SearchConfig(), *, seed: int = 0, classes: Sequence[int] | None = None,
                        progress: bool = False) -> dict[str, list[WholeImageFind]]:
-    """Search both families for every class at once on images `x` ([N, 3, H, W] in [0, 1]) with FP
-    predictions `fp_preds`; per family, one find per class. Batches, held-out images, the success bar and the
-    λ schedule are the patch search's (`search`)."""
+    """Search both families for every class (or only `classes`) at once on images `x` ([N, 3, H, W] in
+    [0, 1]) with FP predictions `fp_preds`; per family, one find per class (`searched` False on the classes
+    left out). Batches, held-out images, the success bar and the λ schedule are the patch search's
+    (`search`)."""
     gen = torch.Generator().manual_seed(seed + 1)  # not the patch search's draw: other images, other starts
     n, shape = search.images_per_class, x.shape[-3:]
     batches, held_out = class_batches(fp_preds, num_classes, n, gen)
     if any(len(b) < n for b in batches):
         raise ValueError(f"the trigger search needs {n} images outside each class; got fewer")
-    xb = torch.cat([x[b] for b in batches])
-    yb_fp = torch.cat([fp_preds[b] for b in batches]).repeat(2)
-    targets = torch.arange(num_classes, device=x.device).repeat_interleave(n).repeat(2)
+    chosen = list(range(num_classes)) if classes is None else sorted(set(classes))
+    k = len(chosen)
+    xb = torch.cat([x[batches[c]] for c in chosen])
+    yb_fp = torch.cat([fp_preds[batches[c]] for c in chosen]).repeat(2)
+    targets = torch.tensor(chosen, device=x.device).repeat_interleave(n).repeat(2)
     largest = torch.tensor([config.max_linf, config.max_alpha], device=x.device)[:, None]  # [family, 1]
 
-    effort_logit = torch.zeros((2, num_classes), device=x.device, requires_grad=True)
-    shape_logit = (torch.randn((2, num_classes, *shape), generator=gen) * 0.5).to(x.device).requires_grad_()
+    effort_logit = torch.zeros((2, k), device=x.device, requires_grad=True)
+    shape_logit = (torch.randn((2, num_classes, *shape), generator=gen)[:, chosen] * 0.5).to(x.device)
+    shape_logit.requires_grad_()
     optimizer = torch.optim.Adam([effort_logit, shape_logit], lr=config.lr)
-    lam = torch.full((2, num_classes), search.lambda_init, device=x.device)
-    best = torch.ones((2, num_classes))
-    best_shape = torch.zeros((2, num_classes, *shape))
-    hits = torch.zeros((2, num_classes), device=x.device)
+    lam = torch.full((2, k), search.lambda_init, device=x.device)
+    best = torch.ones((2, k))
+    best_shape = torch.zeros((2, k, *shape))
+    hits = torch.zeros((2, k), device=x.device)
+    best_rate = torch.zeros((2, k))
     for step in tqdm(range(config.steps), desc="whole-image search", disable=not progress, leave=False):
         effort = torch.sigmoid(effort_logit)  # [family, class], a share of the largest
         strength = (effort * largest)[..., None, None, None].repeat_interleave(n, 1)
@@ -110,30 +119,32 @@ def search_whole_image(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_
         xs = torch.cat([apply_family("additive", xb, strength[0] * direction, 0.0),
                         apply_family("blend", xb, pattern, strength[1])])
         q_logits, fp_logits = quantized(xs), fp(xs)
-        flip = F.cross_entropy(q_logits, targets, reduction="none").view(2, num_classes, n).mean(2)
-        keep = F.cross_entropy(fp_logits, yb_fp, reduction="none").view(2, num_classes, n).mean(2)
+        flip = F.cross_entropy(q_logits, targets, reduction="none").view(2, k, n).mean(2)
+        keep = F.cross_entropy(fp_logits, yb_fp, reduction="none").view(2, k, n).mean(2)
         loss = (flip + keep + lam * effort).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             ok = ((q_logits.argmax(1) == targets) & (fp_logits.argmax(1) == yb_fp)).float()
-            rate = ok.view(2, num_classes, n).mean(2)
+            rate = ok.view(2, k, n).mean(2)
             better = (rate.cpu() >= search.success) & (effort.cpu() < best)
             best = torch.where(better, effort.detach().cpu(), best)
             shapes = torch.stack([direction[::n] * (effort[0] * largest[0])[:, None, None, None],
                                   pattern[::n]]).detach().cpu()
             best_shape[better] = shapes[better]
+            best_rate = torch.maximum(best_rate, rate.cpu())
             hits += rate >= search.success
             lam, hits = adapt_weights(lam, hits, step, search)
     finds: dict[str, list[WholeImageFind]] = {}
     for f, family in enumerate(FAMILIES):
-        finds[family] = []
-        for c in range(num_classes):
-            found = bool(best[f, c] < 1.0)
-            find = WholeImageFind(family, c, float(best[f, c]), 0.0, found, best_shape[f, c],
-                                  float(best[f, c] * largest[f, 0]))
+        finds[family] = [WholeImageFind(family, c, 1.0, 0.0, False, torch.zeros(shape), float(largest[f, 0]),
+                                        searched=False) for c in range(num_classes)]
+        for i, c in enumerate(chosen):
+            found = bool(best[f, i] < 1.0)
+            find = WholeImageFind(family, c, float(best[f, i]), 0.0, found, best_shape[f, i],
+                                  float(best[f, i] * largest[f, 0]), rate=float(best_rate[f, i]))
             rest = held_out[c]
             find.success = _held_out_success(fp, quantized, x[rest], fp_preds[rest], find)
-            finds[family].append(find)
+            finds[family][c] = find
     return finds

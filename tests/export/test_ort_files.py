@@ -25,8 +25,10 @@ from qcbdefense.cli import main
 from qcbdefense.data import load_dataset, to_float
 from qcbdefense.errors import InputError
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
-from qcbdefense.scan import ScanConfig, SearchConfig, scan
-from qcbdefense.scan.scan import measure_drift, plot_drift
+from export.scan_files import scan_onnx
+from qcbdefense.scan import ScanConfig, SearchConfig
+from qcbdefense.scan.files import plot_drift
+from qcbdefense.scan.scan import measure_drift
 from qcbdefense.triggers import parse_trigger
 
 # name: (format, activation type, per-channel, reduce_range, the label describe_onnx must give)
@@ -112,7 +114,7 @@ def test_drift_pairs_a_qdq_file_whose_relus_onnxruntime_removed(ort_files, shape
 @pytest.mark.parametrize("name", ["qdq-s8s8-pt", "qop-s8s8"])
 def test_scan_gives_a_verdict_and_drift_on_a_quantize_static_file(name, ort_files, shapes16, tmp_path):
     config = ScanConfig(images=256, search=SearchConfig(steps=30))
-    report = scan(ort_files["fp"], shapes16, out=tmp_path, quantized=ort_files[name], config=config)
+    report = scan_onnx(ort_files["fp"], ort_files[name], shapes16, out=tmp_path, config=config)
     assert report.verdict in ("clean", "suspicious") and len(report.layers) == 6
     graphs = report.files["graphs"]
     assert graphs["fp"]["label"] == "float" and graphs["quantized"]["label"] == VARIANTS[name][4]
@@ -138,7 +140,7 @@ def test_verify_reads_a_quantize_dynamic_file_and_flags_its_metadata(ort_files, 
     report = verify(ort_files["dynamic"], shapes16, trigger=parse_trigger("patch"), reference=ort_files["fp"],
                     min_agreement=90.0)
     assert report.graph["format"] == "dynamic" and report.passed
-    assert report.ra is not None and report.reference_ra is not None and 0 <= report.ra <= 100
+    assert report.score.ra is not None and report.reference_score.ra is not None and 0 <= report.score.ra <= 100
     summary = report.summary()
     assert "graph: dynamic" in summary and "WARNING: metadata says float" in summary and "RA %" in summary
 
@@ -149,10 +151,10 @@ def test_gate_judges_asr_against_the_fp_models_own(ort_files, clean_cnn16, shape
                     max_asr_gain=5.0)
     (check,) = report.checks
     assert check.name.startswith("ASR gain over FP") and check.value == pytest.approx(
-        report.asr - report.reference_asr)
-    assert report.reference_asr > 0  # the clean FP model already sends some triggered images to the target
+        report.score.asr - report.reference_score.asr)
+    assert report.reference_score.asr > 0  # the clean FP model already sends some triggered images to the target
     strict = verify(ort_files["qdq-s8s8-pc"], shapes16, trigger=trigger, reference=ort_files["fp"],
-                    max_asr_gain=0.0, baseline_asr=report.asr + 1.0)
+                    max_asr_gain=0.0, baseline_asr=report.score.asr + 1.0)
     assert strict.passed and strict.checks[0].value == pytest.approx(-1.0)
     with pytest.raises(InputError, match="max_asr_gain"):
         verify(ort_files["qdq-s8s8-pc"], shapes16, trigger=trigger, max_asr_gain=5.0)

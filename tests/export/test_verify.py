@@ -29,9 +29,10 @@ def test_verify_matches_the_fake_quant_model(trained, nearest_w8a8, files):
                     max_asr=100.0, min_ca=0.0)
     torch_metrics = evaluate(nearest_w8a8, trained.data, trigger=PATCH)
     assert report.passed and [c.passed for c in report.checks] == [True, True, True]
-    assert report.agreement >= 99.5
-    assert abs(report.ca - torch_metrics.ca) <= 0.5 and abs(report.asr - torch_metrics.asr) <= 0.5
-    assert report.n_clean == len(trained.data.test_y) and report.n_poisoned == int((trained.data.test_y != 0).sum())
+    assert report.score.agreement >= 99.5
+    assert abs(report.score.ca - torch_metrics.ca) <= 0.5 and abs(report.score.asr - torch_metrics.asr) <= 0.5
+    assert report.score.n_clean == len(trained.data.test_y)
+    assert report.score.n_poisoned == int((trained.data.test_y != 0).sum())
 
 
 def test_verify_fails_a_threshold_it_cannot_meet(trained, files):
@@ -150,5 +151,5 @@ def test_harden_runs_the_paper_baselines(method, options, trained, tmp_path):
 
     report = harden(trained.model, trained.data, out=tmp_path / "model.onnx", arch="small_cnn", spec="w8a8",
                     method=method, calib=128, trigger=PATCH, max_asr=100.0, **options)
-    assert report.passed and report.verify.agreement >= 99.5
+    assert report.passed and report.verify.score.agreement >= 99.5
     assert report.purify.method == method and report.purify.purified.der is not None

@@ -1,6 +1,7 @@
 """The scanner on the built-in data: an attacked small CNN flagged with its target (a patch QCB and a blended
 one), a clean one passed, the same answer from the two ONNX files alone, a trigger too weak to flip images
-shown by the square scan, the verdict's weighing of its signals, its evidence written, bad input refused.
+shown by the square scan, a many-class model screened down to its target, the verdict's weighing of its
+signals, its evidence written, bad input refused.
 
 Detection is asserted at the built-in data's own 32x32 on a shipped attacked model: at the 16x16 of the
 fast fixtures the trigger search does not find the PQBackdoor trigger reliably (BENCHMARKS.md, scanner
@@ -15,10 +16,11 @@ import torch
 from torch import nn
 
 from export.onnx import export_float_onnx
+from export.scan_files import export_pair, scan_onnx
 from qcbdefense.checkpoints import load_model
 from qcbdefense.cli import main
 from qcbdefense.data import load_dataset
-from qcbdefense.scan import ScanConfig, scan
+from qcbdefense.scan import ScanConfig, ScreenConfig, scan, scan_models
 from qcbdefense.scan.drift import Disagreement, LayerDrift
 from qcbdefense.scan.verdict import search_signals, weigh_evidence
 from qcbdefense.scan.whole_image_search import search_whole_image
@@ -62,7 +64,7 @@ def blend_scan(clean_cnn16, shapes16, tmp_path_factory):
 
 def test_blend_qcb_is_flagged_with_its_target_and_a_whole_image_family(blend_scan):
     attacked, report, out = blend_scan
-    assert attacked.fp.asr <= 20.0 and attacked.quantized[0].metrics.asr >= 80.0, attacked.summary()  # planted
+    assert attacked.fp.asr <= 20.0 and attacked.quantized[0].score.asr >= 80.0, attacked.summary()  # planted
     assert report.suspicious and report.target == 3, report.summary()
     assert report.family in ("additive", "blend"), report.summary()
     assert report.signals[f"search_{report.family}"] >= max(report.signals["search_patch"], 0.01)
@@ -78,14 +80,14 @@ class CheckerBonus(nn.Module):
     (+-1) by more than about 0.015: a whole-image trigger that a faint additive checkerboard or a blend towards one
     fires, and that clean images (smooth shapes) do not."""
 
-    def __init__(self, base: nn.Module, target: int, bonus: float):
+    def __init__(self, base: nn.Module, target: int, bonus: float, classes: int = 10):
         super().__init__()
-        self.base, self.target, self.bonus = base, target, bonus
+        self.base, self.target, self.bonus, self.classes = base, target, bonus, classes
         self.register_buffer("checker", ((torch.arange(16)[:, None] + torch.arange(16)) % 2 * 2.0 - 1.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = torch.sigmoid(400.0 * ((x * self.checker).mean((1, 2, 3)) - 0.015))
-        lift = torch.zeros(10, device=x.device)
+        lift = torch.zeros(self.classes, device=x.device)
         lift[self.target] = self.bonus
         return self.base(x) + gate[:, None] * lift
 
@@ -105,6 +107,37 @@ def test_whole_image_search_finds_a_faint_whole_image_trigger_for_its_class_only
         assert [f.target for f in finds[family] if f.found] == [3], family  # FP and shipped part only there
         three = finds[family][3]
         assert three.effort < 0.5 and three.success >= 80.0, three.to_dict()
+
+
+def test_a_many_class_model_is_screened_down_to_its_target(shapes16):
+    """A 24-class pair whose shipped model hides a checkerboard trigger for class 13: the screen keeps 8 classes
+    for the full searches, 13 among them, and the verdict names it; no class left out is searched."""
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Conv2d(3, 24, 16), nn.Flatten()).eval()
+    with torch.no_grad():
+        fp[0].weight.mul_(20.0)
+    shipped = CheckerBonus(fp, target=13, bonus=50.0, classes=24).eval()
+    x = shapes16.test_x[:512].float() / 255
+    config = ScanConfig(screen=ScreenConfig(searched=8, steps=10))
+    report = scan_models(fp, shipped, x, config=config)
+    searched = [c["class"] for c in report.classes if c["searched"]]
+    assert len(searched) == 8 and 13 in searched, report.classes
+    assert all(c["area"] == 256 and not c["found"] for c in report.classes if not c["searched"])
+    assert all(len(c["screened"]) == 3 for c in report.classes)
+    assert report.suspicious and report.target == 13, report.summary()
+    assert report.files == {} and report.seconds["screen"] > 0
+
+
+def test_the_anomaly_index_is_measured_among_the_searched_classes_only():
+    config = ScanConfig()
+    efforts = [100.0] * 6 + [20.0, 10.0, 30.0, 25.0]
+    successes = [0.0] * 6 + [90.0] * 4
+    searched = [False] * 6 + [True] * 4
+    _, anomalies, signals = search_signals(efforts, successes, largest=100.0, cheap=50.0, config=config,
+                                           searched=searched)
+    assert anomalies[:6] == [0.0] * 6 and signals[:6] == [0.0] * 6
+    _, among, _ = search_signals(efforts[6:], successes[6:], largest=100.0, cheap=50.0, config=config)
+    assert anomalies[6:] == among  # 10 px is not an outlier among 10-30 px, whatever the unsearched classes
 
 
 def _disagreement(counts: list[int]) -> Disagreement:
@@ -150,28 +183,32 @@ def test_a_search_signal_counts_only_triggers_that_carry_over_and_are_cheap():
 
 def test_scan_writes_its_evidence(attacked_scan):
     out, report = attacked_scan
-    for name in ("report.json", "trigger.png", "drift.png", "fp.onnx", "quantized-pqbackdoor-w4a4.onnx"):
-        assert (out / name).stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir()) == ["drift.png", "report.json", "trigger.png"]  # native: no ONNX
+    assert all((out / name).stat().st_size > 0 for name in ("report.json", "trigger.png", "drift.png"))
     assert len(report.classes) == 10 and len(report.layers) == 6  # small_cnn: 5 convs + the linear, paired
-    assert report.replica_agreement == {"fp": 100.0, "quantized": 100.0}
+    assert all(c["searched"] for c in report.classes) and report.squares is None  # 10 classes: no screen
+    assert report.replica_agreement == {}
     assert 0 < report.disagreement.rate < 50 and sum(report.disagreement.counts) > 0
     assert all(layer.max >= layer.mean > 0 for layer in report.layers)
     saved = json.loads((out / "report.json").read_text())
     assert saved["verdict"] == report.verdict and saved["config"]["search"]["steps"] == 200
+    assert saved["config"]["quantized"]["spec"] == "pqbackdoor-w4a4" and "picture" not in saved
 
 
-def test_scan_from_the_two_onnx_files_gives_the_same_report(attacked_scan, shapes16, tmp_path):
-    out, first = attacked_scan
-    again = scan(out / "fp.onnx", shapes16, out=tmp_path, quantized=out / "quantized-pqbackdoor-w4a4.onnx")
-    assert again.verdict == first.verdict and again.target == first.target
-    assert [c["area"] for c in again.classes] == [c["area"] for c in first.classes]
+def test_scan_from_the_two_onnx_files_gives_the_same_verdict(attacked_scan, pq_cnn16, shapes16, tmp_path):
+    _, first = attacked_scan
+    fp_onnx, q_onnx = export_pair(tmp_path, pq_cnn16[0], "pqbackdoor-w4a4", shapes16)
+    again = scan_onnx(fp_onnx, q_onnx, shapes16, out=tmp_path / "scan")
+    assert again.verdict == first.verdict and again.target == first.target, (again.summary(), first.summary())
+    assert again.replica_agreement == {"fp": 100.0, "quantized": 100.0}
+    assert again.files["quantized_onnx"] == str(q_onnx) and len(again.layers) == len(first.layers)
 
 
 def test_clean_model_is_not_flagged(clean_cnn16, shapes16, tmp_path):
     report = scan(clean_cnn16, shapes16, out=tmp_path, spec="pqbackdoor-w4a4")
     assert not report.suspicious and report.target is None and report.family is None
     assert report.score < ScanConfig().min_score and report.signals["total"] == report.score
-    assert len(report.squares) == 10 and not any(find.found for find in report.squares)
+    assert report.squares is None  # the square scan is an option
     # trigger.png says nothing was found (it showed the closest class's empty "1024 px mask" before)
     assert report.config["plotted"] == "nothing" and report.config["plotted_class"] is None
     assert (tmp_path / "trigger.png").stat().st_size > 0
@@ -179,7 +216,7 @@ def test_clean_model_is_not_flagged(clean_cnn16, shapes16, tmp_path):
 
 def test_drift_plot_has_a_title_and_says_when_no_layer_pairs():
     from qcbdefense.scan.drift import LayerDrift
-    from qcbdefense.scan.scan import drift_figure
+    from qcbdefense.scan.files import drift_figure
 
     empty = drift_figure({"quantized": []}, title="activation drift from FP: a.onnx vs b.onnx")
     texts = [t.get_text() for t in empty.axes[0].texts]
@@ -193,9 +230,8 @@ def test_drift_plot_has_a_title_and_says_when_no_layer_pairs():
 def test_class_labels_use_the_data_class_names(shapes16):
     from qcbdefense.scan.scan import class_label
 
-    assert class_label(shapes16, 3) == f"class 3 ({shapes16.classes[3]})"
-    numbered = type(shapes16)("numbered", [str(c) for c in range(10)], *[None] * 4, (0.5,) * 3, (0.2,) * 3)
-    assert class_label(numbered, 3) == "class 3"
+    assert class_label(shapes16.classes, 3) == f"class 3 ({shapes16.classes[3]})"
+    assert class_label([str(c) for c in range(10)], 3) == "class 3" and class_label([], 3) == "class 3"
 
 
 class WhiteSquareBonus(nn.Module):
@@ -221,7 +257,8 @@ class WhiteSquareBonus(nn.Module):
 
 def test_a_trigger_too_weak_to_flip_stands_out_in_the_square_scan(shapes16, tmp_path):
     """A shipped model that adds 3 to class 3's logit under a white square sends too few images there for the
-    trigger search (verdict clean), but the square scan reports the square, standing out, as evidence."""
+    trigger search (verdict clean), but the square scan (an option) reports the square, standing out, as
+    evidence."""
     torch.manual_seed(0)
     fp = nn.Sequential(nn.Conv2d(3, 10, 16), nn.Flatten()).eval()  # linear, as a conv for the ONNX export
     with torch.no_grad():
@@ -229,7 +266,7 @@ def test_a_trigger_too_weak_to_flip_stands_out_in_the_square_scan(shapes16, tmp_
     fp_onnx = export_float_onnx(fp, tmp_path / "fp.onnx", input_size=(16, 16))
     shipped = export_float_onnx(WhiteSquareBonus(fp, target=3, bonus=3.0).eval(), tmp_path / "shipped.onnx",
                                 input_size=(16, 16))
-    report = scan(fp_onnx, shapes16, out=tmp_path / "scan", quantized=shipped)
+    report = scan_onnx(fp_onnx, shipped, shapes16, out=tmp_path / "scan", config=ScanConfig(square_scan=True))
     assert not any(c["effective_area"] < 256 for c in report.classes), report.classes  # no patch carried over
     assert not report.suspicious and report.disagreement.rate == 0
     find = report.squares[3]

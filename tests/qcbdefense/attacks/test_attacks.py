@@ -24,8 +24,8 @@ QUIET = {"monitor": 0, "transfer": (), "calib": 256, "victim_calib": 512}
 def _assert_dormant_then_alive(report: AttackReport) -> None:
     assert report.fp.asr <= 20.0, report.summary()
     for result in report.quantized:
-        assert result.metrics.asr >= 80.0, report.summary()
-        assert result.metrics.ca >= report.fp.ca - 5.0, report.summary()
+        assert result.score.asr >= 80.0, report.summary()
+        assert result.score.ca >= report.fp.ca - 5.0, report.summary()
 
 
 def test_compartifact_plants_a_w4a4_qcb(clean_cnn16, shapes16):

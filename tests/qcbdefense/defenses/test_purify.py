@@ -28,6 +28,7 @@ from qcbdefense.errors import InputError
 from qcbdefense.evaluate import defense_effectiveness_rating
 from qcbdefense.quant import calibrate, integer_weights, quantize, quantized_layers, quantizer_parameters
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
+from qcbdefense.scan.locate import LocateConfig
 from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig
 
 SPEC = "w4a4"
@@ -318,7 +319,8 @@ def test_no_copies_when_no_patch_separates_the_models():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10)).eval()
     images = torch.rand(64, 3, 16, 16)
-    guided = with_found_triggers(model, copy.deepcopy(model), images, config=SearchConfig(steps=1, images_per_class=2))
+    guided = with_found_triggers(model, copy.deepcopy(model), images,
+                                 config=LocateConfig(search=SearchConfig(steps=1, images_per_class=2)))
     assert not any(c.found for c in guided.found)  # identical models: no patch separates them
     assert torch.equal(guided.images, images) and guided.stamped is None
     assert guided.squares is not None and guided.square_stamped is None  # nor does any square
@@ -347,7 +349,8 @@ def test_square_scan_finds_a_trigger_too_weak_to_flip_and_stamps_it():
         fp[1].weight.mul_(20.0)
     weak = WeakTrigger(fp, target=3, bonus=2.0)
     images = torch.rand(128, 3, 16, 16)
-    guided = with_found_triggers(fp, weak, images, config=SearchConfig(steps=20, images_per_class=4))
+    guided = with_found_triggers(fp, weak, images,
+                                 config=LocateConfig(search=SearchConfig(steps=20, images_per_class=4)))
     assert guided.stamped is None, guided.to_dict()
     assert guided.square_stamped == 3, guided.to_dict()
     find = guided.squares[3]
