@@ -106,7 +106,8 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
     purified_at = time.perf_counter()
     purified_dir = out.with_name(out.stem + ".purified")
     save_purified(purified, purified_dir, report=purify_report)
-    export_onnx(purified, out, spec=purify_report.spec, defense=method, source_sha256=source_sha256)
+    export_onnx(purified, out, spec=purify_report.spec, defense=method, source_sha256=source_sha256,
+                input_size=tuple(data.test_x.shape[2:]))  # the file takes the data's own image size
     exported_at = time.perf_counter()
     fp_asr = purify_report.fp.asr if purify_report.fp is not None else None
     verify_report = verify(out, data, trigger=trigger, target=target, reference=purified.cpu(), max_asr=max_asr,

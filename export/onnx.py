@@ -10,8 +10,9 @@ What `export_onnx` writes (Brevitas `export_onnx_qcdq`, TorchScript path, opset 
   below 8 bits), the weight as an int8/uint8 initializer holding the layer's integers -> DequantizeLinear
   (a Clip first below 8 bits), then Conv / Gemm. Everything else (Normalize, ReLU, pooling, residual adds)
   stays float, exactly as the fake-quant model computes it.
-- two rewrites of that graph, on by default when the activations are 8-bit (`fold_bn`, `int_bias`), which
-  make the int8 graph integer-only where the model allows it (see "Integer kernels" below):
+- three rewrites of that graph, on when the activations are 8-bit (the first two can be turned off:
+  `fold_bn`, `int_bias`), which make the int8 graph integer-only where the model allows it (see "Integer
+  kernels" below):
   1. BN folding into the weight *scales*: each Conv -> BatchNormalization pair whose weight is
      DequantizeLinear(W_int, s, z) becomes DequantizeLinear(W_int, s * k, z) -> Conv(bias b') with
      k = gamma / sqrt(var + eps) per output channel and b' = (b - mean) * k + beta. Convolution is linear
@@ -24,6 +25,8 @@ What `export_onnx` writes (Brevitas `export_onnx_qcdq`, TorchScript path, opset 
   2. int32 bias: a float bias b of a Conv / Gemm whose input and weight both come from DequantizeLinear
      becomes DequantizeLinear(round(b / (s_x * s_w)), s_x * s_w), the bias format of integer kernels. It
      moves each bias by at most half an accumulator step, s_x * s_w / 2 (typically 1e-5 of a logit).
+  3. a per-tensor QuantizeLinear right after a Flatten / Reshape moves above it (exact: it acts on each
+     element alone), so that the classifier's input quantizer directly follows the global average pool.
   And always: a float bias left on a Conv with a dequantized input (below 8 bits, or a model with conv
   biases when rewrite 2 is off) becomes an Add after the Conv, so that onnxruntime cannot round it to int32
   behind the fake-quant model's back (`conv_biases_as_adds`).
@@ -53,6 +56,8 @@ ResNet-20; tests/export/test_onnx.py keeps the first three facts checked):
     - under a spec with `quantize_adds` (the `*-deploy` presets) every conv output, residual add and block
       output is quantized by the model itself, so every conv becomes QLinearConv, every add QLinearAdd and
       the classifier QGemm (tests/export/test_onnx.py counts them on ResNet-20 and torchvision's ResNet-18).
+    - DequantizeLinear -> GlobalAveragePool -> QuantizeLinear becomes QLinearGlobalAveragePool (ORT's
+      unary QDQ rule), but not with the model's Flatten between the pool and the Q: hence rewrite 3.
     The upshot on a ResNet under the LAC/EFRAP quantizer: half the convs run as QLinearConv (uint8 x
     uint8, since the weights are asymmetric), half in float with Q/DQ and layout transposes between
     them, and the int8 file is not faster than the FP32 one on a CPU. ORT's own fully quantized model
@@ -151,11 +156,13 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, spec: str | Quant
     inline_constant_identities(proto)
     folded = fold_batchnorm(proto) if (integer_kernels if fold_bn is None else fold_bn) else 0
     biases = quantize_biases(proto) if (integer_kernels if int_bias is None else int_bias) else 0
-    moved = conv_biases_as_adds(proto)  # what is left in float stays float in onnxruntime too
+    moved = quantize_before_reshapes(proto) if integer_kernels else 0
+    bias_adds = conv_biases_as_adds(proto)  # what is left in float stays float in onnxruntime too
     remove_unused_initializers(proto)
     meta = {"kind": "quantized", "format": "qcdq", "spec": json.dumps(spec.to_dict(), sort_keys=True),
             "spec_label": spec.label, "defense": defense, "bn_folded_into_scales": str(folded),
-            "int32_biases": str(biases), "float_biases_as_adds": str(moved),
+            "int32_biases": str(biases), "quantize_before_reshape": str(moved),
+            "float_biases_as_adds": str(bias_adds),
             "model": model_reference(qmodel) or "unknown"}
     return _save(proto, path, meta, source_sha256)
 
@@ -413,6 +420,33 @@ def conv_biases_as_adds(proto: onnx.ModelProto) -> int:
         del proto.graph.node[:]
         proto.graph.node.extend(nodes)
     return len(moved)
+
+
+def quantize_before_reshapes(proto: onnx.ModelProto) -> int:
+    """Swap each Flatten / Reshape -> per-tensor QuantizeLinear pair into QuantizeLinear -> Flatten / Reshape
+    (rewrite 3 of the module docstring), in place; return how many. Exact: a per-tensor quantizer acts on
+    each element alone, so it commutes with any reshaping."""
+    g = _Graph(proto.graph)
+    position = {id(node): i for i, node in enumerate(proto.graph.node)}
+    swaps = []
+    for q in proto.graph.node:
+        reshape = g.producer.get(q.input[0]) if q.op_type == "QuantizeLinear" else None
+        if reshape is None or reshape.op_type not in ("Flatten", "Reshape") or g.only_consumer(q.input[0]) is not q:
+            continue
+        scale = g.array(q.input[1])
+        if scale is None or scale.size != 1:
+            continue
+        # x -> Reshape -> t -> Q -> y  becomes  x -> Q -> t -> Reshape -> y (t now holds integers)
+        data, between, quantized = reshape.input[0], q.input[0], q.output[0]
+        q.input[0], q.output[0] = data, between
+        reshape.input[0], reshape.output[0] = between, quantized
+        swaps.append((position[id(reshape)], position[id(q)]))
+    nodes = list(proto.graph.node)
+    for reshape_at, q_at in swaps:  # each Q takes its reshape's place: topological order holds
+        nodes[reshape_at], nodes[q_at] = nodes[q_at], nodes[reshape_at]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return len(swaps)
 
 
 def inline_constant_identities(proto: onnx.ModelProto) -> int:

@@ -66,7 +66,7 @@ class BenchConfig:
     name: str
     model: str
     data: str
-    clean: dict  # "init": a checkpoint to start from (optional), the rest TrainConfig fields
+    clean: dict  # "init": a checkpoint to start from (optional), the rest TrainConfig fields; init alone: no training
     attacks: tuple[AttackEntry, ...]
     clean_specs: tuple[str, ...] = ("w8a8", "w4a4")  # the clean model is purified and scanned under these
     defenses: tuple[str, ...] = ("nearest", "efrap", "lac", "lac-pda")
@@ -342,7 +342,8 @@ def collect_rows(config: BenchConfig, out: Path, seeds: int = 1) -> list[BenchRo
                 for seed in _extra_seeds(config, seeds):
                     report = read_report(out / BenchStep("defense", name, spec, defense, seed).key)
                     fp = report.fp if fp is None else fp
-                    runs.append({**encode(report.purified), "seconds": report.seconds.get("defense", 0.0)})
+                    runs.append({**encode(report.purified), "seconds": report.seconds.get("defense", 0.0),
+                                 "peak_rss_mb": report.peak_memory_mb.get("rss")})
                 cells[defense] = runs[0] if seeds == 1 else seed_summary(
                     runs, list(range(config.seed, config.seed + seeds)))
             scan = None if config.scan is None else _scan_result(out / BenchStep("scan", name, spec).key)
@@ -402,8 +403,8 @@ def _attack_settings(config: BenchConfig, entry: AttackEntry) -> dict:
 
 def _clean_model(config: BenchConfig, settings: dict, data, folder: Path, device, log) -> None:
     from models import create_model
-    from qcbdefense.checkpoints import load_model
-    from qcbdefense.train import train
+    from qcbdefense.checkpoints import load_model, save_model
+    from qcbdefense.train import MODEL_FILE, train
     from qcbdefense.training import STATE_FILE, TrainConfig
 
     train_fields = dict(config.clean)
@@ -411,6 +412,9 @@ def _clean_model(config: BenchConfig, settings: dict, data, folder: Path, device
     train_config = TrainConfig(**{"seed": config.seed, **train_fields})
 
     def compute() -> None:
+        if init and not train_fields:  # a checkpoint alone is the clean model, as it is
+            save_model(load_model(config.model, init), folder / MODEL_FILE)
+            return
         torch.manual_seed(config.seed)
         model = (load_model(config.model, init) if init else
                  create_model(config.model, num_classes=data.num_classes, mean=data.mean, std=data.std))
@@ -471,7 +475,7 @@ def _defend(config: BenchConfig, step: BenchStep, model, upstream: dict, data, f
 
 
 def seed_summary(runs: list[dict], seeds: list[int]) -> dict:
-    """Several seeds' cells as one: the mean of each score, agreement and seconds (None when a run lacks it),
+    """Several seeds' cells as one: the mean of each score, agreement, seconds and peak RSS (None when a run lacks it),
     each score's sample standard deviation (n - 1 in the denominator), the seeds and the runs themselves."""
     def mean(values: list) -> float | None:
         return None if any(v is None for v in values) else sum(values) / len(values)
@@ -480,7 +484,7 @@ def seed_summary(runs: list[dict], seeds: list[int]) -> dict:
         centre = mean(values)
         return None if centre is None else (sum((v - centre) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
-    columns = {key: [run.get(key) for run in runs] for key in (*SCORES, "agreement", "seconds")}
+    columns = {key: [run.get(key) for run in runs] for key in (*SCORES, "agreement", "seconds", "peak_rss_mb")}
     return {**{key: mean(values) for key, values in columns.items()},
             "std": {key: std(columns[key]) for key in SCORES}, "seeds": seeds, "runs": runs}
 
@@ -545,15 +549,17 @@ def timing_table(config: BenchConfig, rows: list[BenchRow]) -> str:
 def scores_table(config: BenchConfig, rows: list[BenchRow]) -> str:
     """One line per model, quantizer and defence: CA, ASR, RA and DER (%, DER against round-to-nearest), and
     the defence's seconds; mean ± std over seeds when the bench ran several."""
-    headers = ["model", "quantizer", "defence", "CA %", "ASR %", "RA %", "DER %", "s"]
+    headers = ["model", "quantizer", "defence", "CA %", "ASR %", "RA %", "DER %", "s", "peak RSS MB"]
     cells = []
     for row in rows:
-        cells.append([row.model, row.spec, "FP"] + [_value(encode(row.fp), key) for key in SCORES] + ["-"])
+        cells.append([row.model, row.spec, "FP"] + [_value(encode(row.fp), key) for key in SCORES] + ["-", "-"])
         for defense in config.defenses:
             score = row.defenses.get(defense)
             if score is not None:
+                peak = score.get("peak_rss_mb")
                 cells.append([row.model, row.spec, DEFENSE_LABELS.get(defense, defense)]
-                             + [_value(score, key) for key in SCORES] + [f"{score['seconds']:.1f}"])
+                             + [_value(score, key) for key in SCORES]
+                             + [f"{score['seconds']:.1f}", "-" if peak is None else f"{peak:.0f}"])
     return format_table(headers, cells)
 
 
@@ -562,17 +568,17 @@ def _write_results(out: Path, config: BenchConfig, rows: list[BenchRow], seconds
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     spread = [f"{key}_std" for key in SCORES] if seeds > 1 else []
-    writer.writerow(["model", "quantizer", "defense", "ca", "asr", "ra", "der", "agreement", "seconds", *spread,
-                     "scan_verdict", "scan_target"])
+    writer.writerow(["model", "quantizer", "defense", "ca", "asr", "ra", "der", "agreement", "seconds", "peak_rss_mb",
+                     *spread, "scan_verdict", "scan_target"])
     for row in rows:
         scan = row.scan or {}
         verdict = "not planted" if row.not_planted else scan.get("verdict", "")
         writer.writerow([row.model, row.spec, "fp", row.fp.ca, row.fp.asr, row.fp.ra, "",
-                         row.fp.agreement, "", *[""] * len(spread), verdict, scan.get("target", "")])
+                         row.fp.agreement, "", "", *[""] * len(spread), verdict, scan.get("target", "")])
         for defense, score in row.defenses.items():
             std = score.get("std", {})
             writer.writerow([row.model, row.spec, defense, score["ca"], score["asr"], score.get("ra"),
-                             score.get("der"), score["agreement"], round(score["seconds"], 2),
+                             score.get("der"), score["agreement"], round(score["seconds"], 2), score.get("peak_rss_mb"),
                              *([std.get(key) for key in SCORES] if spread else []), "", ""])
     with atomic_path(out / "results.csv") as tmp:
         tmp.write_text(buffer.getvalue())
@@ -583,7 +589,7 @@ def _write_results(out: Path, config: BenchConfig, rows: list[BenchRow], seconds
                       *_not_planted_lines(rows),
                       "CA, ASR, RA (triggered non-target images kept on their class) and DER (defence-effectiveness "
                       "rating against round-to-nearest; 50 = no change, 100 = perfect), with each defence's "
-                      "seconds:", "", scores_table(config, rows), "",
+                      "seconds and its purification's peak RSS:", "", scores_table(config, rows), "",
                       "Defence and scan times:", "", timing_table(config, rows), "",
                       f"Total time of this invocation: {seconds:.0f} s (cached steps are not re-timed).", ""])
     with atomic_path(out / "results.md") as tmp:

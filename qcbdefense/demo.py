@@ -47,7 +47,9 @@ class DemoConfig:
     trigger: str = "patch"
     target: int = 0
     calib: int = 512
-    pda_steps: int = 50  # the released 500 take minutes a layer on a CPU; 50 removed the QCB in the tests
+    pda_steps: int = 10  # purify's default: PDA's first step already reaches the ball's surface, and 10 steps
+    # leave each layer's statistics distance where 50 do (BENCHMARKS.md) at a fifth of the time (50: 100 of the
+    # demo's 776 s on 2 busy cores, 2026-12-04)
     attack_epochs: int = 3  # PQBackdoor's stage 2; a 4th epoch left FP ASR where it was (11.9 %)
     seed: int = 0
 

@@ -251,6 +251,7 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
         raise InputError("search_triggers takes True or False, and needs a method that learns (not nearest)")
     _check_classes(model, data)
     device = torch.device(device)
+    reset_peak_rss()
     start = time.perf_counter()
     torch.manual_seed(seed)
 
@@ -303,6 +304,16 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
                  "evaluate": (evaluated - quantized) + (done - defended), "total": done - start},
         peak_memory_mb=peak)
     return qmodel, report
+
+
+def reset_peak_rss() -> None:
+    """Start this process's peak RSS (what getrusage reports) afresh, so a purification run in a process that
+    has done other work (a bench, a Ray worker) reports its own peak. Linux only (writing 5 to
+    /proc/self/clear_refs); elsewhere the peak stays the process's since it started."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def _check_classes(model: nn.Module, data: Dataset) -> None:

@@ -51,7 +51,13 @@ class FineTuneOptions:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{key} must be a positive integer, got {value!r}")
-        self.train_config(0)  # TrainConfig refuses a nonsense learning rate
+        for key in ("lr", "momentum", "weight_decay"):  # YAML reads 1e-4 as a string: refused here, not in torch
+            value = getattr(self, key)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or value < 0 or (key == "lr" and value == 0)):
+                raise InputError(f"{key} must be a number {'>' if key == 'lr' else '>='} 0, got {value!r}")
+        if not isinstance(self.augment, bool):
+            raise InputError(f"augment must be true or false, got {self.augment!r}")
 
     def train_config(self, seed: int, **changes) -> TrainConfig:
         return TrainConfig(**{"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,

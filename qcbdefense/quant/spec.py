@@ -26,14 +26,16 @@ And the deployment quantizers, for a file onnxruntime runs on integer kernels en
   and `quantize_adds`: both inputs and the output of every residual add and concat are quantized too, so
   that every conv output, add and pooled feature is an 8-bit tensor (QLinearConv, QLinearAdd,
   QLinearGlobalAveragePool, QGemm). BN stays in the PyTorch model (PDA needs its statistics) and
-  `export.onnx` folds it into the weight scales, which keeps the integers. The first layer (weights and the
-  image) is at 7 bits: without VNNI, x86 multiplies u8 by s8 with VPMADDUBSW, which saturates a pair of
-  products at 2^15 - 1, and an image's full 0..255 range against 8-bit weights (2 * 255 * 127) overflows it:
-  onnxruntime's fused file then agreed with its PyTorch model on 90.7 % of CIFAR-10 test images (ResNet-20;
-  `quantize_static`'s own u8s8 file: 90.9 % with FP), against 99.6 % at 7 bits (2 * 127 * 63 fits).
-  Deeper layers' activations rarely reach the top of their range together, so they stay at 8 bits.
-  `w4a8-deploy` holds 4-bit integers in the same int8 kernels (last layer at 8 bits): as fast as
-  `w8a8-deploy`, not faster.
+  `export.onnx` folds it into the weight scales, which keeps the integers.
+  Weights are int8 tensors holding 7-bit integers ([-63, 63]; 4-bit in `w4a8-deploy`, whose first and last
+  layers are at 7), onnxruntime's `reduce_range`: without VNNI, x86 multiplies u8 by s8 with VPMADDUBSW,
+  which saturates each sum of two products at 2^15 - 1, and 2 * 255 * 127 overflows it (2 * 255 * 63
+  does not). With 8-bit weights the file's agreement with its PyTorch model depends on the CPU it runs on
+  (ResNet-20, CIFAR-10 test set, no VNNI: 99.02 %; 90.7 % with the image at 8 bits too); at 7 bits no sum
+  saturates, so the file computes the same integers on every CPU (99.20 %; the rest is not saturation). What a CPU with VNNI loses: one bit of weight precision (speed is the same kernels'). The name
+  keeps "w8": int8 kernels and tensors; an attack targets it at 7 bits (`attack --spec w8a8-deploy
+  --bits 7`: at `--bits 8` it would target 8-bit weights). `w4a8-deploy` holds 4-bit integers in the same int8 kernels (its
+  first layer's input, the image, at 7 bits too): as fast as `w8a8-deploy`, not faster.
 
 Examples:
     >>> get_spec("w4a4").label
@@ -285,10 +287,11 @@ SPECS.register("pqbackdoor-w8a8-per-tensor")(SPECS.get("pqbackdoor-w8a8").replac
     name="pqbackdoor-w8a8-per-tensor", weight_per_channel=False))
 
 
-for _bits in (8, 4):
-    _preset(f"w{_bits}a8-deploy", weight_bits=_bits, act_bits=8, weight_per_channel=True, weight_symmetric=True,
-            weight_narrow_range=True, weight_scale="mse", act_symmetric=False, act_calibration="percentile",
-            first_layer_bits=7, last_layer_bits=8, quantize_adds=True)
+# Deployment: 7 bits where the other presets have 8 (onnxruntime's reduce_range, see the module docstring).
+_DEPLOY = dict(act_bits=8, weight_per_channel=True, weight_symmetric=True, weight_narrow_range=True,
+               weight_scale="mse", act_symmetric=False, act_calibration="percentile", quantize_adds=True)
+_preset("w8a8-deploy", weight_bits=7, first_layer_bits=None, last_layer_bits=None, **_DEPLOY)
+_preset("w4a8-deploy", weight_bits=4, first_layer_bits=7, last_layer_bits=7, **_DEPLOY)
 
 
 def get_spec(spec: str | os.PathLike | QuantSpec) -> QuantSpec:

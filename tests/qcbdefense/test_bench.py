@@ -81,14 +81,14 @@ def test_bench_writes_its_tables_and_resumes_from_its_cache(one_thread, tiny_ben
 
 
 def test_seeds_are_summarised_as_mean_and_sample_std():
-    runs = [{"ca": 80.0, "asr": 10.0, "ra": 70.0, "der": 90.0, "agreement": 95.0, "seconds": 1.0},
-            {"ca": 82.0, "asr": 14.0, "ra": 66.0, "der": 88.0, "agreement": 97.0, "seconds": 3.0},
-            {"ca": 84.0, "asr": 12.0, "ra": 68.0, "der": 86.0, "agreement": 96.0, "seconds": 2.0}]
+    runs = [{"ca": 80.0, "asr": 10.0, "ra": 70.0, "der": 90.0, "agreement": 95.0, "seconds": 1.0, "peak_rss_mb": 500.0},
+            {"ca": 82.0, "asr": 14.0, "ra": 66.0, "der": 88.0, "agreement": 97.0, "seconds": 3.0, "peak_rss_mb": 700.0},
+            {"ca": 84.0, "asr": 12.0, "ra": 68.0, "der": 86.0, "agreement": 96.0, "seconds": 2.0, "peak_rss_mb": 600.0}]
     cell = seed_summary(runs, [0, 1, 2])
     # by hand: CA 80, 82, 84 -> mean 82, squared deviations 4 + 0 + 4 over n - 1 = 2 -> std 2; the same for
     # ASR (10, 14, 12), RA (70, 66, 68) and DER (90, 88, 86)
-    assert {k: cell[k] for k in ("ca", "asr", "ra", "der", "agreement", "seconds")} == \
-        {"ca": 82.0, "asr": 12.0, "ra": 68.0, "der": 88.0, "agreement": 96.0, "seconds": 2.0}
+    assert {k: cell[k] for k in ("ca", "asr", "ra", "der", "agreement", "seconds", "peak_rss_mb")} == \
+        {"ca": 82.0, "asr": 12.0, "ra": 68.0, "der": 88.0, "agreement": 96.0, "seconds": 2.0, "peak_rss_mb": 600.0}
     assert cell["std"] == {"ca": 2.0, "asr": 2.0, "ra": 2.0, "der": 2.0}
     assert cell["seeds"] == [0, 1, 2] and cell["runs"] == runs
     config = BenchConfig.from_dict({**TINY, "defenses": ["lac"]})
@@ -96,8 +96,9 @@ def test_seeds_are_summarised_as_mean_and_sample_std():
                    defenses={"lac": cell})
     lines = [[cell.strip() for cell in line.strip("|").split("|")] for line in
              scores_table(config, [row]).splitlines()]
-    assert lines[-1] == ["pq", "w8a8", "LAC", "82.00 ± 2.00", "12.00 ± 2.00", "68.00 ± 2.00", "88.00 ± 2.00", "2.0"]
-    assert lines[-2] == ["pq", "w8a8", "FP", "85.00", "3.00", "80.00", "-", "-"]  # one run: no spread
+    assert lines[-1] == ["pq", "w8a8", "LAC", "82.00 ± 2.00", "12.00 ± 2.00", "68.00 ± 2.00", "88.00 ± 2.00", "2.0",
+                         "600"]
+    assert lines[-2] == ["pq", "w8a8", "FP", "85.00", "3.00", "80.00", "-", "-", "-"]  # one run: no spread
 
 
 @pytest.mark.parametrize("change, message", [
@@ -114,6 +115,21 @@ def test_bad_configs_are_refused_before_anything_runs(change, message):
         BenchConfig.from_dict({**TINY, **change})
 
 
+def test_a_clean_entry_of_a_checkpoint_alone_is_that_checkpoint_untrained(tmp_path):
+    import torch
+
+    from models import create_model
+    from qcbdefense.bench import BenchStep, run_step
+    from qcbdefense.checkpoints import load_model, save_model
+
+    model = create_model("small_cnn")
+    save_model(model, tmp_path / "init.pt")
+    config = BenchConfig.from_dict({**TINY, "clean": {"init": str(tmp_path / "init.pt")}})
+    run_step(config, BenchStep("clean", "clean"), tmp_path / "bench", None, "cpu", print)  # no data: no training
+    clean = load_model("small_cnn", tmp_path / "bench" / "clean" / "model.pt").state_dict()
+    assert all(torch.equal(value, clean[key]) for key, value in model.state_dict().items())
+
+
 def test_bench_config_files_in_the_repo_are_valid():
     from pathlib import Path
 
@@ -122,9 +138,10 @@ def test_bench_config_files_in_the_repo_are_valid():
 
 
 def _without_timings(value):
-    """A results record with every wall time dropped: the one thing two runs of the same bench may differ in."""
+    """A results record with every wall time and memory peak dropped: what two runs of the same bench may differ
+    in."""
     if isinstance(value, dict):
-        return {k: _without_timings(v) for k, v in value.items() if k not in ("seconds", "environment")}
+        return {k: _without_timings(v) for k, v in value.items() if k not in ("seconds", "peak_rss_mb", "environment")}
     if isinstance(value, list):
         return [_without_timings(v) for v in value]
     return value

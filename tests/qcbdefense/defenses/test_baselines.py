@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from models import create_model
-from qcbdefense.defenses import purify
+from qcbdefense.defenses import DEFENSES, purify
 from qcbdefense.defenses.aciq import laplace_clip_ratio, lambert_w
 from qcbdefense.defenses.clipping import set_act_range_
 from qcbdefense.defenses.fine_pruning import pruning_order
 from qcbdefense.defenses.ibau import IBauOptions, universal_perturbation
 from qcbdefense.defenses.nad import attention, attention_stages
+from qcbdefense.errors import InputError
 from qcbdefense.quant import calibrate, integer_weights, is_calibrated, quantize
 from qcbdefense.quant.ptq import post_training_quantize
 
@@ -132,3 +133,12 @@ def test_ibau_perturbation_stays_in_its_ball_and_raises_the_loss(shapes16):
         clean = nn.functional.cross_entropy(model(x), y)
         perturbed = nn.functional.cross_entropy(model((x + delta).clamp(0, 1)), y)
     assert perturbed > clean
+
+
+@pytest.mark.parametrize("option, value", [("lr", "1e-4"), ("lr", 0.0), ("momentum", -0.1), ("weight_decay", None),
+                                           ("augment", "yes"), ("epochs", 2.5)])
+@pytest.mark.parametrize("method", sorted(FP_DEFENCES))
+def test_fp_defences_refuse_a_bad_schedule_as_an_input_error(method, option, value):
+    """A bench YAML's `lr: 1e-4` is a string (YAML 1.1 wants a dot): one clear error, not a TypeError."""
+    with pytest.raises(InputError, match=option):
+        DEFENSES.get(method).make_options({option: value})
