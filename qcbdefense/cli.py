@@ -506,6 +506,7 @@ _PLANT_CRITERIA = ("min_asr", "max_fp_asr", "max_fp_ca_drop", "max_quantized_ca_
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
+    from models.reference import build_model, is_onnx
     from qcbdefense.attacks import ATTACKS, PlantCriteria, attack
     from qcbdefense.attacks.base import MODEL_FILE, REPORT_FILE, SAFETENSORS_FILE
     from qcbdefense.checkpoints import load_model, save_model
@@ -527,12 +528,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
     criteria = PlantCriteria(**{key: getattr(args, key) for key in _PLANT_CRITERIA if getattr(args, key) is not None})
     _check_outputs(args, *(args.out / name for name in (MODEL_FILE, SAFETENSORS_FILE, REPORT_FILE, STATE_FILE)),
                    folder=args.out)
-    model = load_model(args.model, args.init, mean=args.mean, std=args.std)
+    if args.init is None and not is_onnx(args.model):
+        raise InputError(f"--init is needed: --model {args.model} names an architecture, not weights")
+    model = build_model(args.model, mean=args.mean, std=args.std) if args.init is None else \
+        load_model(args.model, args.init, mean=args.mean, std=args.std)
     data = load_dataset(args.data, cache_dir=args.cache_dir)
     _check_fits_data(args, data, init=model)
     published, report = attack(model, data, method=args.method, bits=args.bits, spec=args.spec,
                                trigger=args.trigger, target=args.target, config=config, out_dir=args.out,
-                               resume=args.resume, device=device, arch=args.model, init=str(args.init),
+                               resume=args.resume, device=device, arch=args.model,
+                               init=str(args.init if args.init is not None else args.model),
                                criteria=criteria, **options)
     save_model(published, args.out / MODEL_FILE)
     save_model(published, args.out / SAFETENSORS_FILE, metadata={"arch": args.model, "attack": args.method})
@@ -737,7 +742,8 @@ def build_parser() -> Parser:
     p.add_argument("--method", required=True, choices=ATTACK_METHODS, metavar="METHOD",
                    help=f"{', '.join(ATTACK_METHODS)}")
     _add_model_option(p)
-    p.add_argument("--init", type=_existing_file, required=True, help="the clean model to fine-tune")
+    p.add_argument("--init", type=_existing_file, default=None,
+                   help="the clean model to fine-tune (not needed for an .onnx --model, which holds its weights)")
     p.add_argument("--data", required=True, help="builtin[:SEED] | cifar10:PATH | folder:PATH (dir or .tar.gz)")
     p.add_argument("--bits", default=None,
                    help="targeted weight bit widths, e.g. 8,4 (default: quanti 8,4; compartifact 4; pqbackdoor 8)")

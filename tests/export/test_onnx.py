@@ -243,3 +243,29 @@ def test_quantize_before_reshapes_lets_the_pool_fuse_and_changes_nothing(tmp_pat
     np.testing.assert_array_equal(outputs[0], outputs[1])
     assert "QLinearGlobalAveragePool" not in fused[0] and fused[1]["QLinearGlobalAveragePool"] == 1
     assert quantize_before_reshapes(_pool_graph(per_channel=True)) == 0
+
+
+def test_float_conv_biases_are_not_rounded_by_onnxruntime(tmp_path):
+    """A W4A4 file of a model whose convs carry biases (an imported FP ONNX: BN folded into them) computes the
+    same logits with onnxruntime's graph optimisation as without it: the biases are Adds it cannot round
+    to int32 (export.onnx.conv_biases_as_adds)."""
+    import onnxruntime as ort
+
+    from models import create_model
+    from models.onnx_import import import_onnx
+
+    torch.manual_seed(0)
+    fp = create_model("small_cnn")
+    fp.train()
+    with torch.no_grad():  # BN statistics of real activations, so that the folded biases are not all zero
+        fp(torch.rand(64, 3, 32, 32))
+    imported = import_onnx(export_float_onnx(fp.eval(), tmp_path / "fp.onnx"))
+    qmodel = quantize(imported, "w4a4", calib=[torch.rand(64, 3, 32, 32)])
+    path = export_onnx(qmodel, tmp_path / "w4a4.onnx")
+    assert read_metadata(path)["qcbdefense.float_biases_as_adds"] == "5"
+    x = torch.rand(64, 3, 32, 32).numpy()
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    optimised, unoptimised = (ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                              .run(None, {"pixels": x})[0] for options in (None, plain))
+    np.testing.assert_allclose(optimised, unoptimised, atol=1e-4 * np.abs(unoptimised).max())

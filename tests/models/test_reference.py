@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from models import create_model
 from models.normalize import Normalized
 from models.reference import build_model, check_reference
 from qcbdefense.checkpoints import load_model, save_model
@@ -156,6 +157,25 @@ def test_a_reference_of_no_known_form_is_refused_at_parse_time(capsys):
 def test_a_zoo_model_still_needs_its_checkpoint(capsys):
     code = main(["quantize", "--model", "small_cnn", "--data", "builtin"])
     assert code == 2 and "--ckpt is needed" in capsys.readouterr().err
+
+
+def test_attack_takes_an_onnx_model_without_init_and_a_zoo_model_only_with_it(tmp_path, capsys, monkeypatch):
+    from export.onnx import export_float_onnx
+
+    code = main(["attack", "--method", "quanti", "--model", "small_cnn", "--data", "builtin",
+                 "--out", str(tmp_path / "a")])
+    assert code == 2 and "--init is needed" in capsys.readouterr().err
+    fp = export_float_onnx(create_model("small_cnn").eval(), tmp_path / "fp.onnx")
+
+    class ReachedTheData(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise ReachedTheData
+
+    monkeypatch.setattr("qcbdefense.data.load_dataset", stop)
+    with pytest.raises(ReachedTheData):  # the ONNX file's own weights were loaded; the run went on to the data
+        main(["attack", "--method", "quanti", "--model", str(fp), "--data", "builtin", "--out", str(tmp_path / "b")])
 
 
 def test_cli_trains_a_user_model_and_quantizes_its_checkpoint(user_module, tmp_path, capsys):
