@@ -40,7 +40,7 @@ def attacked_scan(pq_cnn16, shapes16, tmp_path_factory):
     return out, scan(pq_cnn16[0], shapes16, out=out, spec="pqbackdoor-w4a4")
 
 
-@pytest.mark.slow  # 4 minutes on 2 cores; the 16x16 attacked pairs below keep "flagged with its target" in the default run
+@pytest.mark.slow  # 4 minutes on 2 cores; the blend QCB test below keeps "flagged with its target" in the default run
 def test_attacked_model_is_flagged_with_its_target(tmp_path):
     report = scan(load_model("small_cnn", ATTACKED_32), load_dataset("builtin"), out=tmp_path, spec="pqbackdoor-w8a8")
     assert report.suspicious and report.target == 0
