@@ -117,10 +117,8 @@ def with_found_triggers(fp_model: nn.Module, qmodel: nn.Module, images: torch.Te
     mask, pattern = trigger.mask.to(images.device), trigger.pattern.to(images.device)
     refinement = None
     if trigger.kind == "patch":
-        with torch.no_grad():
-            fp_preds = torch.cat([fp_model(part) for part in images.split(256)]).argmax(1)
-        refined = refine_patch(fp_model, qmodel, images, fp_preds, trigger.patches[trigger.target], config=refine,
-                               seed=seed)
+        refined = refine_patch(fp_model, qmodel, images, trigger.fp_preds, trigger.patches[trigger.target],
+                               config=refine, seed=seed)
         if refined is not None:
             refinement, square, square_pattern = refined
             if refinement.used:

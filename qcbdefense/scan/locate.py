@@ -31,7 +31,8 @@ class LocateConfig:
 @dataclass
 class LocatedTrigger:
     """What was found: the kind ("patch", "square" or "none"), its class, its mask [H, W] and pattern
-    [3, H, W]; every class's patch, the square scan's finds when it ran, and the settings used."""
+    [3, H, W]; every class's patch, the square scan's finds when it ran, the settings used, and the FP model's
+    predictions on the images (for a caller that refines the find on them; not saved)."""
 
     kind: str
     target: int | None
@@ -40,6 +41,7 @@ class LocatedTrigger:
     patches: list[ClassSearch]
     squares: list[SquareFind] | None
     config: LocateConfig
+    fp_preds: torch.Tensor
 
     def to_dict(self) -> dict:
         """Per class, the patch's area (pixels), held-out differential success % and whether one was found;
@@ -65,10 +67,10 @@ def locate_trigger(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, co
     carried = [c for c in patches if c.found and c.success >= config.min_success]
     if carried:
         patch = min(carried, key=lambda c: c.area)
-        return LocatedTrigger("patch", patch.target, patch.mask, patch.pattern, patches, None, config)
+        return LocatedTrigger("patch", patch.target, patch.mask, patch.pattern, patches, None, config, fp_preds)
     squares = scan_squares(fp, quantized, images, fp_preds, len(patches), config.squares, seed=seed)
     square = standing_out(squares)
     if square is None:
-        return LocatedTrigger("none", None, None, None, patches, squares, config)
+        return LocatedTrigger("none", None, None, None, patches, squares, config, fp_preds)
     mask, pattern = square.mask_and_pattern(*images.shape[-2:], seed)
-    return LocatedTrigger("square", square.target, mask, pattern, patches, squares, config)
+    return LocatedTrigger("square", square.target, mask, pattern, patches, squares, config, fp_preds)
