@@ -5,7 +5,7 @@ each file beside FP32 and `quantize_static`'s file (`export.throughput.compare_t
 Usage: python experiments/deploy_int8.py OUT   (from the repository root; OUT keeps the files)
 
 Public API: load_dataset, load_model, post_training_quantize, export_onnx, agreement. Internals it needs:
-export.ort.OrtModel, export.throughput, qcbdefense.evaluate.predict."""
+export.ort.OrtModel, export.throughput, qcbdefense.scoring.predict."""
 import sys
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from export.onnx import export_float_onnx
 from export.ort import OrtModel
 from export.throughput import compare_throughput
 from qcbdefense import agreement, export_onnx, load_dataset, load_model, post_training_quantize
-from qcbdefense.evaluate import predict
+from qcbdefense.scoring import predict
 from qcbdefense.quant.spec import get_spec
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/deploy-int8")

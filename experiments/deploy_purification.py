@@ -18,7 +18,7 @@ from export.harden import harden
 from models import create_model
 from qcbdefense.attacks import attack
 from qcbdefense.checkpoints import load_model, save_model
-from qcbdefense.train import train
+from qcbdefense.clean_training import train
 
 SPEC, BITS, TRIGGER, TARGET = "w8a8-deploy", 7, "patch", 0
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/deploy-purification")

@@ -5,7 +5,7 @@ Usage: python experiments/export_agreement.py [PURIFIED_DIR]   (from the reposit
 benchmarks/purify_r20.sh)
 
 Public API (`qcbdefense`): load_dataset, load_purified, export_onnx, agreement. Internals it needs: export.ort.OrtModel
-and onnxruntime sessions (to run a file at a chosen optimisation level), qcbdefense.evaluate.predict and
+and onnxruntime sessions (to run a file at a chosen optimisation level), qcbdefense.scoring.predict and
 qcbdefense.data.to_float."""
 import sys
 import tempfile
@@ -18,7 +18,7 @@ import torch
 from export.ort import OrtModel
 from qcbdefense import agreement, export_onnx, load_dataset, load_purified
 from qcbdefense.data import to_float
-from qcbdefense.evaluate import predict
+from qcbdefense.scoring import predict
 
 folder = sys.argv[1] if len(sys.argv) > 1 else "runs/purify/r20-pq-w8-lac"
 x = load_dataset("folder:../shared/datasets/cifar10-jpg.tar.gz").test_x

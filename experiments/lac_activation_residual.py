@@ -27,13 +27,13 @@ Usage: python experiments/lac_activation_residual.py [schedule|...|learned|patch
 Run from the repository root: the models are those of BENCHMARKS.md under runs/ (attacks, purify_r20.sh's
 purified folders), the data the shared JPEG CIFAR-10.
 
-Public API (`qcbdefense`): load_dataset, load_model, purify, load_purified, evaluate_model, calibrate,
+Public API (`qcbdefense`): load_dataset, load_model, purify, load_purified, evaluate, calibrate,
 post_training_quantize, get_spec, parse_trigger. Internals it needs, because it takes the purifier and the
 scanner apart (none is a user's verb): Brevitas' quantization_status_manager and the quantizers' range
 parameters; qcbdefense.defenses.lac.reconstruct_ (replaced for a run, to change the images LAC reconstructs
-on); qcbdefense.defenses.guide (patch_core, square_on, with_found_triggers); qcbdefense.scan.locate
-(LocateConfig, locate_trigger); qcbdefense.scan.square_scan (log_prob_gap, scan_squares);
-qcbdefense.scan.trigger_search (SearchConfig, class_batches, differential_success, stamp); qcbdefense.quant.quantized_layers, qcbdefense.quant.ptq.calibration_images,
+on); qcbdefense.defenses.guide (patch_core, square_on, with_found_triggers); qcbdefense.scanner.locate
+(LocateConfig, locate_trigger); qcbdefense.scanner.square_scan (log_prob_gap, scan_squares);
+qcbdefense.scanner.trigger_search (SearchConfig, class_batches, differential_success, stamp); qcbdefense.quant.quantized_layers, qcbdefense.quant.ptq.calibration_images,
 qcbdefense.attacks.base.with_test_subset, qcbdefense.data.to_float.
 """
 import dataclasses
@@ -45,7 +45,7 @@ import torch
 
 from brevitas.graph.calibrate import quantization_status_manager
 
-from qcbdefense import (calibrate, evaluate_model as evaluate, get_spec, load_dataset, load_model, load_purified,
+from qcbdefense import (calibrate, evaluate, get_spec, load_dataset, load_model, load_purified,
                         parse_trigger, post_training_quantize, purify)
 from qcbdefense.attacks.base import with_test_subset
 from qcbdefense.data import to_float
@@ -53,9 +53,9 @@ from qcbdefense.defenses import lac
 from qcbdefense.defenses.guide import patch_core, square_on, with_found_triggers
 from qcbdefense.quant import quantized_layers
 from qcbdefense.quant.ptq import calibration_images
-from qcbdefense.scan.locate import LocateConfig, locate_trigger
-from qcbdefense.scan.square_scan import log_prob_gap, scan_squares
-from qcbdefense.scan.trigger_search import SearchConfig, class_batches, differential_success, stamp
+from qcbdefense.scanner.locate import LocateConfig, locate_trigger
+from qcbdefense.scanner.square_scan import log_prob_gap, scan_squares
+from qcbdefense.scanner.trigger_search import SearchConfig, class_batches, differential_success, stamp
 
 DATA_SPEC = "folder:../shared/datasets/cifar10-jpg.tar.gz"
 TRIGGER = parse_trigger("patch")

@@ -6,7 +6,7 @@ untouched, and the FP model and its pqbackdoor-w8a8 round-to-nearest model are s
 
 Usage (from the repository root): python experiments/pq_bn_statistics.py
 
-Public API (`qcbdefense`): load_dataset, load_model, evaluate_model, post_training_quantize, parse_trigger.
+Public API (`qcbdefense`): load_dataset, load_model, evaluate, post_training_quantize, parse_trigger.
 Internals: qcbdefense.defenses.finetune.labelled_share (the baselines' labelled share), qcbdefense.data.to_float.
 """
 
@@ -14,7 +14,7 @@ import copy
 
 import torch
 
-from qcbdefense import evaluate_model, load_dataset, load_model, parse_trigger, post_training_quantize
+from qcbdefense import evaluate, load_dataset, load_model, parse_trigger, post_training_quantize
 from qcbdefense.data import to_float
 from qcbdefense.defenses.finetune import labelled_share
 
@@ -41,9 +41,9 @@ def main() -> None:
     model = load_model("small_cnn", FIXTURE)
     images, _ = labelled_share(data, 0.05, 0)
     for name, candidate in (("attacked", model), ("BN statistics recomputed", with_recomputed_bn(model, images))):
-        fp = evaluate_model(candidate, data, trigger=trigger, target=0)
+        fp = evaluate(candidate, data, trigger=trigger, target=0)
         nearest = post_training_quantize(candidate, "pqbackdoor-w8a8", data, calib=512)
-        quantized = evaluate_model(nearest, data, trigger=trigger, target=0)
+        quantized = evaluate(nearest, data, trigger=trigger, target=0)
         print(f"{name}: FP CA {fp.ca:.2f} ASR {fp.asr:.2f}; pqbackdoor-w8a8 nearest CA {quantized.ca:.2f} "
               f"ASR {quantized.asr:.2f}", flush=True)
 

@@ -29,8 +29,8 @@ from qcbdefense.attacks import attack
 from qcbdefense.checkpoints import load_model, save_model
 from qcbdefense.data import Dataset, load_dataset
 from qcbdefense.defenses import purify
-from qcbdefense.scan import ScanConfig, scan
-from qcbdefense.train import train
+from qcbdefense.scanner import ScanConfig, scan
+from qcbdefense.clean_training import train
 from qcbdefense.training import TrainConfig
 
 ROOT = Path("runs/campaign")
@@ -162,8 +162,8 @@ def rates(rows: list[dict], threshold: float) -> tuple[str, str]:
 def reweigh(row: dict, config: ScanConfig) -> tuple[float, int, str | None]:
     """The verdict's score, best class and family for a scanned pair under other verdict settings, from the
     evidence its row keeps (no rescan)."""
-    from qcbdefense.scan.drift import Disagreement, LayerDrift
-    from qcbdefense.scan.verdict import search_signals, weigh_evidence
+    from qcbdefense.scanner.drift import Disagreement, LayerDrift
+    from qcbdefense.scanner.verdict import search_signals, weigh_evidence
 
     classes, pixels = row["classes"], 16.0 * 16.0  # the campaign's images (shapes16)
     searches = {"patch": search_signals([c["area"] for c in classes], [c["success"] for c in classes],

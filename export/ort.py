@@ -30,7 +30,7 @@ from torch import nn
 from export.provenance import describe_onnx, metadata_conflicts
 from qcbdefense.data import Dataset, batches
 from qcbdefense.errors import InputError, check_number, first_line
-from qcbdefense.evaluate import Score, agreement, predict
+from qcbdefense.scoring import Score, agreement, predict
 from qcbdefense.fileio import sha256_file
 from qcbdefense.report import Report
 from qcbdefense.results import fmt, format_table
@@ -121,7 +121,7 @@ class OrtModel:
     def predict(self, x: torch.Tensor, *, batch_size: int = DEFAULT_BATCH,
                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Arg-max predictions for uint8 images `x` [N, C, H, W], optionally transformed (triggered) first;
-        the same contract as `qcbdefense.evaluate.predict`."""
+        the same contract as `qcbdefense.scoring.predict`."""
         dummy = torch.zeros(len(x), dtype=torch.long)
         preds = [torch.from_numpy(self.logits(xb).argmax(1))
                  for xb, _ in batches(x, dummy, batch_size=batch_size, transform=transform)]

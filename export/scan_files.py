@@ -1,7 +1,7 @@
 """Scanning two ONNX files, what a deployer holds: the FP model and the int8/int4 model that ships.
 
 Both files run as differentiable torch replicas (`export.replica`), each checked against onnxruntime before it is
-trusted, and the scan itself is `qcbdefense.scan.scan_models`. An FP model given as a module is exported here
+trusted, and the scan itself is `qcbdefense.scanner.scan_models`. An FP model given as a module is exported here
 first (its ONNX file is what the quantized file is compared with). The report records the files, their
 hashes, what each graph is (`provenance.describe_onnx`) and the replicas' agreement with onnxruntime.
 """
@@ -23,8 +23,8 @@ from qcbdefense.data import Dataset
 from qcbdefense.errors import InputError
 from qcbdefense.fileio import sha256_file
 from qcbdefense.quant.ptq import post_training_quantize
-from qcbdefense.scan.files import write_scan
-from qcbdefense.scan.scan import ScanConfig, ScanReport, scan_images, scan_models
+from qcbdefense.scanner.files import write_scan
+from qcbdefense.scanner.scan import ScanConfig, ScanReport, scan_images, scan_models
 
 
 def export_pair(out: Path, fp: nn.Module, spec: str, data: Dataset, *, calib: int = 512, seed: int = 0,
@@ -43,7 +43,7 @@ def scan_onnx(fp: nn.Module | str | os.PathLike, quantized: str | os.PathLike, d
               device: str | torch.device = "cpu", source_sha256: str | None = None,
               progress: bool = False) -> ScanReport:
     """Scan the FP model (an .onnx file, or a module exported to `out`/fp.onnx) against the quantized .onnx
-    file; with `out`, writes report.json, trigger.png and drift.png there (`qcbdefense.scan.files`)."""
+    file; with `out`, writes report.json, trigger.png and drift.png there (`qcbdefense.scanner.files`)."""
     start = time.perf_counter()
     if isinstance(fp, nn.Module):
         if out is None:

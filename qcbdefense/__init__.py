@@ -48,7 +48,7 @@ _claim_siblings()
 
 
 # Public name -> (module, attribute). Three verbs carry a longer name than their function because a submodule of
-# this package already holds the short one (qcbdefense.train, .evaluate, .scan), and importing a submodule binds
+# this package already holds the short one (qcbdefense.clean_training, .evaluate, .scan), and importing a submodule binds
 # its name here to the module.
 _API = {
     # data, triggers and models
@@ -61,11 +61,11 @@ _API = {
     "save_model": ("qcbdefense.checkpoints", "save_model"),
     # training and scoring
     "TrainConfig": ("qcbdefense.training", "TrainConfig"),
-    "train_model": ("qcbdefense.train", "train"),
-    "evaluate_model": ("qcbdefense.evaluate", "evaluate"),
-    "Score": ("qcbdefense.evaluate", "Score"),
-    "agreement": ("qcbdefense.evaluate", "agreement"),
-    "defense_effectiveness_rating": ("qcbdefense.evaluate", "defense_effectiveness_rating"),
+    "train": ("qcbdefense.clean_training", "train"),
+    "evaluate": ("qcbdefense.scoring", "evaluate"),
+    "Score": ("qcbdefense.scoring", "Score"),
+    "agreement": ("qcbdefense.scoring", "agreement"),
+    "defense_effectiveness_rating": ("qcbdefense.scoring", "defense_effectiveness_rating"),
     # quantization
     "QuantSpec": ("qcbdefense.quant.spec", "QuantSpec"),
     "get_spec": ("qcbdefense.quant.spec", "get_spec"),
@@ -80,8 +80,8 @@ _API = {
     "purify": ("qcbdefense.defenses", "purify"),
     "save_purified": ("qcbdefense.defenses", "save_purified"),
     "load_purified": ("qcbdefense.defenses", "load_purified"),
-    "scan_pair": ("qcbdefense.scan.scan", "scan"),
-    "ScanConfig": ("qcbdefense.scan.scan", "ScanConfig"),
+    "scan": ("qcbdefense.scanner.scan", "scan"),
+    "ScanConfig": ("qcbdefense.scanner.scan", "ScanConfig"),
     # deployment: ONNX export and onnxruntime checks (the export package, loaded only when asked for)
     "export_onnx": ("export.onnx", "export_onnx"),
     "export_float_onnx": ("export.onnx", "export_float_onnx"),

@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from qcbdefense.errors import InputError, check_number, first_line
-from qcbdefense.evaluate import Score
+from qcbdefense.scoring import Score
 from qcbdefense.fileio import atomic_path, write_json
 from qcbdefense.report import Report, encode, fields_to_dict
 from qcbdefense.results import format_table
@@ -301,7 +301,7 @@ def _entry(config: BenchConfig, name: str) -> AttackEntry:
 
 def _load_step_model(config: BenchConfig, folder: Path):
     from qcbdefense.checkpoints import load_model
-    from qcbdefense.train import MODEL_FILE
+    from qcbdefense.clean_training import MODEL_FILE
 
     return load_model(config.model, folder / MODEL_FILE)
 
@@ -403,7 +403,7 @@ def _attack_settings(config: BenchConfig, entry: AttackEntry) -> dict:
 def _clean_model(config: BenchConfig, settings: dict, data, folder: Path, device, log) -> None:
     from models import create_model
     from qcbdefense.checkpoints import load_model, save_model
-    from qcbdefense.train import MODEL_FILE, train
+    from qcbdefense.clean_training import MODEL_FILE, train
     from qcbdefense.training import STATE_FILE, TrainConfig
 
     train_fields = dict(config.clean)
@@ -490,7 +490,7 @@ def seed_summary(runs: list[dict], seeds: list[int]) -> dict:
 
 def _scan(config: BenchConfig, name: str, model, upstream: dict, spec: str, data, folder: Path, device,
           log) -> None:
-    from qcbdefense.scan import ScanConfig, SearchConfig, scan
+    from qcbdefense.scanner import ScanConfig, SearchConfig, scan
 
     search_keys = {f.name for f in dataclasses.fields(SearchConfig)}
     search = SearchConfig(**{k: v for k, v in config.scan.items() if k in search_keys})
@@ -504,7 +504,7 @@ def _scan(config: BenchConfig, name: str, model, upstream: dict, spec: str, data
 
 
 def _scan_result(folder: Path) -> dict:
-    from qcbdefense.scan import ScanReport
+    from qcbdefense.scanner import ScanReport
 
     report = ScanReport.load(folder / "report.json")
     return {"verdict": report.verdict, "target": report.target, "score": report.score,
@@ -526,7 +526,7 @@ def _cell(score: dict | None) -> str:
 
 def results_table(config: BenchConfig, rows: list[BenchRow]) -> str:
     """The paper's table: CA / ASR % of FP and each defence, the scan's verdict (Markdown)."""
-    from qcbdefense.scan import verdict_label
+    from qcbdefense.scanner import verdict_label
 
     headers = ["model", "quantizer", "FP"] + [DEFENSE_LABELS.get(d, d) for d in config.defenses] + ["scan"]
     cells = []

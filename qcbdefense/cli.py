@@ -199,7 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from qcbdefense.checkpoints import load_model
     from qcbdefense.data import load_dataset
     from qcbdefense.runinfo import resolve_device
-    from qcbdefense.train import MODEL_FILE, REPORT_FILE, train
+    from qcbdefense.clean_training import MODEL_FILE, REPORT_FILE, train
     from qcbdefense.training import STATE_FILE
 
     device = resolve_device(args.device)
@@ -556,7 +556,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from qcbdefense.data import load_dataset
     from qcbdefense.fileio import removed_on_error, sha256_file
     from qcbdefense.runinfo import resolve_device
-    from qcbdefense.scan import ScanConfig, SearchConfig, scan
+    from qcbdefense.scanner import ScanConfig, SearchConfig, scan
 
     device = resolve_device(args.device)
     if (args.quantized is None) == (args.spec is None):

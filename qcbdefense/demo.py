@@ -28,10 +28,10 @@ from qcbdefense.data import load_dataset
 from qcbdefense.fileio import atomic_path, write_json
 from qcbdefense.results import format_table
 from qcbdefense.runinfo import environment
-from qcbdefense.scan import ScanConfig, scan, verdict_label
-from qcbdefense.scan.files import plot_drift
-from qcbdefense.scan.scan import measure_drift, scan_images
-from qcbdefense.train import train
+from qcbdefense.scanner import ScanConfig, scan, verdict_label
+from qcbdefense.scanner.files import plot_drift
+from qcbdefense.scanner.scan import measure_drift, scan_images
+from qcbdefense.clean_training import train
 from qcbdefense.training import TrainConfig
 
 

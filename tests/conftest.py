@@ -201,7 +201,7 @@ def shapes16():
 def clean_cnn16(shapes16):
     """small_cnn trained 8 epochs on shapes16 (about 89 % CA)."""
     from models import create_model
-    from qcbdefense.train import train
+    from qcbdefense.clean_training import train
     from qcbdefense.training import TrainConfig
 
     torch.manual_seed(0)

@@ -41,7 +41,7 @@ from torch import nn
 from qcbdefense.attacks.fakequant import fast_view, load_ranges
 from qcbdefense.data import Dataset, batches, seeded_subset, to_float
 from qcbdefense.errors import InputError, check_number
-from qcbdefense.evaluate import Score, evaluate
+from qcbdefense.scoring import Score, evaluate
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.ptq import PTQReport, SpecResult, compare_specs, post_training_quantize
 from qcbdefense.quant.quantize import quantize, refresh_weight_ranges

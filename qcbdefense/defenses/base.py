@@ -39,7 +39,7 @@ from torch import nn
 from qcbdefense.data import Dataset, load_dataset, to_float
 from qcbdefense.defenses.guide import with_found_triggers
 from qcbdefense.errors import InputError, check_number
-from qcbdefense.evaluate import Score, evaluate
+from qcbdefense.scoring import Score, evaluate
 from qcbdefense.fileio import sha256_file, write_json
 from qcbdefense.quant.calibrate import is_calibrated
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize

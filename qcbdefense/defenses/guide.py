@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcbdefense.errors import InputError
-from qcbdefense.scan.locate import LocateConfig, LocatedTrigger, locate_trigger
-from qcbdefense.scan.square_scan import SquareFind
-from qcbdefense.scan.trigger_search import ClassSearch, differential_success, stamp
+from qcbdefense.scanner.locate import LocateConfig, LocatedTrigger, locate_trigger
+from qcbdefense.scanner.square_scan import SquareFind
+from qcbdefense.scanner.trigger_search import ClassSearch, differential_success, stamp
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from qcbdefense.data import Dataset, batches, seeded_subset
-from qcbdefense.evaluate import Score, evaluate
+from qcbdefense.scoring import Score, evaluate
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.quantize import quantize
 from qcbdefense.quant.spec import QuantSpec, get_spec

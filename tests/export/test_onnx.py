@@ -15,7 +15,7 @@ from export.onnx import export_float_onnx, export_onnx, metadata_spec, quantize_
 from export.ort import OrtModel
 from qcbdefense.data import to_float
 from qcbdefense.errors import InputError
-from qcbdefense.evaluate import agreement, predict
+from qcbdefense.scoring import agreement, predict
 from qcbdefense.fileio import sha256_file
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.inspect import integer_weights

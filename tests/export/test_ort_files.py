@@ -26,9 +26,9 @@ from qcbdefense.data import load_dataset, to_float
 from qcbdefense.errors import InputError
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
 from export.scan_files import scan_onnx
-from qcbdefense.scan import ScanConfig, SearchConfig
-from qcbdefense.scan.files import plot_drift
-from qcbdefense.scan.scan import measure_drift
+from qcbdefense.scanner import ScanConfig, SearchConfig
+from qcbdefense.scanner.files import plot_drift
+from qcbdefense.scanner.scan import measure_drift
 from qcbdefense.triggers import parse_trigger
 
 # name: (format, activation type, per-channel, reduce_range, the label describe_onnx must give)

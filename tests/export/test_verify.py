@@ -11,7 +11,7 @@ from export.onnx import export_float_onnx, export_onnx
 from export.verify import verify
 from qcbdefense.cli import main
 from qcbdefense.errors import InputError
-from qcbdefense.evaluate import evaluate
+from qcbdefense.scoring import evaluate
 from qcbdefense.triggers import parse_trigger
 
 PATCH = parse_trigger("patch")

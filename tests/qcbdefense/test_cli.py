@@ -85,7 +85,7 @@ def test_train_resume_reproduces_an_uninterrupted_run(capsys, tmp_path, monkeypa
     assert run_cli(capsys, *common, "--out", str(tmp_path / "full"))[0] == 0
 
     # Interrupt the same command during its second epoch's evaluation, then resume it.
-    import qcbdefense.train as train_module
+    import qcbdefense.clean_training as train_module
 
     real_evaluate, calls = train_module.evaluate, []
 

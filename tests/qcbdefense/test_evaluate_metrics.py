@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from qcbdefense.evaluate import defense_effectiveness_rating, triggered_scores
+from qcbdefense.scoring import defense_effectiveness_rating, triggered_scores
 
 class _ByCorner(nn.Module):
     """Predicts class 0 when the top-left pixel is bright, else the class written in pixel (0, 1, 1)."""

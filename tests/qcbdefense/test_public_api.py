@@ -3,6 +3,7 @@ example runs as written."""
 
 import doctest
 import importlib
+import pkgutil
 import re
 import subprocess
 import sys
@@ -15,13 +16,16 @@ import qcbdefense
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def test_every_public_name_is_its_modules_object_even_after_the_clashing_submodules_load():
-    # Importing these binds their names on the package to the modules; the verbs must not be those names.
-    importlib.import_module("qcbdefense.train")
-    importlib.import_module("qcbdefense.evaluate")
-    importlib.import_module("qcbdefense.scan")
+def test_every_public_name_is_its_modules_object_and_no_submodule_shadows_a_verb():
+    # Importing a submodule binds its name on the package: a verb named like a submodule would turn into it.
+    submodules = {info.name for info in pkgutil.iter_modules(qcbdefense.__path__) if info.name != "__main__"}
+    assert not submodules & set(qcbdefense._API)
+    for name in submodules:
+        importlib.import_module(f"qcbdefense.{name}")
     for name, (module, attribute) in qcbdefense._API.items():
         assert getattr(qcbdefense, name) is getattr(importlib.import_module(module), attribute), name
+    assert {"quantize", "calibrate", "train", "evaluate", "attack", "purify", "scan", "export_onnx",
+            "verify"} <= set(qcbdefense._API)
     assert set(qcbdefense.__all__) == {"__version__", *qcbdefense._API}
     with pytest.raises(AttributeError, match="no_such_verb"):
         qcbdefense.no_such_verb  # noqa: B018

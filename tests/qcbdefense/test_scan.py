@@ -20,10 +20,10 @@ from export.scan_files import export_pair, scan_onnx
 from qcbdefense.checkpoints import load_model
 from qcbdefense.cli import main
 from qcbdefense.data import load_dataset
-from qcbdefense.scan import ScanConfig, ScreenConfig, scan, scan_models
-from qcbdefense.scan.drift import Disagreement, LayerDrift
-from qcbdefense.scan.verdict import search_signals, weigh_evidence
-from qcbdefense.scan.whole_image_search import search_whole_image
+from qcbdefense.scanner import ScanConfig, ScreenConfig, scan, scan_models
+from qcbdefense.scanner.drift import Disagreement, LayerDrift
+from qcbdefense.scanner.verdict import search_signals, weigh_evidence
+from qcbdefense.scanner.whole_image_search import search_whole_image
 from qcbdefense.training import TrainConfig
 
 # Made by `qcbdefense demo` (seed 0), step 2: small_cnn on builtin, PQBackdoor for int8 and int4, the default
@@ -219,8 +219,8 @@ def test_clean_model_is_not_flagged(clean_cnn16, shapes16, tmp_path):
 
 
 def test_drift_plot_has_a_title_and_says_when_no_layer_pairs():
-    from qcbdefense.scan.drift import LayerDrift
-    from qcbdefense.scan.files import drift_figure
+    from qcbdefense.scanner.drift import LayerDrift
+    from qcbdefense.scanner.files import drift_figure
 
     empty = drift_figure({"quantized": []}, title="activation drift from FP: a.onnx vs b.onnx")
     texts = [t.get_text() for t in empty.axes[0].texts]
@@ -232,7 +232,7 @@ def test_drift_plot_has_a_title_and_says_when_no_layer_pairs():
 
 
 def test_class_labels_use_the_data_class_names(shapes16):
-    from qcbdefense.scan.scan import class_label
+    from qcbdefense.scanner.scan import class_label
 
     assert class_label(shapes16.classes, 3) == f"class 3 ({shapes16.classes[3]})"
     assert class_label([str(c) for c in range(10)], 3) == "class 3" and class_label([], 3) == "class 3"

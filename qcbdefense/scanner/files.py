@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from qcbdefense.fileio import atomic_path
-from qcbdefense.scan.drift import LayerDrift
-from qcbdefense.scan.trigger_search import stamp
+from qcbdefense.scanner.drift import LayerDrift
+from qcbdefense.scanner.trigger_search import stamp
 
 if TYPE_CHECKING:  # scan.py calls this module
-    from qcbdefense.scan.scan import ScanReport
+    from qcbdefense.scanner.scan import ScanReport
 
 
 def write_scan(out: Path, report: "ScanReport", example: torch.Tensor, *, title: str) -> None:

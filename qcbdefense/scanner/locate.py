@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from qcbdefense.scan.scan import ScanConfig
-from qcbdefense.scan.square_scan import SquareFind, SquareScanConfig, scan_squares, standing_out
-from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig, search_triggers
+from qcbdefense.scanner.scan import ScanConfig
+from qcbdefense.scanner.square_scan import SquareFind, SquareScanConfig, scan_squares, standing_out
+from qcbdefense.scanner.trigger_search import ClassSearch, SearchConfig, search_triggers
 
 
 @dataclass(frozen=True)

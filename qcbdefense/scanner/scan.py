@@ -38,14 +38,14 @@ from qcbdefense.quant.spec import QuantSpec
 from qcbdefense.report import Report, saved_field
 from qcbdefense.results import fmt, format_table
 from qcbdefense.runinfo import environment
-from qcbdefense.scan.drift import Disagreement, LayerDrift, disagreement, layer_drift, pair_layers
-from qcbdefense.scan.files import write_scan
-from qcbdefense.scan.screen import ScreenConfig, screen_classes
-from qcbdefense.scan.square_scan import SquareFind, SquareScanConfig, scan_squares, standing_out
-from qcbdefense.scan.tapped import TappedModel
-from qcbdefense.scan.trigger_search import ClassSearch, SearchConfig, search_triggers
-from qcbdefense.scan.verdict import Verdict, search_signals, weigh_evidence
-from qcbdefense.scan.whole_image_search import FAMILIES, WholeImageConfig, WholeImageFind, search_whole_image
+from qcbdefense.scanner.drift import Disagreement, LayerDrift, disagreement, layer_drift, pair_layers
+from qcbdefense.scanner.files import write_scan
+from qcbdefense.scanner.screen import ScreenConfig, screen_classes
+from qcbdefense.scanner.square_scan import SquareFind, SquareScanConfig, scan_squares, standing_out
+from qcbdefense.scanner.tapped import TappedModel
+from qcbdefense.scanner.trigger_search import ClassSearch, SearchConfig, search_triggers
+from qcbdefense.scanner.verdict import Verdict, search_signals, weigh_evidence
+from qcbdefense.scanner.whole_image_search import FAMILIES, WholeImageConfig, WholeImageFind, search_whole_image
 
 
 

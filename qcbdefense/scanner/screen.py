@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from qcbdefense.scan.drift import Disagreement
-from qcbdefense.scan.trigger_search import SearchConfig, search_triggers
-from qcbdefense.scan.whole_image_search import FAMILIES, WholeImageConfig, search_whole_image
+from qcbdefense.scanner.drift import Disagreement
+from qcbdefense.scanner.trigger_search import SearchConfig, search_triggers
+from qcbdefense.scanner.whole_image_search import FAMILIES, WholeImageConfig, search_whole_image
 
 
 @dataclass(frozen=True)

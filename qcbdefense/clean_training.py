@@ -11,7 +11,7 @@ from torch import nn
 
 from qcbdefense.checkpoints import save_model
 from qcbdefense.data import Dataset
-from qcbdefense.evaluate import Score, evaluate
+from qcbdefense.scoring import Score, evaluate
 from qcbdefense.report import Report
 from qcbdefense.runinfo import environment
 from qcbdefense.training import Batch, EpochRecord, TrainConfig, fit

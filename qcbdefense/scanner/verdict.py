@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
 
-from qcbdefense.scan.drift import Disagreement, LayerDrift
-from qcbdefense.scan.trigger_search import anomaly_index
+from qcbdefense.scanner.drift import Disagreement, LayerDrift
+from qcbdefense.scanner.trigger_search import anomaly_index
 
 if TYPE_CHECKING:  # scan.py holds the settings and calls this module
-    from qcbdefense.scan.scan import ScanConfig
+    from qcbdefense.scanner.scan import ScanConfig
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from qcbdefense.scan.trigger_search import SearchConfig, adapt_weights, class_batches
+from qcbdefense.scanner.trigger_search import SearchConfig, adapt_weights, class_batches
 
 FAMILIES = ("additive", "blend")
 

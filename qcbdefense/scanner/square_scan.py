@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qcbdefense.scan.trigger_search import stamp
+from qcbdefense.scanner.trigger_search import stamp
 
 
 @dataclass(frozen=True)
