@@ -13,8 +13,8 @@ from export.onnx import export_float_onnx
 from export.ort import OrtModel
 from export.throughput import compare_throughput
 from qcbdefense import agreement, export_onnx, load_dataset, load_model, post_training_quantize
-from qcbdefense.scoring import predict
 from qcbdefense.quant.spec import get_spec
+from qcbdefense.scoring import predict
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/deploy-int8")
 out.mkdir(parents=True, exist_ok=True)

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from models import create_model
 from qcbdefense.attacks import attack
 from qcbdefense.checkpoints import load_model, save_model
+from qcbdefense.clean_training import train
 from qcbdefense.data import Dataset, load_dataset
 from qcbdefense.defenses import purify
 from qcbdefense.scanner import ScanConfig, scan
-from qcbdefense.clean_training import train
 from qcbdefense.training import TrainConfig
 
 ROOT = Path("runs/campaign")

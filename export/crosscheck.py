@@ -36,9 +36,9 @@ from export.onnx import META, export_float_onnx, read_metadata
 from export.ort import OrtModel
 from qcbdefense.data import Dataset
 from qcbdefense.errors import InputError, check_number
-from qcbdefense.scoring import agreement
 from qcbdefense.quant.ptq import calibration_images
 from qcbdefense.results import format_table
+from qcbdefense.scoring import agreement
 from qcbdefense.triggers import Trigger, non_target
 
 CALIB_BATCH = 64

@@ -30,11 +30,11 @@ from torch import nn
 from export.provenance import describe_onnx, metadata_conflicts
 from qcbdefense.data import Dataset, batches
 from qcbdefense.errors import InputError, check_number, first_line
-from qcbdefense.scoring import Score, agreement, predict
 from qcbdefense.fileio import sha256_file
 from qcbdefense.report import Report
 from qcbdefense.results import fmt, format_table
 from qcbdefense.runinfo import environment
+from qcbdefense.scoring import Score, agreement, predict
 from qcbdefense.triggers import Trigger, non_target
 
 DEFAULT_BATCH = 500

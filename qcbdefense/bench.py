@@ -33,11 +33,11 @@ import torch
 import yaml
 
 from qcbdefense.errors import InputError, check_number, first_line
-from qcbdefense.scoring import Score
 from qcbdefense.fileio import atomic_path, write_json
 from qcbdefense.report import Report, encode, fields_to_dict
 from qcbdefense.results import format_table
 from qcbdefense.runinfo import environment
+from qcbdefense.scoring import Score
 
 DONE = "done.json"
 DEFENSE_LABELS = {"nearest": "nearest", "efrap": "EFRAP", "lac": "LAC", "lac-pda": "LAC+PDA", "adaround": "AdaRound",

@@ -11,9 +11,9 @@ from torch import nn
 
 from qcbdefense.checkpoints import save_model
 from qcbdefense.data import Dataset
-from qcbdefense.scoring import Score, evaluate
 from qcbdefense.report import Report
 from qcbdefense.runinfo import environment
+from qcbdefense.scoring import Score, evaluate
 from qcbdefense.training import Batch, EpochRecord, TrainConfig, fit
 
 MODEL_FILE = "model.pt"

@@ -24,6 +24,7 @@ from models import create_model
 from qcbdefense.attacks import attack
 from qcbdefense.attacks.base import MODEL_FILE, REPORT_FILE
 from qcbdefense.checkpoints import save_model
+from qcbdefense.clean_training import train
 from qcbdefense.data import load_dataset
 from qcbdefense.fileio import atomic_path, write_json
 from qcbdefense.results import format_table
@@ -31,7 +32,6 @@ from qcbdefense.runinfo import environment
 from qcbdefense.scanner import ScanConfig, scan, verdict_label
 from qcbdefense.scanner.files import plot_drift
 from qcbdefense.scanner.scan import measure_drift, scan_images
-from qcbdefense.clean_training import train
 from qcbdefense.training import TrainConfig
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+import dataclasses
+from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from qcbdefense.errors import InputError
 
@@ -36,3 +37,13 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
+
+
+def make_options(kind: str, name: str, options_type: type, options: Mapping[str, Any]) -> Any:
+    """A registered entry's frozen options dataclass from a plain mapping (CLI, YAML), unknown keys refused."""
+    known = [f.name for f in dataclasses.fields(options_type)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise InputError(f"{kind} {name!r} has no option(s) {', '.join(unknown)}; "
+                         f"its options: {', '.join(known) or 'none'}")
+    return options_type(**options)

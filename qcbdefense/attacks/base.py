@@ -41,15 +41,15 @@ from torch import nn
 from qcbdefense.attacks.fakequant import fast_view, load_ranges
 from qcbdefense.data import Dataset, batches, seeded_subset, to_float
 from qcbdefense.errors import InputError, check_number
-from qcbdefense.scoring import Score, evaluate
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.ptq import PTQReport, SpecResult, compare_specs, post_training_quantize
 from qcbdefense.quant.quantize import quantize, refresh_weight_ranges
 from qcbdefense.quant.spec import SPECS, QuantSpec, get_spec
-from qcbdefense.registry import Registry
+from qcbdefense.registry import Registry, make_options
 from qcbdefense.report import Report
 from qcbdefense.results import fmt, format_table
 from qcbdefense.runinfo import environment
+from qcbdefense.scoring import Score, evaluate
 from qcbdefense.training import Batch, EpochRecord, TrainConfig, fit
 from qcbdefense.triggers import Trigger, parse_trigger, trigger_from_dict
 
@@ -165,12 +165,7 @@ class Attack:
     summary: str
 
     def make_options(self, options: Mapping[str, Any]):
-        known = [f.name for f in dataclasses.fields(self.options)]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise InputError(f"attack {self.name!r} has no option(s) {', '.join(unknown)}; "
-                             f"its options: {', '.join(known) or 'none'}")
-        return self.options(**options)
+        return make_options("attack", self.name, self.options, options)
 
 
 ATTACKS: Registry[Attack] = Registry("attack")

@@ -39,16 +39,16 @@ from torch import nn
 from qcbdefense.data import Dataset, load_dataset, to_float
 from qcbdefense.defenses.guide import with_found_triggers
 from qcbdefense.errors import InputError, check_number
-from qcbdefense.scoring import Score, evaluate
 from qcbdefense.fileio import sha256_file, write_json
 from qcbdefense.quant.calibrate import is_calibrated
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
 from qcbdefense.quant.quantize import quantize, quantizer_parameters
 from qcbdefense.quant.spec import QuantSpec, get_spec
-from qcbdefense.registry import Registry
+from qcbdefense.registry import Registry, make_options
 from qcbdefense.report import Report
 from qcbdefense.results import format_table
 from qcbdefense.runinfo import environment
+from qcbdefense.scoring import Score, evaluate
 from qcbdefense.triggers import Trigger, parse_trigger, trigger_from_dict
 
 WEIGHTS_FILE, SPEC_FILE, REPORT_FILE, MODEL_FILE, MANIFEST_FILE = ("purified.pt", "spec.json", "report.json",
@@ -86,12 +86,7 @@ class Defense:
     summary: str
 
     def make_options(self, options: Mapping[str, Any]):
-        known = [f.name for f in dataclasses.fields(self.options)]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise InputError(f"method {self.name!r} has no option(s) {', '.join(unknown)}; "
-                             f"its options: {', '.join(known) or 'none'}")
-        return self.options(**options)
+        return make_options("method", self.name, self.options, options)
 
     def released_options(self) -> dict:
         """The authors' settings of this method: the `RELEASED` of every options class it is made of."""

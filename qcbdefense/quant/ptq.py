@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from qcbdefense.data import Dataset, batches, seeded_subset
-from qcbdefense.scoring import Score, evaluate
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.quantize import quantize
 from qcbdefense.quant.spec import QuantSpec, get_spec
 from qcbdefense.report import Report
 from qcbdefense.results import format_table
 from qcbdefense.runinfo import environment
+from qcbdefense.scoring import Score, evaluate
 from qcbdefense.triggers import Trigger
 
 

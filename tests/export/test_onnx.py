@@ -15,12 +15,12 @@ from export.onnx import export_float_onnx, export_onnx, metadata_spec, quantize_
 from export.ort import OrtModel
 from qcbdefense.data import to_float
 from qcbdefense.errors import InputError
-from qcbdefense.scoring import agreement, predict
 from qcbdefense.fileio import sha256_file
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.inspect import integer_weights
 from qcbdefense.quant.quantize import quantize
 from qcbdefense.quant.spec import get_spec
+from qcbdefense.scoring import agreement, predict
 
 N_TEST = 1000  # enough for a 99 % agreement bound to mean something, small enough for 2 shared cores
 

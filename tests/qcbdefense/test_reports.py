@@ -9,18 +9,18 @@ import pytest
 
 from export.harden import HardenReport
 from export.ort import Check, VerifyReport
-from qcbdefense.bench import BenchConfig, BenchResults, BenchRow
 from qcbdefense.attacks.base import AttackReport, PlantCriteria, make_config
+from qcbdefense.bench import BenchConfig, BenchResults, BenchRow
+from qcbdefense.clean_training import TrainReport
 from qcbdefense.defenses.base import PurifyReport
 from qcbdefense.errors import InputError
-from qcbdefense.scoring import Score
 from qcbdefense.quant.ptq import PTQReport, SpecResult
 from qcbdefense.quant.spec import get_spec
 from qcbdefense.report import Report, encode
 from qcbdefense.scanner.drift import Disagreement, LayerDrift
 from qcbdefense.scanner.scan import ScanReport
 from qcbdefense.scanner.square_scan import SquareFind
-from qcbdefense.clean_training import TrainReport
+from qcbdefense.scoring import Score
 from qcbdefense.training import EpochRecord, TrainConfig
 
 SCORE = Score(ca=91.5, asr=4.25, ra=88.0, agreement=99.5, per_class_accuracy=[90.0, 93.0], n_clean=20,

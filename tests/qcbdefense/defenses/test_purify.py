@@ -27,12 +27,12 @@ from qcbdefense.defenses.lac import OffsetRounding
 from qcbdefense.defenses.reconstruct import (FrozenActQuant, NearestRounding, Stream, WeightGrid, _UnitRunner,
                                              _value, build_units, reconstruction_graph, trace)
 from qcbdefense.errors import InputError
-from qcbdefense.scoring import defense_effectiveness_rating
 from qcbdefense.quant import calibrate, integer_weights, quantize, quantized_layers, quantizer_parameters
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
 from qcbdefense.quant.spec import SPECS
 from qcbdefense.scanner.locate import LocateConfig
 from qcbdefense.scanner.trigger_search import ClassSearch, SearchConfig
+from qcbdefense.scoring import defense_effectiveness_rating
 
 SPEC = "w4a4"
 
