@@ -47,9 +47,8 @@ def _claim_siblings() -> None:
 _claim_siblings()
 
 
-# Public name -> (module, attribute). Three verbs carry a longer name than their function because a submodule of
-# this package already holds the short one (qcbdefense.clean_training, .evaluate, .scan), and importing a submodule binds
-# its name here to the module.
+# Public name -> (module, attribute). No submodule of this package is named after a verb: importing a submodule
+# binds its name here, which would shadow the function (tests/qcbdefense/test_public_api.py checks).
 _API = {
     # data, triggers and models
     "load_dataset": ("qcbdefense.data", "load_dataset"),
