@@ -18,6 +18,11 @@ Presets (`SPECS.names()`), by the paper whose quantizer they reproduce:
   observer of both PyTorch and TFLite).
 - `pqbackdoor-w8a8-per-tensor`: as `pqbackdoor-w8a8` with one weight scale per layer (PyTorch's per-tensor
   symmetric qint8, the weight observer of its qnnpack backend).
+- `ort-w8a8`: onnxruntime's `quantize_static` with `per_channel=True` (QInt8 weights on [-127, 127], scale =
+  absmax / 127 per output channel; min/max activations, the image too). quantize_static folds BN into the
+  convs first, and a per-channel symmetric scale commutes with that (BN multiplies a channel and its abs-max
+  by one factor), so the integers are the same: a QCB planted against this preset fires in the file a
+  deployer makes with quantize_static (BENCHMARKS.md); onnxruntime also quantizes the adds, this preset not.
 
 And the deployment quantizers, for a file onnxruntime runs on integer kernels end to end:
 
@@ -283,6 +288,9 @@ for _bits in (8, 4):
 
 SPECS.register("pqbackdoor-w8a8-per-tensor")(SPECS.get("pqbackdoor-w8a8").replace(
     name="pqbackdoor-w8a8-per-tensor", weight_per_channel=False))
+_preset("ort-w8a8", weight_bits=8, act_bits=8, weight_per_channel=True, weight_symmetric=True,
+        weight_narrow_range=True, weight_scale="absmax", act_symmetric=False, act_calibration="minmax",
+        first_layer_bits=None, last_layer_bits=None)
 
 
 # Deployment: 7 bits where the other presets have 8 (onnxruntime's reduce_range, see the module docstring).

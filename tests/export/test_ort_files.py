@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 from onnxruntime.quantization import quantize_dynamic
@@ -20,12 +22,13 @@ from export.onnx import export_float_onnx, export_onnx
 from export.ort import OrtModel
 from export.provenance import describe_onnx, metadata_conflicts
 from export.replica import OnnxReplica, check_agreement
+from export.scan_files import scan_onnx
 from export.verify import verify
 from qcbdefense.cli import main
 from qcbdefense.data import load_dataset, to_float
 from qcbdefense.errors import InputError
+from qcbdefense.quant.inspect import integer_weights
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
-from export.scan_files import scan_onnx
 from qcbdefense.scanner import ScanConfig, SearchConfig
 from qcbdefense.scanner.files import plot_drift
 from qcbdefense.scanner.scan import measure_drift
@@ -83,6 +86,21 @@ def test_replica_runs_each_onnxruntime_file_and_provenance_reads_its_graph(name,
     xg = x[:4].clone().requires_grad_()
     replica(xg)[:, 0].sum().backward()
     assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+
+
+def test_the_ort_preset_holds_the_conv_integers_quantize_static_writes(ort_files, clean_cnn16, shapes16):
+    """`ort-w8a8` quantizes the unfolded convs; quantize_static folds BN first and quantizes per channel: the
+    same integers up to each channel's sign (a negative BN scale flips it), so a QCB aimed at one fires in both."""
+    proto = onnx.load(str(ort_files["qdq-u8s8-pc"]))
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    dequantized = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    theirs = [initializers[dequantized[n.input[1]]] for n in proto.graph.node if n.op_type == "Conv"]
+    qmodel = post_training_quantize(clean_cnn16, "ort-w8a8", shapes16, calib=128)
+    ours = [w.int_weight.numpy() for w in integer_weights(qmodel).values() if w.int_weight.dim() == 4]
+    assert len(ours) == len(theirs) > 0
+    for mine, their in zip(ours, theirs):
+        assert mine.shape == their.shape and their.dtype == np.int8
+        assert np.abs(mine).max() == 127 and np.mean(np.abs(mine) == np.abs(their)) >= 0.999
 
 
 def test_provenance_of_our_own_exports_matches_their_metadata(clean_cnn16, shapes16, tmp_path):
