@@ -77,6 +77,20 @@ def class_batches(fp_preds: torch.Tensor, num_classes: int, n: int, generator: t
     return batches, held_out
 
 
+def differential_terms(q_logits: torch.Tensor, fp_logits: torch.Tensor, targets: torch.Tensor,
+                       fp_labels: torch.Tensor, groups: tuple[int, ...]):
+    """One search step's objective per group of images (a class, or a family and a class), averaged over the
+    group: the quantized model's cross-entropy to the target (flip), the FP model's to its own answer (keep),
+    and the share of images where both hold (success, without gradient)."""
+    shape = (*groups, -1)
+    flip = F.cross_entropy(q_logits, targets, reduction="none").view(shape).mean(-1)
+    keep = F.cross_entropy(fp_logits, fp_labels, reduction="none").view(shape).mean(-1)
+    with torch.no_grad():
+        ok = (q_logits.argmax(1) == targets) & (fp_logits.argmax(1) == fp_labels)
+        rate = ok.float().view(shape).mean(-1)
+    return flip, keep, rate
+
+
 def adapt_weights(lam: torch.Tensor, hits: torch.Tensor, step: int, config: SearchConfig
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Neural Cleanse's schedule, per class: every `adapt_every` steps, raise the effort weight λ where the
@@ -122,17 +136,13 @@ def search_triggers(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_pre
     for step in tqdm(range(config.steps), desc="trigger search", disable=not progress, leave=False):
         mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
         xs = stamp(xb, mask.repeat_interleave(n, 0), pattern.repeat_interleave(n, 0))
-        q_logits, fp_logits = quantized(xs), fp(xs)
-        flip = F.cross_entropy(q_logits, targets, reduction="none").view(k, n).mean(1)
-        keep = F.cross_entropy(fp_logits, yb_fp, reduction="none").view(k, n).mean(1)
+        flip, keep, rate = differential_terms(quantized(xs), fp(xs), targets, yb_fp, (k,))
         area = mask.flatten(1).mean(1)
         loss = (flip + keep + lam * area).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         with torch.no_grad():
-            ok = ((q_logits.argmax(1) == targets) & (fp_logits.argmax(1) == yb_fp)).float()
-            rate = ok.view(k, n).mean(1)
             pixels = mask.flatten(1).sum(1).cpu()
             better = (rate.cpu() >= config.success) & (pixels < best_area)
             best_area = torch.where(better, pixels, best_area)

@@ -21,11 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from qcbdefense.scanner.trigger_search import SearchConfig, adapt_weights, class_batches
+from qcbdefense.scanner.trigger_search import SearchConfig, adapt_weights, class_batches, differential_terms
 
 FAMILIES = ("additive", "blend")
 
@@ -118,16 +117,12 @@ def search_whole_image(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_
         pattern = torch.sigmoid(shape_logit[1]).repeat_interleave(n, 0)
         xs = torch.cat([apply_family("additive", xb, strength[0] * direction, 0.0),
                         apply_family("blend", xb, pattern, strength[1])])
-        q_logits, fp_logits = quantized(xs), fp(xs)
-        flip = F.cross_entropy(q_logits, targets, reduction="none").view(2, k, n).mean(2)
-        keep = F.cross_entropy(fp_logits, yb_fp, reduction="none").view(2, k, n).mean(2)
+        flip, keep, rate = differential_terms(quantized(xs), fp(xs), targets, yb_fp, (2, k))
         loss = (flip + keep + lam * effort).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         with torch.no_grad():
-            ok = ((q_logits.argmax(1) == targets) & (fp_logits.argmax(1) == yb_fp)).float()
-            rate = ok.view(2, k, n).mean(2)
             better = (rate.cpu() >= search.success) & (effort.cpu() < best)
             best = torch.where(better, effort.detach().cpu(), best)
             shapes = torch.stack([direction[::n] * (effort[0] * largest[0])[:, None, None, None],
