@@ -168,7 +168,7 @@ def scan(fp: nn.Module, data: Dataset, *, spec: str | QuantSpec, out: str | os.P
          progress: bool = False) -> ScanReport:
     """Scan an FP model against its quantization under `spec` (round to nearest, calibrated on `calib` clean
     training images), both run natively: the Brevitas fake-quant model is the quantized model. With `out`,
-    writes report.json, trigger.png and drift.png there (`scan.files.write_scan`)."""
+    writes report.json, trigger.png and drift.png there (`scanner.files.write_scan`)."""
     from qcbdefense.quant.ptq import post_training_quantize
 
     start = time.perf_counter()
