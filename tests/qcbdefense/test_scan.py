@@ -185,8 +185,8 @@ def test_a_search_signal_counts_only_triggers_that_carry_over_and_are_cheap():
     assert dear[2] == 0.0  # 5 % of the budget is not cheap at a 4 % line
 
 
-def test_scan_writes_its_evidence(attacked_scan):
-    out, report = attacked_scan
+def test_scan_writes_its_evidence(blend_scan):
+    _, report, out = blend_scan
     assert sorted(p.name for p in out.iterdir()) == ["drift.png", "report.json", "trigger.png"]  # native: no ONNX
     assert all((out / name).stat().st_size > 0 for name in ("report.json", "trigger.png", "drift.png"))
     assert len(report.classes) == 10 and len(report.layers) == 6  # small_cnn: 5 convs + the linear, paired
@@ -199,6 +199,7 @@ def test_scan_writes_its_evidence(attacked_scan):
     assert saved["config"]["quantized"]["spec"] == "pqbackdoor-w4a4" and "picture" not in saved
 
 
+@pytest.mark.slow  # 80 s on 2 cores with its fixture; test_ort_files keeps ONNX-file scans in the default run
 def test_scan_from_the_two_onnx_files_gives_the_same_verdict(attacked_scan, pq_cnn16, shapes16, tmp_path):
     _, first = attacked_scan
     fp_onnx, q_onnx = export_pair(tmp_path, pq_cnn16[0], "pqbackdoor-w4a4", shapes16)
