@@ -263,7 +263,7 @@ def squares(pairs: tuple = (("runs/attacks/quanti-r20-w4-full-c2q/model.pt", "w8
                              ("runs/attacks/compartifact-r20-w4-c2q/model.pt", "w8a8"),
                              ("runs/attacks/pq-r20-w4-full-qat4/model.pt", "w8a8"),
                              ("runs/resnet20-ft/model.pt", "w8a8"), ("runs/resnet20-ft/model.pt", "w4a4"))) -> None:
-    """The square scan (`scan.square_scan`, what `--search-triggers` falls back to) on attacked and clean models
+    """The square scan (`scanner.square_scan`, what `--search-triggers` falls back to) on attacked and clean models
     under w8a8 and w4a4: each class's best square, its held-out lift (nats), robust z and effect (lift over the
     clean gap's spread), and whether one class stands out."""
     images = to_float(calibration_images(_data(), 1024, seed=0))

@@ -2,7 +2,7 @@
 
 LAC matches the FP model's activations on clean images. A QCB whose quantized model still answers the
 trigger through activation rounding alone (measured on Qu-ANTI-zation, docs/notebook.md) survives that: clean
-images never carry the trigger, so nothing asks the purified model to ignore it. The scanner (`scan.locate`)
+images never carry the trigger, so nothing asks the purified model to ignore it. The scanner (`scanner.locate`)
 finds, for every class, a small patch that sends the round-to-nearest model to that class while the FP model
 keeps its prediction; of the patches that carry over to held-out images, the smallest is the one the quantized
 model answers most easily (a planted target when there is one). A stamped copy of every calibration image

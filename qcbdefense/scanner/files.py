@@ -1,6 +1,6 @@
 """What a scan writes: its report and the two pictures a reader looks at first.
 
-Kept apart from the scan itself (`scan.scan_models` reads and writes nothing): report.json, trigger.png (the
+Kept apart from the scan itself (`scanner.scan_models` reads and writes nothing): report.json, trigger.png (the
 trigger the report's `picture` holds: the suspected target's, or the square that stands out, or a scanned image
 when nothing was found) and drift.png (each layer's worst-channel drift).
 """

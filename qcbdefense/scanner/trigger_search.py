@@ -46,7 +46,7 @@ class ClassSearch:
     found: bool
     mask: torch.Tensor  # [H, W] in [0, 1]
     pattern: torch.Tensor  # [3, H, W] in [0, 1]
-    searched: bool = True  # False: the class was screened out (`scan.screen`), nothing was searched
+    searched: bool = True  # False: the class was screened out (`scanner.screen`), nothing was searched
     rate: float = 0.0  # the largest share of its batch any step's patch flipped differentially (the screen's rank)
 
 

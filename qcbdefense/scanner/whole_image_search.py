@@ -50,7 +50,7 @@ class WholeImageFind:
     found: bool
     delta: torch.Tensor  # [3, H, W]: additive, the perturbation; blend, the pattern in [0, 1]
     strength: float  # eps or alpha itself
-    searched: bool = True  # False: the class was screened out (`scan.screen`), nothing was searched
+    searched: bool = True  # False: the class was screened out (`scanner.screen`), nothing was searched
     rate: float = 0.0  # the largest share of its batch any step's trigger flipped differentially
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
