@@ -46,12 +46,14 @@ CALIB_BATCH = 64
 
 @dataclass(frozen=True)
 class OrtQuantizer:
-    """One configuration of `onnxruntime.quantization.quantize_static` (QuantType names)."""
+    """One configuration of `onnxruntime.quantization.quantize_static` (QuantType and QuantFormat names)."""
 
     name: str
     weight_type: str
     activation_type: str
     per_channel: bool = True
+    quant_format: str = "QDQ"
+    reduce_range: bool = False
 
 
 ORT_QUANTIZERS = (OrtQuantizer("ort-int8", "QInt8", "QUInt8"), OrtQuantizer("ort-int4w", "QInt4", "QUInt8"))
@@ -105,7 +107,8 @@ def crosscheck(fp_model: nn.Module | str | os.PathLike, data: Dataset, *, trigge
         for quantizer in quantizers:
             out = folder / f"{quantizer.name}.onnx"
             start = time.perf_counter()
-            ort_quantize(prepared, out, images, quantizer, preprocessed=True)
+            ort_quantize(prepared, out, images, quantizer, quant_format=quantizer.quant_format,
+                         reduce_range=quantizer.reduce_range, preprocessed=True)
             quantized = time.perf_counter()
             model = OrtModel(out, threads=threads)
             rows.append(_score(quantizer.name, quantizer.weight_type, quantizer.activation_type, model,
