@@ -337,8 +337,14 @@ def _freeze_after_load(qmodel: nn.Module, incompatible_keys) -> None:
     _freeze_quantizers(qmodel)
 
 
+# Subclasses whose float forward is their parent's, by qualified name (no import of their package): timm's
+# Linear only casts the weight to the input's dtype under TorchScript.
+_SAME_FORWARD_AS_PARENT = ("timm.layers.linear.Linear",)
+
+
 def _is_target(module: nn.Module) -> bool:
-    return type(module) in (nn.Conv2d, nn.Linear)
+    kind = type(module)
+    return kind in (nn.Conv2d, nn.Linear) or f"{kind.__module__}.{kind.__qualname__}" in _SAME_FORWARD_AS_PARENT
 
 
 def _check_quantizable(model: nn.Module) -> None:

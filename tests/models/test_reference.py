@@ -107,14 +107,46 @@ def test_a_conv_subclass_is_refused_naming_the_module():
         quantize(model, "w8a8")
 
 
-def test_timm_without_timm_is_one_clear_line():
-    try:
-        import timm  # noqa: F401
-        pytest.skip("timm is installed")
-    except ImportError:
-        pass
+def test_timm_without_timm_is_one_clear_line(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else find_spec(name, *a))
     with pytest.raises(InputError, match="needs timm, an optional extra"):
         build_model("timm:resnet18")
+
+
+def test_timm_model_purifies_and_reloads_from_its_purified_folder(shapes16, tmp_path):
+    pytest.importorskip("timm")
+    from brevitas.nn import QuantLinear
+
+    model = build_model("timm:mobilenetv3_small_050", mean=shapes16.mean, std=shapes16.std)
+    purified, report = purify(model, shapes16, method="lac", spec="w8a8", calib=16, steps=2, evaluate_models=False)
+    assert isinstance(purified.net.classifier, QuantLinear)  # timm's Linear: nn.Linear's forward, quantized
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = purified.cpu()(x)
+    save_purified(purified, tmp_path / "p", report=report)
+    assert json.loads((tmp_path / "p" / "model.json").read_text()) == {"model": "timm:mobilenetv3_small_050"}
+    with torch.no_grad():
+        assert torch.equal(load_purified(None, tmp_path / "p")(x), expected)
+
+
+def test_timm_conv_subclasses_are_refused_naming_the_module():
+    pytest.importorskip("timm")
+    from timm.layers import StdConv2d
+
+    with pytest.raises(InputError, match="cannot quantize Conv2dSame at 'net.conv_stem'") as err:
+        quantize(build_model("timm:tf_efficientnet_b0"), "w8a8")
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match="cannot quantize StdConv2d at '0'"):
+        quantize(nn.Sequential(StdConv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2)), "w8a8")
+
+
+def test_an_unknown_timm_model_is_one_line():
+    pytest.importorskip("timm")
+    with pytest.raises(InputError, match="unknown timm model 'resnet81'"):
+        build_model("timm:resnet81")
 
 
 @pytest.mark.parametrize("reference, fragment", [
