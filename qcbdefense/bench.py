@@ -34,12 +34,13 @@ import yaml
 
 from qcbdefense.errors import InputError, check_number, first_line
 from qcbdefense.fileio import atomic_path, write_json
-from qcbdefense.report import Report, encode, fields_to_dict
+from qcbdefense.report import Report, decode, encode, fields_to_dict
 from qcbdefense.results import format_table
 from qcbdefense.runinfo import environment
 from qcbdefense.scoring import Score
 
 DONE = "done.json"
+REFERENCE_DIR = "scores"  # per model, quantizer and seed: the FP and nearest scores every defence shares
 DEFENSE_LABELS = {"nearest": "nearest", "efrap": "EFRAP", "lac": "LAC", "lac-pda": "LAC+PDA", "adaround": "AdaRound",
                   "ft": "FT", "fine-pruning": "FinePrune", "nad": "NAD", "i-bau": "I-BAU", "ft-sam": "FT-SAM",
                   "omse": "OMSE", "aciq": "ACIQ"}
@@ -457,13 +458,19 @@ def _defend(config: BenchConfig, step: BenchStep, model, upstream: dict, data, f
 
     defense, spec = step.defense, step.spec
     seed = config.seed if step.seed is None else step.seed
+    reference = folder.parent.parent / REFERENCE_DIR / f"{step.model}-{spec}-seed{seed}"
+    reference_settings = {**upstream, "spec": spec, "calib": config.calib, "trigger": config.trigger,
+                          "target": config.target, "seed": seed}
 
     def compute() -> None:
+        known = load_reference_scores(reference, reference_settings)
         purified, report = purify(model, data, method=defense, spec=spec, calib=config.calib,
                                   trigger=config.trigger, target=config.target, seed=seed,
-                                  device=device, arch=config.model, progress=True,
+                                  device=device, arch=config.model, progress=True, reference_scores=known,
                                   **config.defense_options.get(defense, {}))
         save_purified(purified, folder, report=report)
+        if known is None:
+            save_reference_scores(reference, reference_settings, report.fp, report.nearest)
         log(report.summary())
 
     settings = {**upstream, "spec": spec, "defense": defense, "calib": config.calib, "trigger": config.trigger,
@@ -471,6 +478,34 @@ def _defend(config: BenchConfig, step: BenchStep, model, upstream: dict, data, f
                 **({"defense_seed": seed} if step.seed is not None else {})}
     label = f"{DEFENSE_LABELS.get(defense, defense)} on {step.model} under {spec}"
     _cached(folder, label + (f", seed {seed}" if step.seed is not None else ""), settings, log, compute)
+
+
+def load_reference_scores(base: Path, settings: dict) -> tuple[Score, Score] | None:
+    """The FP and round-to-nearest scores (predictions included) that the first defence of a model, quantizer
+    and seed measured, for the next defences to reuse: each cell would otherwise score both models again on the
+    whole test set (two thirds of a small cell). None when there are none yet or they were made with other
+    `settings`."""
+    from safetensors.torch import load_file
+
+    meta, tensors = base.with_suffix(".json"), base.with_suffix(".safetensors")
+    if not (meta.is_file() and tensors.is_file()):
+        return None
+    raw = json.loads(meta.read_text())
+    if raw.get("settings") != json.loads(json.dumps(settings)):
+        return None
+    predictions = load_file(tensors)
+    fp, nearest = (dataclasses.replace(decode(Score, raw[k], f"{meta} {k}"), predictions=predictions[k])
+                   for k in ("fp", "nearest"))
+    return fp, nearest
+
+
+def save_reference_scores(base: Path, settings: dict, fp: Score, nearest: Score) -> None:
+    """Write what `load_reference_scores` reads: the predictions, then the scores and settings (the marker)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(base.with_suffix(".safetensors")) as tmp:
+        save_file({"fp": fp.predictions.contiguous(), "nearest": nearest.predictions.contiguous()}, str(tmp))
+    write_json(base.with_suffix(".json"), {"settings": settings, "fp": encode(fp), "nearest": encode(nearest)})
 
 
 def seed_summary(runs: list[dict], seeds: list[int]) -> dict:

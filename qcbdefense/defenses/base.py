@@ -211,6 +211,7 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
            calib: int = 1024, trigger: Trigger | str | None = None, target: int = 0, seed: int = 0,
            device: str | torch.device = "cpu", arch: str = "model", evaluate_models: bool = True,
            search_triggers: bool = False, progress: bool = False,
+           reference_scores: tuple[Score, Score] | None = None,
            **options: Any) -> tuple[nn.Module, PurifyReport]:
     """Purify the quantization of `model` under `spec` with `method`; return the purified QUANTIZED model.
 
@@ -226,6 +227,9 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
             round-to-nearest model (failing that, the square scan) and add stamped copies of the calibration
             images (`guide`, beyond the papers; any method but nearest).
         progress: a progress bar per layer.
+        reference_scores: the FP and round-to-nearest models' scores (with their predictions) from a purify of
+            the same model, data, spec, calib, seed, trigger and target (its report's `fp` and `nearest`):
+            reused instead of measured again, as a bench does for every defence of one model.
         **options: the method's options (see its options dataclass, e.g. steps=10000, early_stop=False).
 
     Returns:
@@ -258,7 +262,9 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
     quantized = time.perf_counter()
 
     scores: dict[str, Score | None] = {"fp": None, "nearest": None, "purified": None}
-    if evaluate_models:
+    if evaluate_models and reference_scores is not None:
+        scores["fp"], scores["nearest"] = reference_scores
+    elif evaluate_models:
         fp_score = evaluate(fp_model, data, trigger=trigger, target=target, device=device)
         scores["fp"] = fp_score.against(fp_score)
         nearest = evaluate(qmodel, data, trigger=trigger, target=target, device=device).against(fp_score)

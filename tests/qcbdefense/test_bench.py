@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from qcbdefense.bench import BenchConfig, BenchRow, plan, run_bench, scores_table, seed_summary
+from qcbdefense.bench import (BenchConfig, BenchRow, load_reference_scores, plan, run_bench, save_reference_scores,
+                              scores_table, seed_summary)
 from qcbdefense.errors import InputError
+from qcbdefense.scoring import Score
 
 TINY = yaml.safe_load((Path(__file__).parents[2] / "benchmarks" / "tiny.yaml").read_text())
 STEPS = 1 + 2 + 2 * (2 + 1)  # clean, two attacks, the clean and the planted model x (2 defences + scan)
@@ -77,7 +80,24 @@ def test_bench_writes_its_tables_and_resumes_from_its_cache(one_thread, tiny_ben
     assert f"{lac['ca']:.2f} ± {lac['std']['ca']:.2f}" in (tmp_path / "results.md").read_text()
     with open(tmp_path / "results.csv") as f:
         assert {"ra", "der", "ca_std", "der_std"} <= set(csv.DictReader(f).fieldnames)
+    # every defence after the first of a model, quantizer and seed reused its FP and nearest scores
+    assert {p.stem for p in (tmp_path / "scores").glob("*.json")} == {
+        f"{row}-seed{seed}" for row in ("clean-w8a8", "pq-pqbackdoor-w4a4") for seed in (0, 1)}
     run_bench(config, tmp_path, log=lines.append)  # back to the single-seed results the Ray test compares with
+
+
+def test_reference_scores_round_trip_and_are_not_reused_under_other_settings(tmp_path):
+    fp = Score(ca=90.0, asr=2.5, ra=88.0, agreement=100.0, per_class_accuracy=[90.0, 90.0], n_clean=4,
+               n_poisoned=2, predictions=torch.tensor([0, 1, 1, 0]))
+    nearest = Score(ca=85.0, asr=97.0, ra=3.0, agreement=75.0, der=50.0, per_class_accuracy=[80.0, 90.0],
+                    n_clean=4, n_poisoned=2, predictions=torch.tensor([0, 1, 0, 0]))
+    settings = {"model": "small_cnn", "spec": "w4a4", "seed": 1, "target": 3}
+    save_reference_scores(tmp_path / "pq-w4a4-seed1", settings, fp, nearest)
+    loaded = load_reference_scores(tmp_path / "pq-w4a4-seed1", settings)
+    assert loaded == (fp, nearest)
+    assert all(torch.equal(a.predictions, b.predictions) for a, b in zip(loaded, (fp, nearest)))
+    assert load_reference_scores(tmp_path / "pq-w4a4-seed1", {**settings, "target": 4}) is None
+    assert load_reference_scores(tmp_path / "pq-w4a4-seed2", settings) is None
 
 
 def test_seeds_are_summarised_as_mean_and_sample_std():

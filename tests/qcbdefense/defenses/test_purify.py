@@ -231,6 +231,19 @@ def test_every_method_runs_on_a_tiny_model(method, shapes16):
     assert purified(torch.rand(2, 3, 16, 16)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("method", ["ft"])  # trains the FP weights, then quantizes them again
+def test_reused_reference_scores_give_the_same_purified_model(method, shapes16):
+    """A bench hands every defence after the first the FP and nearest scores it measured: the purified model
+    and its score must be those of a run that measured them itself."""
+    model = create_model("small_cnn", mean=shapes16.mean, std=shapes16.std)
+    run = dict(method=method, spec=SPEC, calib=32, trigger="patch", **_tiny_options(method))
+    measured, report = purify(model, shapes16, **run)
+    reused, again = purify(model, shapes16, reference_scores=(report.fp, report.nearest), **run)
+    assert again.fp == report.fp and again.nearest == report.nearest and again.purified == report.purified
+    first, second = measured.state_dict(), reused.state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="peak RSS resets on Linux only")
 def test_peak_memory_is_the_purifications_own_not_the_processes(shapes16):
     """A bench or Ray worker purifies in a process that did other work first: the report's peak RSS must not
