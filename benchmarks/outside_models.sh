@@ -12,7 +12,7 @@ LOG=$OUT/chain.log
 D=(--data builtin --trigger patch)
 run() {  # one command: its line, then its output without progress bars
   echo "+ qcbdefense $*" | tee -a "$LOG"
-  /usr/bin/time -f "  (%e s wall, %M KB peak)" .venv/bin/qcbdefense "$@" 2>&1 | tr '\r' '\n' \
+  { /usr/bin/time -f "  (%e s wall, %M KB peak)" .venv/bin/qcbdefense "$@" 2>&1 || true; } | tr '\r' '\n' \
     | grep -v -E "it/s|s/it|Warning|warn|^\s*$" | tail -n 25 | tee -a "$LOG"
 }
 chain() {  # $1: the model reference; the rest: how to give its weights
