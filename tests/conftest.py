@@ -34,6 +34,15 @@ class TinyData:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _one_core_per_worker():
+    """Under pytest-xdist (setup.cfg runs two workers) each worker takes one core: two OpenMP threads in each of
+    two processes would oversubscribe a 2-core machine, and spin-waiting threads then cost more than they give."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
     """Point the dataset cache at a session temporary folder, unless the developer chose one.
 
