@@ -460,7 +460,7 @@ def _defend(config: BenchConfig, step: BenchStep, model, upstream: dict, data, f
     seed = config.seed if step.seed is None else step.seed
     reference = folder.parent.parent / REFERENCE_DIR / f"{step.model}-{spec}-seed{seed}"
     reference_settings = {**upstream, "spec": spec, "calib": config.calib, "trigger": config.trigger,
-                          "target": config.target, "seed": seed}
+                          "target": config.target, "defense_seed": seed}
 
     def compute() -> None:
         known = load_reference_scores(reference, reference_settings)
@@ -491,7 +491,7 @@ def load_reference_scores(base: Path, settings: dict) -> tuple[Score, Score] | N
     if not (meta.is_file() and tensors.is_file()):
         return None
     raw = json.loads(meta.read_text())
-    if raw.get("settings") != json.loads(json.dumps(settings)):
+    if not isinstance(raw, dict) or raw.get("settings") != json.loads(json.dumps(settings)):
         return None
     predictions = load_file(tensors)
     fp, nearest = (dataclasses.replace(decode(Score, raw[k], f"{meta} {k}"), predictions=predictions[k])
