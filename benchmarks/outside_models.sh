@@ -3,7 +3,8 @@
 # train a few epochs on the built-in data, quantize, purify (LAC+PDA, default schedule), export the purified
 # model, verify it in onnxruntime, scan, harden; then the same from the model's FP ONNX export as the model.
 #   bash benchmarks/outside_models.sh torchvision:mobilenet_v3_small runs/outside/mnv3 [EPOCHS]
-# Each command's summary lines go to OUT/chain.log, with its wall seconds and peak memory.
+# Each command's summary lines go to OUT/chain.log, with its wall seconds and peak memory; a command that fails
+# (a gate, say) is logged and the chain goes on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$1 OUT=$2 EPOCHS=${3:-4}
