@@ -79,7 +79,7 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
            target: int = 0, calib: int = 1024, seed: int = 0, device: str | torch.device = "cpu",
            source_sha256: str | None = None, max_asr: float | None = None, min_agreement: float | None = 99.0,
            min_ca: float | None = None, max_asr_gain: float | None = None, threads: int | None = None,
-           progress: bool = False, **options: Any) -> HardenReport:
+           keep_bn: bool = False, progress: bool = False, **options: Any) -> HardenReport:
     """Purify `model` under `spec` with `method`, export the purified model to `out` (.onnx), verify the file.
 
     Args:
@@ -88,6 +88,9 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
         max_asr, min_agreement, min_ca: the gate (percentages, None: not checked); agreement is with the
             purified fake-quant model, so the default 99 checks that the file is the purified model.
         max_asr_gain: the most the file's ASR may exceed the FP model's own ASR (percentage points).
+        keep_bn: export with BN kept and float biases (`export_onnx`'s two rewrites off): the file computes what
+            the purified model computes, but onnxruntime cannot run those convs on integer kernels. For a model
+            that int32 biases move (a fragile MobileNetV3: 94 % agreement, 99.9 % kept; BENCHMARKS.md).
         **options: the method's options (e.g. steps=2000), as for `purify`.
     """
     start = time.perf_counter()
@@ -107,7 +110,8 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
     purified_dir = out.with_name(out.stem + ".purified")
     save_purified(purified, purified_dir, report=purify_report)
     export_onnx(purified, out, spec=purify_report.spec, defense=method, source_sha256=source_sha256,
-                input_size=tuple(data.test_x.shape[2:]))  # the file takes the data's own image size
+                input_size=tuple(data.test_x.shape[2:]),  # the file takes the data's own image size
+                **({"fold_bn": False, "int_bias": False} if keep_bn else {}))
     exported_at = time.perf_counter()
     fp_asr = purify_report.fp.asr if purify_report.fp is not None else None
     verify_report = verify(out, data, trigger=trigger, target=target, reference=purified.cpu(), max_asr=max_asr,

@@ -477,12 +477,18 @@ def cmd_harden(args: argparse.Namespace) -> int:
     options = _schedule_options(args)
     report = harden(model, data, out=args.out, arch=args.model, spec=args.spec, method=args.method,
                     trigger=trigger, target=args.target, calib=_calib(args, data), seed=args.seed, device=device,
-                    source_sha256=sha256_file(_source_file(args)), threads=args.threads, progress=True,
-                    **_gate(args, trigger, True, True), **options)
+                    source_sha256=sha256_file(_source_file(args)), threads=args.threads, keep_bn=args.keep_bn,
+                    progress=True, **_gate(args, trigger, True, True), **options)
     report.save(args.out.with_suffix(".json"))
     print(report.summary())
     print(f"report: {args.out.with_suffix('.json')}")
     return 0 if report.passed else 1
+
+
+def _add_keep_bn(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-bn", action="store_true",
+                   help="int8: keep BN and float biases; closer argmax agreement with PyTorch, but onnxruntime "
+                        "cannot use integer kernels (BENCHMARKS.md, export)")
 
 
 def _add_gate_args(p: argparse.ArgumentParser) -> None:
@@ -676,9 +682,7 @@ def build_parser() -> Parser:
     p.add_argument("--spec", default=None, help="the deployment quantizer (default w8a8; with --purified: its own)")
     p.add_argument("--purified", type=Path, default=None, help="a folder written by `qcbdefense purify`: export it")
     p.add_argument("--float", action="store_true", help="export the FP checkpoint itself (the reference)")
-    p.add_argument("--keep-bn", action="store_true",
-                   help="int8: keep BN and float biases; closer argmax agreement with PyTorch, but onnxruntime "
-                        "cannot use integer kernels (BENCHMARKS.md, export)")
+    _add_keep_bn(p)
     _add_calib(p, 512, "clean training images for calibration")
     p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     _add_common(p)
@@ -714,6 +718,7 @@ def build_parser() -> Parser:
     _add_trigger_args(p)
     _add_schedule_args(p)
     _add_gate_args(p)
+    _add_keep_bn(p)
     p.add_argument("--out", type=Path, required=True,
                    help="the .onnx file to write; beside it <stem>.purified/ and <stem>.json (the report)")
     _add_common(p)

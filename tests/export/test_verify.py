@@ -143,6 +143,18 @@ def test_harden_gate_fails_an_attacked_model_before_purification(tmp_path):
     assert not report.passed and "the same gate before purification" in report.summary()
 
 
+def test_harden_keep_bn_ships_bn_and_float_biases(trained, tmp_path):
+    """--keep-bn: the file keeps BN nodes and float biases (for a model that int32 biases move) and still passes."""
+    from export.harden import harden
+    from export.onnx import META, read_metadata
+
+    report = harden(trained.model, trained.data, out=tmp_path / "model.onnx", arch="small_cnn", spec="w8a8",
+                    method="nearest", calib=128, trigger=PATCH, max_asr=100.0, keep_bn=True)
+    written = {k.removeprefix(META): v for k, v in read_metadata(tmp_path / "model.onnx").items()}
+    assert written["bn_folded_into_scales"] == "0" and written["int32_biases"] == "0"  # both > 0 without it
+    assert report.passed and report.verify.score.agreement >= 99.5
+
+
 @pytest.mark.slow  # two more harden runs (about 45 s each on 2 cores); every method runs through purify by default
 @pytest.mark.parametrize("method, options", [("ft", {"epochs": 1}), ("aciq", {})])
 def test_harden_runs_the_paper_baselines(method, options, trained, tmp_path):
