@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.onnx import export_onnx
+from export.onnx import export_onnx, keep_bn_rewrites
 from export.ort import Check, VerifyReport
 from export.verify import check_limits, gate, verify
 from qcbdefense.data import Dataset, load_dataset
@@ -111,7 +111,7 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
     save_purified(purified, purified_dir, report=purify_report)
     export_onnx(purified, out, spec=purify_report.spec, defense=method, source_sha256=source_sha256,
                 input_size=tuple(data.test_x.shape[2:]),  # the file takes the data's own image size
-                **({"fold_bn": False, "int_bias": False} if keep_bn else {}))
+                **keep_bn_rewrites(keep_bn))
     exported_at = time.perf_counter()
     fp_asr = purify_report.fp.asr if purify_report.fp is not None else None
     verify_report = verify(out, data, trigger=trigger, target=target, reference=purified.cpu(), max_asr=max_asr,

@@ -103,6 +103,12 @@ MIN_OPSET = 13          # per-channel DequantizeLinear (axis) needs 13
 INT32_MAX = 2 ** 31 - 1
 
 
+def keep_bn_rewrites(keep_bn: bool) -> dict:
+    """`export_onnx`'s rewrite switches for `--keep-bn`: both off, so BN stays a node and biases stay float,
+    computed in the fake-quant model's order (agreement over speed: onnxruntime then runs no integer kernels)."""
+    return {"fold_bn": False, "int_bias": False} if keep_bn else {}
+
+
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, spec: str | QuantSpec | None = None,
                 defense: str = "nearest", source_sha256: str | None = None, opset: int = MIN_OPSET,
                 input_size: tuple[int, int] = (32, 32), fold_bn: bool | None = None,

@@ -369,14 +369,8 @@ def _is_fp_reference(reference: Path | None) -> bool:
     return reference.suffix.lower() != ".onnx" or describe_onnx(reference).format == "float"
 
 
-def _graph_rewrites(args: argparse.Namespace) -> dict:
-    """--keep-bn turns export.onnx's two rewrites off: BN stays a node and biases stay float, computed in the
-    fake-quant model's order (agreement over speed: onnxruntime then runs no integer kernels)."""
-    return {"fold_bn": False, "int_bias": False} if args.keep_bn else {}
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    from export.onnx import export_float_onnx, export_onnx, read_metadata
+    from export.onnx import export_float_onnx, export_onnx, keep_bn_rewrites, read_metadata
     from qcbdefense.fileio import sha256_file
     from qcbdefense.quant.spec import get_spec
 
@@ -400,7 +394,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not (folder / "report.json").is_file():
             raise InputError(f"{folder} holds no report.json naming the purification method")
         export_onnx(qmodel, args.out, defense=read_report(folder).method, source_sha256=source,
-                    **_graph_rewrites(args))
+                    **keep_bn_rewrites(args.keep_bn))
     else:
         from qcbdefense.data import load_dataset
         from qcbdefense.quant.ptq import post_training_quantize
@@ -412,7 +406,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         _check_fits_data(args, data, ckpt=model)
         torch.manual_seed(args.seed)
         qmodel = post_training_quantize(model, spec, data, calib=_calib(args, data), seed=args.seed)
-        export_onnx(qmodel, args.out, spec=spec, defense="nearest", source_sha256=source, **_graph_rewrites(args))
+        export_onnx(qmodel, args.out, spec=spec, defense="nearest", source_sha256=source,
+                    **keep_bn_rewrites(args.keep_bn))
     meta = read_metadata(args.out)
     size = args.out.stat().st_size / 1024
     if meta.get("qcbdefense.kind") == "float":
