@@ -480,10 +480,17 @@ def cmd_harden(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def _add_keep_bn(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--keep-bn", action="store_true",
-                   help="int8: keep BN and float biases; closer argmax agreement with PyTorch, but onnxruntime "
-                        "cannot use integer kernels (BENCHMARKS.md, export)")
+def _add_keep_bn(p: argparse.ArgumentParser, *, fallback: bool = False) -> None:
+    """export: --keep-bn or not. harden (`fallback`): --keep-bn, --fold-bn, or neither: fold, and keep BN when the
+    folded file fails on agreement alone (export.harden)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--keep-bn", action="store_const", const=True, default=None if fallback else False,
+                       help="int8: keep BN and float biases; closer argmax agreement with PyTorch, but onnxruntime "
+                            "cannot use integer kernels (BENCHMARKS.md, export)"
+                            + ("; default: only when the folded file fails on agreement alone" if fallback else ""))
+    if fallback:
+        group.add_argument("--fold-bn", dest="keep_bn", action="store_const", const=False,
+                           help="int8: fold BN and round biases to int32 even when the file then fails on agreement")
 
 
 def _add_gate_args(p: argparse.ArgumentParser) -> None:
@@ -713,7 +720,7 @@ def build_parser() -> Parser:
     _add_trigger_args(p)
     _add_schedule_args(p)
     _add_gate_args(p)
-    _add_keep_bn(p)
+    _add_keep_bn(p, fallback=True)
     p.add_argument("--out", type=Path, required=True,
                    help="the .onnx file to write; beside it <stem>.purified/ and <stem>.json (the report)")
     _add_common(p)

@@ -155,6 +155,37 @@ def test_harden_keep_bn_ships_bn_and_float_biases(trained, tmp_path):
     assert report.passed and report.verify.score.agreement >= 99.5
 
 
+def test_harden_keeps_bn_when_the_folded_file_fails_on_agreement_alone(trained, tmp_path, monkeypatch):
+    """The folded file's agreement is made to fail (as int32 biases fail a fragile MobileNetV3): harden ships the
+    file with BN kept, which passes, and says so; with keep_bn=False it ships the folded file and fails."""
+    import dataclasses
+
+    import export.harden as harden_module
+    from export.onnx import META, read_metadata
+    from export.ort import Check
+
+    real_verify = harden_module.verify
+
+    def verify_failing_folded_files(path, *args, **kwargs):
+        report = real_verify(path, *args, **kwargs)
+        if read_metadata(path)[META + "bn_folded_into_scales"] == "0":
+            return report
+        failing = [Check.of(c.name, c.value, 100.1, c.kind) if c.name == "agreement %" else c for c in report.checks]
+        return dataclasses.replace(report, checks=failing)
+
+    monkeypatch.setattr(harden_module, "verify", verify_failing_folded_files)
+    common = dict(arch="small_cnn", spec="w8a8", method="nearest", calib=128, trigger=PATCH, max_asr=100.0)
+    report = harden_module.harden(trained.model, trained.data, out=tmp_path / "auto.onnx", **common)
+    assert report.passed and report.bn["shipped"] == "kept" and report.bn["folded_agreement"] >= 99.0
+    assert read_metadata(tmp_path / "auto.onnx")[META + "bn_folded_into_scales"] == "0"
+    assert report.verify.model == str(tmp_path / "auto.onnx") and "BN kept" in report.summary()
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == ["auto.onnx"]  # the second file was renamed
+
+    report = harden_module.harden(trained.model, trained.data, out=tmp_path / "folded.onnx", keep_bn=False, **common)
+    assert not report.passed and report.bn == {"shipped": "folded"}
+    assert read_metadata(tmp_path / "folded.onnx")[META + "bn_folded_into_scales"] != "0"
+
+
 @pytest.mark.slow  # two more harden runs (about 45 s each on 2 cores); every method runs through purify by default
 @pytest.mark.parametrize("method, options", [("ft", {"epochs": 1}), ("aciq", {})])
 def test_harden_runs_the_paper_baselines(method, options, trained, tmp_path):
