@@ -7,7 +7,8 @@ untouched, and the FP model and its pqbackdoor-w8a8 round-to-nearest model are s
 Usage (from the repository root): python experiments/pq_bn_statistics.py
 
 Public API (`qcbdefense`): load_dataset, load_model, evaluate, post_training_quantize, parse_trigger.
-Internals: qcbdefense.defenses.finetune.labelled_share (the baselines' labelled share), qcbdefense.data.to_float.
+Internals: qcbdefense.defenses.finetune.labelled_share (the baselines' labelled share),
+qcbdefense.clean_training.recompute_batchnorm_statistics (what `train` does for slow BatchNorms).
 """
 
 import copy
@@ -15,23 +16,16 @@ import copy
 import torch
 
 from qcbdefense import evaluate, load_dataset, load_model, parse_trigger, post_training_quantize
-from qcbdefense.data import to_float
+from qcbdefense.clean_training import recompute_batchnorm_statistics
 from qcbdefense.defenses.finetune import labelled_share
 
 FIXTURE = "tests/fixtures/pq-small-cnn-builtin.safetensors"
 
 
-@torch.no_grad()
-def with_recomputed_bn(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 128) -> torch.nn.Module:
+def with_recomputed_bn(model: torch.nn.Module, images: torch.Tensor) -> torch.nn.Module:
     """A copy of `model` whose BN running statistics are the plain average over `images` (weights as they are)."""
     fresh = copy.deepcopy(model)
-    for module in fresh.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # a cumulative average over the batches below
-    fresh.train()
-    for i in range(0, len(images), batch_size):
-        fresh(to_float(images[i:i + batch_size]))
+    recompute_batchnorm_statistics(fresh, images, batch_size=128)
     return fresh.eval()
 
 
