@@ -1,16 +1,17 @@
 """Purify, export, verify in one call: the FP model in, a checked ONNX file out.
 
-`harden` composes the verbs and adds nothing of its own:
+`harden` composes the verbs:
     1. `qcbdefense.defenses.purify`: quantize the FP model under `spec` and purify it with `method`;
     2. `save_purified` into OUT's sibling folder `<stem>.purified/` (weights, spec, purify report);
     3. `export.onnx.export_onnx` to OUT, with the defence and the FP checkpoint's sha256 in the metadata;
     4. `export.verify.verify` on OUT in onnxruntime, against the purified fake-quant model as reference
        (the file must be the model that was purified) and the thresholds (ASR, ASR gain over the FP model's
        ASR, agreement, CA).
-When the int8 file fails the gate on agreement alone, its int32 biases and folded BN moved the model (a fragile
+Its one decision of its own: when the int8 file fails the gate on agreement alone, its int32 biases and folded BN moved the model (a fragile
 MobileNetV3 agrees on 94 %): `harden` then exports it again with BN kept and float biases and ships that file
 when it passes, saying so (`HardenReport.bn`), since a slower file that is the purified model is worth more
 than a fast one that is not. `keep_bn=True` / `False` decides it up front.
+
 Thresholds are checked before the purification starts, so a nonsense gate fails in a second, not after
 minutes of reconstruction. The report also applies the gate's ASR and CA thresholds to the round-to-nearest
 model (`before`), so it shows what purification changed: an attacked model fails there and passes after.
