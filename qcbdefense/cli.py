@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import warnings
@@ -369,6 +370,20 @@ def _is_fp_reference(reference: Path | None) -> bool:
     return reference.suffix.lower() != ".onnx" or describe_onnx(reference).format == "float"
 
 
+def _purified_fp_asr(reference: Path | None, data, trigger, target: int) -> float | None:
+    """The FP model's ASR from a purified folder's report, when --reference is one and its report scored the FP
+    model with this trigger, target and data: the ASR-gain gate then counts from it, as for an FP reference."""
+    from qcbdefense.defenses import read_report
+    from qcbdefense.defenses.base import REPORT_FILE
+
+    if reference is None or trigger is None or not (reference / REPORT_FILE).is_file():
+        return None
+    report = read_report(reference)
+    same = (report.trigger == json.loads(json.dumps(trigger.to_dict())) and report.target == target
+            and report.dataset == json.loads(json.dumps(data.describe())))
+    return report.fp.asr if same and report.fp is not None else None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from export.onnx import export_float_onnx, export_onnx, keep_bn_rewrites, read_metadata
     from qcbdefense.fileio import sha256_file
@@ -436,10 +451,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.crosscheck and (reference is None or args.reference.is_dir()):
         raise InputError("--crosscheck quantizes the FP model with onnxruntime's quantizer: give the FP model as "
                          "--reference CKPT --model NAME, or --reference FP.onnx")
+    fp_asr = _purified_fp_asr(args.reference, data, trigger, args.target)
     report = verify(args.onnx, data, trigger=trigger, target=args.target, reference=reference,
                     crosscheck_model=reference if args.crosscheck else None, calib=_calib(args, data),
-                    seed=args.seed, threads=args.threads,
-                    **_gate(args, trigger, reference is not None, _is_fp_reference(args.reference)))
+                    seed=args.seed, threads=args.threads, baseline_asr=fp_asr,
+                    **_gate(args, trigger, reference is not None,
+                            fp_asr is not None or _is_fp_reference(args.reference)))
     print(report.summary())
     if args.throughput:
         from export.throughput import compare_throughput
@@ -498,7 +515,8 @@ def _add_gate_args(p: argparse.ArgumentParser) -> None:
                    help="fail when the ONNX model's ASR %% exceeds this (default 5 with --trigger and no FP model)")
     p.add_argument("--max-asr-gain", type=float, default=None,
                    help="fail when the ONNX model's ASR exceeds the FP model's own ASR by more than this many "
-                        "points (default 5 with --trigger and the FP model: harden, or an FP --reference)")
+                        "points (default 5 with --trigger and the FP model: harden, an FP --reference, or a purified "
+                        "--reference folder whose report scored the FP model with this trigger and data)")
     p.add_argument("--min-agreement", type=float, default=None,
                    help="fail when argmax agreement %% with the reference is below this (default 99 with a reference)")
     p.add_argument("--min-ca", type=float, default=None, help="fail when clean accuracy %% is below this")

@@ -97,6 +97,12 @@ def test_harden_purifies_exports_and_verifies(trained, tmp_path, capsys):
     # the purified folder beside the file is a valid --reference for a later verify
     assert main(["verify", str(out), "--data", "builtin", "--reference", str(tmp_path / "model.purified"),
                  "--model", "small_cnn", "--min-agreement", "99.5"]) == 0
+    # with the trigger and target its report scored the FP model with, the gate counts from that FP ASR
+    for target, first_check in ((0, f"ASR gain over FP ({fp_asr:.2f} %) pts"), (1, "ASR %")):
+        verified = tmp_path / f"verify-{target}.json"
+        main(["verify", str(out), "--data", "builtin", "--trigger", "patch", "--target", str(target),
+              "--reference", str(tmp_path / "model.purified"), "--model", "small_cnn", "--out", str(verified)])
+        assert json.loads(verified.read_text())["checks"][0]["name"] == first_check
 
 
 def test_export_cli_folds_bn_for_integer_kernels_unless_told_to_keep_it(trained, tmp_path, capsys):
