@@ -3,7 +3,7 @@
 # train a few epochs on the built-in data, quantize, purify (LAC+PDA, default schedule), export the purified
 # model, verify it in onnxruntime, scan, harden; then the same from the model's FP ONNX export as the model.
 #   bash benchmarks/outside_models.sh torchvision:mobilenet_v3_small runs/outside/mnv3 [EPOCHS [TRAIN OPTIONS...]]
-# (EfficientNet-B0 is still at chance after 4 epochs, 13.6 %, with SGD lr 0.05 or Adam lr 1e-3: give it more.)
+# (EfficientNet-B0 stays at chance here: 13.6 % after 4 epochs with SGD lr 0.05 or Adam lr 1e-3; no recipe for it yet.)
 # Each command's summary lines go to OUT/chain.log, with its wall seconds and peak memory; a command that fails
 # (a gate, say) is logged and the chain goes on.
 set -euo pipefail
