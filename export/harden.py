@@ -138,8 +138,8 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
         return report
 
     verify_report = export_and_verify(out, bool(keep_bn))
-    bn = {"shipped": "kept" if keep_bn else "folded"}
-    if keep_bn is None and _fails_on_agreement_alone(verify_report) and _folds(verify_report):
+    bn = {"shipped": "folded" if _folds(verify_report) else "kept"}  # what the file holds (below 8 bits: kept)
+    if keep_bn is None and _fails_on_agreement_alone(verify_report) and bn["shipped"] == "folded":
         kept_path = out.with_name(out.stem + ".bn-kept.onnx")
         kept = export_and_verify(kept_path, True)
         if kept.passed:
@@ -162,5 +162,4 @@ def _fails_on_agreement_alone(report: VerifyReport) -> bool:
 
 def _folds(report: VerifyReport) -> bool:
     """Whether `export_onnx` folded BN or rounded biases into this file (only at 8-bit activations)."""
-    return any(report.metadata.get(META + key, "0") not in ("0", "") for key in ("bn_folded_into_scales",
-                                                                                  "int32_biases"))
+    return any(int(report.metadata.get(META + key, 0)) > 0 for key in ("bn_folded_into_scales", "int32_biases"))
