@@ -15,6 +15,8 @@ reported figure still run through Brevitas.
 / `HeldQuantLinear` / `HeldQuantIdentity` sharing the layer's float weight and bias, or None when a weight
 range is not held (abs-max and min/max ranges follow the weights at every forward, with a gradient through
 the range: train through the Brevitas model then). Call `load_ranges(view, qmodel)` after every re-calibration.
+Where the weights do not move at all (the scanner's searches differentiate through the input only),
+`held_view(qmodel)` holds every range, whatever its weight scale, and loads it at once.
 """
 
 from __future__ import annotations
@@ -108,12 +110,13 @@ class HeldQuantIdentity(nn.Module):
         return self.act_quant(x)
 
 
-def fast_view(qmodel: nn.Module) -> nn.Module | None:
+def fast_view(qmodel: nn.Module, *, weights_fixed: bool = False) -> nn.Module | None:
     """A copy of `qmodel` (sharing its parameters, buffers and float modules) whose quantized layers apply
     held ranges with fused kernels, or None when a weight range of `qmodel` follows the weights (see the
-    module docstring). Ranges are placeholders until `load_ranges`."""
+    module docstring) and `weights_fixed` does not say they will stay as they are. Ranges are placeholders
+    until `load_ranges`."""
     spec = getattr(qmodel, "qcb_spec", None)
-    if spec is None or spec.weight_scale != "mse":
+    if spec is None or (spec.weight_scale != "mse" and not weights_fixed):
         return None
     memo: dict[int, object] = {id(t): t for t in itertools.chain(qmodel.parameters(), qmodel.buffers())}
     for module in qmodel.modules():
@@ -124,6 +127,16 @@ def fast_view(qmodel: nn.Module) -> nn.Module | None:
     view = copy.deepcopy(qmodel, memo)
     view.qcb_held_from = [qmodel]  # a list, so the Brevitas model is not a submodule of its view
     return view
+
+
+def held_view(qmodel: nn.Module) -> nn.Module | None:
+    """The `fast_view` of a calibrated `qmodel` whose weights will not change, its ranges loaded; None when
+    `qmodel` is not a `quantize` model or not calibrated."""
+    view = fast_view(qmodel, weights_fixed=True)
+    if view is None or not is_calibrated(qmodel):
+        return None
+    load_ranges(view, qmodel)
+    return view.train(qmodel.training)
 
 
 @torch.no_grad()

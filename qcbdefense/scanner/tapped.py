@@ -3,7 +3,8 @@
 The scan compares two models layer by layer (`drift`). An ONNX file runs as `export.replica.OnnxReplica`, which
 names its weight layers and returns their tensors; a native model (an FP checkpoint and its Brevitas fake-quant
 copy) runs as itself, wrapped here so that it answers the same two questions: `layers` (each conv/linear layer's
-weight shape and name) and `model(x, taps=True)` (the logits and the tapped layers' outputs).
+weight shape and name; a quantized layer's held-range view, `attacks.fakequant`, is one) and
+`model(x, taps=True)` (the logits and the tapped layers' outputs).
 
 A layer is tapped at its own output, before its BatchNorm: drift is measured per channel against the FP
 model's spread (`drift.channel_drift`), so the per-channel scale and shift of a BN (or of a BN folded into a
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from qcbdefense.attacks.fakequant import HeldQuantLayer
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class TappedModel(nn.Module):
         self.model = model.eval()
         self.taps: list[str] = []
         self.layers = [WeightLayer(_shape(module), name) for name, module in model.named_modules()
-                       if isinstance(module, (nn.Conv2d, nn.Linear))]
+                       if isinstance(module, (nn.Conv2d, nn.Linear, HeldQuantLayer))]
 
     def forward(self, x: torch.Tensor, taps: bool = False):
         if not taps:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from models import create_model
-from qcbdefense.attacks.fakequant import fast_view, load_ranges
+from qcbdefense.attacks.fakequant import fast_view, held_view, load_ranges
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.quantize import quantize, refresh_weight_ranges
 
@@ -85,6 +85,16 @@ def test_held_view_takes_the_ranges_of_each_sync(resnet):
 def test_no_held_view_when_weight_ranges_follow_the_weights(resnet):
     assert fast_view(quantize(resnet, "quanti-w4a4")) is None
     assert fast_view(quantize(resnet, "pqbackdoor-w4a4")) is None
+
+
+def test_held_view_holds_any_weight_range_while_the_weights_stay(resnet):
+    """The scanner's view: abs-max ranges follow the weights, which a scan never moves, so they are held too."""
+    qmodel = _calibrated(resnet, "pqbackdoor-w4a4")
+    view = held_view(qmodel)
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(view.eval()(x), qmodel.eval()(x), atol=1e-4)
+    assert held_view(quantize(resnet, "pqbackdoor-w4a4")) is None  # not calibrated: nothing to hold
 
 
 def test_load_ranges_refuses_an_uncalibrated_model(resnet):
