@@ -8,6 +8,11 @@
     PATH.onnx                 an FP ONNX classifier, converted into torch modules (`models.onnx_import`) and
                               checked against onnxruntime; it brings its own weights and class count
 
+A torchvision, timm or user reference may end in keyword arguments for its builder, literal values only:
+`torchvision:efficientnet_b0(stochastic_depth_prob=0.0,dropout=0.0)` (EfficientNet-B0 at 32x32 with
+torchvision's stochastic depth and dropout stays at chance after 4 epochs on the built-in data; without
+them it trains). They are part of the reference, recorded with it, so the model is rebuilt the same way.
+
 Every model takes pixels in [0, 1] (models/normalize.py): zoo models normalise in their first module; the
 other references are wrapped in `Normalized` (mean/std default to CIFAR's; a checkpoint's `normalize.*`
 buffers override them), except an ONNX file, which takes pixels as our own exports do unless mean/std
@@ -22,6 +27,7 @@ Examples:
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import importlib.util
@@ -39,7 +45,9 @@ from qcbdefense.errors import InputError, first_line
 
 DEFAULT_CLASSES = 10
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-FORMS = "a zoo name, torchvision:NAME, timm:NAME, PACKAGE.MODULE:CALLABLE or an FP .onnx file"
+_ARGUMENTS = re.compile(r"^(?P<base>[^()]+)\((?P<args>.*)\)$", re.S)
+FORMS = ("a zoo name, torchvision:NAME, timm:NAME, PACKAGE.MODULE:CALLABLE (these three optionally with builder "
+         "arguments: NAME(KEY=VALUE,...)) or an FP .onnx file")
 
 
 def is_onnx(ref: str) -> bool:
@@ -54,9 +62,40 @@ def canonical(ref: str) -> str:
 def check_reference(ref: str) -> str:
     """InputError unless `ref` has one of the accepted forms (cheap: imports and reads nothing)."""
     ref = str(ref)
-    if ref in MODELS or is_onnx(ref) or ref.startswith(("torchvision:", "timm:")) or _CALLABLE.match(ref):
+    base, arguments = split_arguments(ref)
+    if arguments and (base in MODELS or is_onnx(base)):
+        raise InputError(f"--model {ref}: builder arguments apply to torchvision:, timm: and "
+                         f"PACKAGE.MODULE:CALLABLE models only")
+    if base in MODELS or is_onnx(base) or base.startswith(("torchvision:", "timm:")) or _CALLABLE.match(base):
         return ref
     raise InputError(f"unknown model {ref!r}; give {FORMS} (zoo: {', '.join(MODELS.names())})")
+
+
+def split_arguments(ref: str) -> tuple[str, dict]:
+    """`NAME(KEY=VALUE,...)` as NAME and its keyword arguments (literals, read by `ast.literal_eval`: nothing is
+    executed); a reference without them as itself and {}."""
+    match = _ARGUMENTS.match(ref)
+    if is_onnx(ref) or (match is None and "(" not in ref):
+        return ref, {}
+    try:
+        call = ast.parse(f"f({match['args']})", mode="eval").body if match else None
+    except SyntaxError:
+        call = None
+    if call is None:
+        raise InputError(f"--model {ref}: cannot read its builder arguments; write NAME(KEY=VALUE,...)") from None
+    if call.args or any(k.arg is None for k in call.keywords):
+        raise InputError(f"--model {ref}: builder arguments are KEY=VALUE pairs only")
+    arguments = {}
+    for keyword in call.keywords:
+        try:
+            arguments[keyword.arg] = ast.literal_eval(keyword.value)
+        except ValueError:
+            raise InputError(f"--model {ref}: {keyword.arg} must be a literal (a number, string, True, False "
+                             f"or None)") from None
+    if "num_classes" in arguments:
+        raise InputError(f"--model {ref}: the class count comes from the data (or the checkpoint), not the "
+                         f"reference")
+    return match["base"].strip(), arguments
 
 
 def build_model(ref: str, *, num_classes: int | None = None, mean: Sequence[float] | None = None,
@@ -118,7 +157,17 @@ def model_reference(model: nn.Module) -> str | None:
 
 
 def _outside_model(ref: str, num_classes: int) -> nn.Module:
-    source, name = ref.split(":", 1)
+    base, arguments = split_arguments(ref)
+    source, name = base.split(":", 1)
+    try:
+        return _build_outside(ref, source, name, num_classes, arguments)
+    except TypeError as err:  # a builder argument the builder does not take
+        if not arguments:
+            raise
+        raise InputError(f"--model {ref}: {first_line(str(err))}") from None
+
+
+def _build_outside(ref: str, source: str, name: str, num_classes: int, arguments: dict) -> nn.Module:
     if source == "torchvision":
         import torchvision
 
@@ -128,7 +177,7 @@ def _outside_model(ref: str, num_classes: int) -> nn.Module:
             raise InputError(f"unknown torchvision model {name!r}"
                              + (f"; did you mean {', '.join(close)}?" if close else
                                 "; see torchvision.models.list_models()"))
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **arguments)
     if source == "timm":
         if importlib.util.find_spec("timm") is None:
             raise InputError(f"--model {ref} needs timm, an optional extra: pip install timm")
@@ -136,11 +185,11 @@ def _outside_model(ref: str, num_classes: int) -> nn.Module:
 
         if not timm.is_model(name):
             raise InputError(f"unknown timm model {name!r}; see timm.list_models()")
-        return timm.create_model(name, pretrained=False, num_classes=num_classes)
-    return _user_model(ref, source, name, num_classes)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **arguments)
+    return _user_model(ref, source, name, num_classes, arguments)
 
 
-def _user_model(ref: str, module_name: str, attr: str, num_classes: int) -> nn.Module:
+def _user_model(ref: str, module_name: str, attr: str, num_classes: int, arguments: dict) -> nn.Module:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -149,7 +198,7 @@ def _user_model(ref: str, module_name: str, attr: str, num_classes: int) -> nn.M
     if not callable(factory):
         raise InputError(f"--model {ref}: {module_name} has no callable {attr!r}")
     try:
-        model = factory(num_classes=num_classes)
+        model = factory(num_classes=num_classes, **arguments)
     except Exception as err:  # the user's code may fail in any way; one line says where
         raise InputError(f"--model {ref}: {attr}(num_classes={num_classes}) failed with "
                          f"{type(err).__name__}: {first_line(str(err))}") from err

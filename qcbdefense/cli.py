@@ -80,7 +80,8 @@ def _add_model_option(p: argparse.ArgumentParser, *, required: bool = True, what
 
     p.add_argument("--model", required=required, default=None, type=_model_reference, metavar="MODEL",
                    help=f"{what}: a zoo name ({', '.join(list_models())}), torchvision:NAME, timm:NAME, "
-                        f"PACKAGE.MODULE:CALLABLE (called with num_classes=), or an FP .onnx file")
+                        f"PACKAGE.MODULE:CALLABLE (called with num_classes=), each optionally with builder "
+                        f"arguments, quoted: 'torchvision:NAME(KEY=VALUE,...)'; or an FP .onnx file")
     p.add_argument("--mean", type=_floats, default=None,
                    help="input mean R,G,B the model normalises pixels with (outside models; default CIFAR's; "
                         "an .onnx file: give it when the file expects normalised input)")

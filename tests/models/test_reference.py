@@ -58,6 +58,31 @@ def test_torchvision_model_takes_pixels_and_the_class_count():
     assert torch.allclose(model.normalize.mean.flatten(), torch.tensor([0.5, 0.5, 0.5]))
 
 
+def test_builder_arguments_reach_the_builder_and_stay_in_the_reference(tmp_path):
+    ref = "torchvision:efficientnet_b0(stochastic_depth_prob=0.0, dropout=0.0)"
+    model = build_model(ref)
+    assert model.qcb_model_ref == ref and model.net.classifier[0].p == 0.0
+    assert {m.p for m in model.modules() if type(m).__name__ == "StochasticDepth"} == {0.0}
+    assert {m.p for m in build_model("torchvision:efficientnet_b0").modules()
+            if type(m).__name__ == "StochasticDepth"} != {0.0}
+    save_model(model, tmp_path / "w.pt")
+    assert load_model(ref, tmp_path / "w.pt").net.classifier[0].p == 0.0
+
+
+@pytest.mark.parametrize("reference, fragment", [
+    ("torchvision:resnet18(no_such_option=1)", "unexpected keyword argument 'no_such_option'"),
+    ("torchvision:resnet18(True)", "builder arguments are KEY=VALUE pairs only"),
+    ("torchvision:resnet18(x=__import__('os'))", "x must be a literal"),
+    ("torchvision:resnet18(x=", "cannot read its builder arguments"),
+    ("torchvision:resnet18(num_classes=3)", "the class count comes from the data"),
+    ("resnet20(zero_init=True)", "builder arguments apply to torchvision:, timm: and PACKAGE.MODULE:CALLABLE"),
+])
+def test_bad_builder_arguments_are_one_line(reference, fragment):
+    with pytest.raises(InputError, match=None) as err:
+        build_model(reference)
+    assert fragment in str(err.value) and len(str(err.value).splitlines()) == 1, err.value
+
+
 def test_a_plain_torchvision_checkpoint_loads_behind_normalize(tmp_path):
     import torchvision
 
