@@ -3,7 +3,9 @@
 # train a few epochs on the built-in data, quantize, purify (LAC+PDA, default schedule), export the purified
 # model, verify it in onnxruntime, scan, harden; then the same from the model's FP ONNX export as the model.
 #   bash benchmarks/outside_models.sh torchvision:mobilenet_v3_small runs/outside/mnv3 [EPOCHS [TRAIN OPTIONS...]]
-# (EfficientNet-B0 stays at chance here: 13.6 % after 4 epochs with SGD lr 0.05 or Adam lr 1e-3; no recipe for it yet.)
+# EfficientNet-B0 trains without its stochastic depth and dropout (at chance with them after 4 epochs):
+#   bash benchmarks/outside_models.sh 'torchvision:efficientnet_b0(stochastic_depth_prob=0.0,dropout=0.0)' OUT 6 \
+#     --optimizer adam --lr 1e-3 --weight-decay 0
 # Each command's summary lines go to OUT/chain.log, with its wall seconds and peak memory; a command that fails
 # (a gate, say) is logged and the chain goes on.
 set -euo pipefail

@@ -199,8 +199,8 @@ def scan(fp: nn.Module, data: Dataset, *, spec: str | QuantSpec, out: str | os.P
 
 def fast_twin(quantized: nn.Module, x: torch.Tensor) -> nn.Module:
     """The quantized model as the scan runs it: its held-range view (`attacks.fakequant.held_view`: the
-    Brevitas quantizers' ranges held, as they are while no weight moves, applied by fused kernels, a third of
-    a search step's time on ResNet-20) when that view gives the Brevitas model's predictions on images `x`,
+    Brevitas quantizers' ranges held, as they are while no weight moves, applied by fused kernels: with
+    parameter gradients off, a ResNet-20 search step 1.6x faster) when that view gives the Brevitas model's predictions on images `x`,
     else the Brevitas model itself."""
     with torch.no_grad():
         reference = quantized(x).argmax(1)  # also runs Brevitas's lazy MSE weight-range search
