@@ -29,7 +29,11 @@ chain() {  # $1: the model reference; the rest: how to give its weights
   run scan --fp "${SCAN_FP[@]}" --spec w8a8 --data builtin --out "$OUT/$tag-scan"
   run harden --model "$model" "$@" "${D[@]}" --spec w8a8 --out "$OUT/$tag-hardened.onnx"
 }
-run train --model "$MODEL" --data builtin --epochs "$EPOCHS" "$@" --out "$OUT/fp"
+if [[ -f $OUT/fp/report.json ]]; then  # trained already (a chain stopped after training): reuse it
+  echo "+ reusing $OUT/fp (trained earlier)" | tee -a "$LOG"
+else
+  run train --model "$MODEL" --data builtin --epochs "$EPOCHS" "$@" --out "$OUT/fp"
+fi
 SCAN_FP=("$OUT/fp/model.pt" --model "$MODEL")
 chain "$MODEL" ckpt --ckpt "$OUT/fp/model.pt"
 run export --model "$MODEL" --ckpt "$OUT/fp/model.pt" --float --out "$OUT/fp.onnx"

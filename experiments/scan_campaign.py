@@ -4,8 +4,8 @@ Not part of the product. At small scale (the built-in data at 16x16, small_cnn, 
 makes clean models (two seeds) scanned at three specs, a LAC-purified pair, and QCBs of three trigger families
 (patch, blend, sparse noise), each with its own target: every family under PQBackdoor, and blend and patch
 under CompArtifact and sparse under Qu-ANTI-zation (`ATTACKED`: the shared CPU allowed no more); scans every
-pair; then chooses the verdict's threshold on the calibration pairs (clean seed 0, the PQBackdoor QCBs) and
-reports TPR / FPR on the rest at that threshold and at the scanner's default.
+pair; then chooses the verdict's held-out success bar and score line on the calibration pairs (clean seed 0, the
+PQBackdoor QCBs) and reports TPR / FPR on the rest with them and with the scanner's defaults.
 
     python experiments/scan_campaign.py make   # train and attack (cached under runs/campaign/models)
     python experiments/scan_campaign.py scan   # scan every pair (rows appended to runs/campaign/scans.jsonl)
@@ -50,6 +50,7 @@ ATTACK_TRAIN_DEFAULT = TrainConfig(epochs=8, optimizer="adam", lr=1e-3, weight_d
 ATTACKED = [("pqbackdoor", "patch"), ("pqbackdoor", "blend"), ("pqbackdoor", "sparse"), ("compartifact", "blend"),
             ("quanti", "sparse"), ("compartifact", "patch")]
 PURIFIED = [("pqbackdoor", "blend")]
+SUCCESS_BARS = (50.0, 40.0, 30.0, 25.0, 20.0)  # the held-out success bars `table` chooses among
 QUIET = {"monitor": 0, "transfer": (), "calib": 256, "victim_calib": 512}
 
 
@@ -149,13 +150,13 @@ def scan_all(data: Dataset, wanted: set[str]) -> None:
             log.flush()
 
 
-def rates(rows: list[dict], threshold: float) -> tuple[str, str]:
+def rates(rows: list[dict], scored: dict[str, tuple[float, int]], threshold: float) -> tuple[str, str]:
     """TPR (suspicious with the right target, over attacked pairs) and FPR (suspicious, over clean and
-    purified pairs) at `threshold` on the verdict's score."""
+    purified pairs) at `threshold` on the verdict's score; `scored` maps a pair to its (score, best class)."""
     attacked = [r for r in rows if r["kind"] == "attacked"]
     others = [r for r in rows if r["kind"] != "attacked"]
-    hits = sum(r["score"] >= threshold and r["best_class"] == r["target"] for r in attacked)
-    false = sum(r["score"] >= threshold for r in others)
+    hits = sum(scored[r["name"]][0] >= threshold and scored[r["name"]][1] == r["target"] for r in attacked)
+    false = sum(scored[r["name"]][0] >= threshold for r in others)
     return f"{hits}/{len(attacked)}", f"{false}/{len(others)}"
 
 
@@ -176,34 +177,45 @@ def reweigh(row: dict, config: ScanConfig) -> tuple[float, int, str | None]:
     return verdict.score, verdict.best_class, verdict.family
 
 
+def choose(calib: list[dict]) -> tuple[float, float, float]:
+    """The verdict's settings chosen on the calibration pairs: for each held-out success bar, the score line
+    midway between the highest clean / purified score and the weakest catch (an attacked pair whose best class
+    is its target); the bar with the widest gap wins (the stricter bar on a tie). Returns (bar, line, gap);
+    gap < 0 when no line separates them."""
+    best = None
+    for min_success in SUCCESS_BARS:
+        config = ScanConfig(min_success=min_success)
+        scores = {r["name"]: reweigh(r, config) for r in calib}
+        clean_max = max((scores[r["name"]][0] for r in calib if r["kind"] != "attacked"), default=0.0)
+        catches = [scores[r["name"]][0] if scores[r["name"]][1] == r["target"] else 0.0
+                   for r in calib if r["kind"] == "attacked"]
+        weakest = min(catches, default=clean_max + 1.0)
+        candidate = (min_success, (clean_max + weakest) / 2, weakest - clean_max)
+        if best is None or candidate[2] > best[2] + 1e-9:
+            best = candidate
+    return best
+
+
 def table() -> None:
     rows = [json.loads(line) for line in (ROOT / "scans.jsonl").open()]
-    print("min_success sweep (verdicts re-weighed from the rows' evidence; suspicious: S<class>):")
-    for min_success in (50.0, 40.0, 30.0):
-        cells = []
-        for r in rows:
-            score, best, family = reweigh(r, ScanConfig(min_success=min_success))
-            cells.append(f"{r['name']} {'S' if score >= ScanConfig().min_score else 'c'}{best} {family or '-'} {score:.2f}")
-        print(f"  {min_success:.0f} %: " + "; ".join(cells))
     calib = [r for r in rows if r["calibration"]]
     test = [r for r in rows if not r["calibration"]]
-    clean_max = max((r["score"] for r in calib if r["kind"] != "attacked"), default=0.0)
-    hits = sorted(r["score"] for r in calib if r["kind"] == "attacked" and r["best_class"] == r["target"])
-    above = [s for s in hits if s > clean_max]
-    threshold = (clean_max + above[0]) / 2 if above else clean_max + 1e-3  # midway to the weakest catch
-    default = ScanConfig().min_score
-    print("| pair | kind | split | target | verdict (default) | family | score | best class |")
+    min_success, line, gap = choose(calib)
+    chosen = {r["name"]: reweigh(r, ScanConfig(min_success=min_success))[:2] for r in rows}
+    default = {r["name"]: (r["score"], r["best_class"]) for r in rows}
+    print("| pair | kind | split | target | verdict (scanner's default) | family | score | chosen: score, best class |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['name']} | {r['kind']} | {'calibration' if r['calibration'] else 'reported'} | "
               f"{r['target'] if r['target'] is not None else '-'} | {r['verdict']}"
               f"{'' if r['found_target'] is None else ' ' + str(r['found_target'])} | {r['family'] or '-'} | "
-              f"{r['score']:.2f} | {r['best_class']} |")
-    print(f"\nthreshold chosen on the calibration pairs: {threshold:.3f} (highest clean/purified score {clean_max:.3f})")
-    for name, t in (("chosen", threshold), ("default", default)):
+              f"{r['score']:.2f} | {chosen[r['name']][0]:.2f}, {chosen[r['name']][1]} |")
+    print(f"\nchosen on the calibration pairs: held-out success bar {min_success:.0f} %, score line {line:.3f} "
+          f"(gap {gap:+.3f}{'' if gap > 0 else ': no line separates them'})")
+    for name, scored, t in (("scanner's default", default, ScanConfig().min_score), ("chosen", chosen, line)):
         for split, part in (("calibration", calib), ("reported", test)):
-            tpr, fpr = rates(part, t)
-            print(f"threshold {name} {t:.3f}, {split} pairs: TPR {tpr}, FPR {fpr}")
+            tpr, fpr = rates(part, scored, t)
+            print(f"{name} ({t:.3f}), {split} pairs: TPR {tpr}, FPR {fpr}")
 
 
 if __name__ == "__main__":

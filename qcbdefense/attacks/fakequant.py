@@ -131,11 +131,14 @@ def fast_view(qmodel: nn.Module, *, weights_fixed: bool = False) -> nn.Module | 
 
 def held_view(qmodel: nn.Module) -> nn.Module | None:
     """The `fast_view` of a calibrated `qmodel` whose weights will not change, its ranges loaded; None when
-    `qmodel` is not a `quantize` model or not calibrated."""
+    `qmodel` is not a `quantize` model, not calibrated, or has a range a held quantizer cannot hold."""
     view = fast_view(qmodel, weights_fixed=True)
     if view is None or not is_calibrated(qmodel):
         return None
-    load_ranges(view, qmodel)
+    try:
+        load_ranges(view, qmodel)
+    except ValueError:  # a per-channel activation range
+        return None
     return view.train(qmodel.training)
 
 
