@@ -298,3 +298,29 @@ def test_scan_cli_refuses_bad_input(capsys, tmp_path):
         err = capsys.readouterr().err
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_the_scan_runs_the_held_range_view_and_leaves_the_parameters_as_it_found_them(clean_cnn16, shapes16):
+    """The searches differentiate through the images only: no parameter gets a gradient, and each keeps its
+    requires_grad; the quantized model runs as its held-range view, which predicts as the Brevitas model."""
+    from qcbdefense.quant.ptq import post_training_quantize
+    from qcbdefense.scanner import SearchConfig
+    from qcbdefense.scanner.scan import fast_twin, scan_images
+    from qcbdefense.scanner.whole_image_search import WholeImageConfig
+
+    quantized = post_training_quantize(clean_cnn16, "pqbackdoor-w4a4", shapes16, calib=128)
+    x = scan_images(shapes16, 256, 0)
+    twin = fast_twin(quantized, x[:64])
+    assert twin is not quantized  # abs-max weight ranges held too: the scan moves no weight
+    with torch.no_grad():
+        assert torch.equal(twin(x).argmax(1), quantized(x).argmax(1))
+    params = list(clean_cnn16.parameters())
+    clean_cnn16.zero_grad(set_to_none=True)  # training left its last gradients
+    params[0].requires_grad_(False)
+    try:
+        scan_models(clean_cnn16, twin, x, config=ScanConfig(images=256, search=SearchConfig(steps=2),
+                                                            whole_image=WholeImageConfig(steps=2)))
+        assert all(p.grad is None for p in params)
+        assert [p.requires_grad for p in params] == [False] + [True] * (len(params) - 1)
+    finally:
+        params[0].requires_grad_(True)
