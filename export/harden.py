@@ -59,7 +59,9 @@ class HardenReport(Report):
     verify: VerifyReport
     seconds: dict
     before: list[Check] = field(default_factory=list)  # the gate on the round-to-nearest fake-quant model
-    bn: dict = field(default_factory=dict)  # {"shipped": "folded" | "kept", "folded_agreement": % when it fell back}
+    # {"shipped": "folded" | "kept", "folded_agreement": % when it fell back, "kept_agreement": % when the
+    # BN-kept file was tried and failed too}
+    bn: dict = field(default_factory=dict)
     environment: dict = field(default_factory=environment)
 
     @property
@@ -79,6 +81,9 @@ class HardenReport(Report):
                 f"BN kept and float biases: the folded int8 file agreed with the purified model on only "
                 f"{self.bn['folded_agreement']:.2f} % (int32 biases move this model); onnxruntime runs those convs "
                 f"in float"]),
+            *([] if "kept_agreement" not in self.bn else [
+                f"BN kept and float biases were tried too and failed the gate (agreement "
+                f"{self.bn['kept_agreement']:.2f} %): the folded file is shipped"]),
             f"files: {self.onnx}  (purified model: {self.purified_dir})",
             f"time: purify {seconds['purify']:.1f} s, export {seconds['export']:.1f} s, verify "
             f"{seconds['verify']:.1f} s, total {seconds['total']:.1f} s",
@@ -148,6 +153,7 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
             verify_report = dataclasses.replace(kept, model=str(out))
         else:
             kept_path.unlink()
+            bn["kept_agreement"] = kept.score.agreement
     nearest = purify_report.nearest
     before = [] if nearest is None else gate(ca=nearest.ca, asr=nearest.asr, agreement=None, baseline_asr=fp_asr,
                                              max_asr=max_asr, max_asr_gain=max_asr_gain, min_ca=min_ca)

@@ -191,6 +191,17 @@ def test_harden_keeps_bn_when_the_folded_file_fails_on_agreement_alone(trained, 
     assert not report.passed and report.bn == {"shipped": "folded"}
     assert read_metadata(tmp_path / "folded.onnx")[META + "bn_folded_into_scales"] != "0"
 
+    def verify_failing_every_file(path, *args, **kwargs):
+        report = real_verify(path, *args, **kwargs)
+        return dataclasses.replace(report, checks=[Check.of(c.name, c.value, 100.1, c.kind)
+                                                   if c.name == "agreement %" else c for c in report.checks])
+
+    monkeypatch.setattr(harden_module, "verify", verify_failing_every_file)
+    report = harden_module.harden(trained.model, trained.data, out=tmp_path / "neither.onnx", **common)
+    assert not report.passed and report.bn["shipped"] == "folded" and report.bn["kept_agreement"] >= 99.0
+    assert "tried too and failed" in report.summary()
+    assert not (tmp_path / "neither.bn-kept.onnx").exists()
+
 
 @pytest.mark.slow  # two more harden runs (about 45 s each on 2 cores); every method runs through purify by default
 @pytest.mark.parametrize("method, options", [("ft", {"epochs": 1}), ("aciq", {})])
