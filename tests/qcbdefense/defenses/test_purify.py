@@ -325,14 +325,14 @@ def test_learned_activation_ranges_move_only_when_asked_and_reload(shapes16, tmp
 
 
 def test_trigger_search_stamps_the_smallest_carrying_patch_and_lac_still_purifies(pq_cnn16, shapes16):
-    """--search-triggers: the copies carry the smallest patch that moves >= 50 % of held-out images, LAC
-    still kills the backdoor, and the report records the search and round-trips."""
+    """--search-triggers: the copies carry the smallest patch that moves the scan's share of held-out images
+    (`LocateConfig.min_success`), LAC still kills the backdoor, and the report records the search and round-trips."""
     backdoored, _ = pq_cnn16
     _, report = purify(backdoored, shapes16, method="lac", spec="pqbackdoor-w4a4", calib=256, trigger="patch",
                        search_triggers=True)
     search, stamped = report.trigger_search, report.trigger_search["stamped"]
     assert len(search["classes"]) == 10 and search["images"] == (256 if stamped is None else 512)
-    carried = [c for c in search["classes"] if c["found"] and c["success"] >= 50.0]
+    carried = [c for c in search["classes"] if c["found"] and c["success"] >= LocateConfig().min_success]
     assert stamped == (min(carried, key=lambda c: c["area"])["class"] if carried else None), search
     assert report.nearest.asr >= 80.0 and report.purified.asr <= 10.0, report.summary()
     assert "trigger search" in report.summary()
