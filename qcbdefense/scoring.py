@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from qcbdefense.quant.held_view import fast_equivalent
 from qcbdefense.data import Dataset, batches
 from qcbdefense.report import saved_field
 from qcbdefense.triggers import Trigger, non_target
@@ -47,11 +48,15 @@ class Score:
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500, device: str | torch.device = "cpu",
             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Arg-max predictions (on CPU) of `model` for uint8 images `x`, optionally transformed (triggered) first."""
+    """Arg-max predictions (on CPU) of `model` for uint8 images `x`, optionally transformed (triggered) first.
+    A Brevitas model runs as its fused-kernel view where that gives its logits bit for bit on the first batch
+    (`quant.held_view.fast_equivalent`)."""
     model.eval()
     dummy = torch.zeros(len(x), dtype=torch.long)
-    preds = [model(xb).argmax(1).cpu()
-             for xb, _ in batches(x, dummy, batch_size=batch_size, device=device, transform=transform)]
+    run, preds = None, []
+    for xb, _ in batches(x, dummy, batch_size=batch_size, device=device, transform=transform):
+        run = run or fast_equivalent(model, xb)
+        preds.append(run(xb).argmax(1).cpu())
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 

@@ -13,7 +13,7 @@ the victim would" on the current weights at the start of every epoch (fresh MSE 
 ranges recalibrated on the attacker's own clean images) and, optionally, every `sync_every` steps.
 Why: Brevitas holds an MSE weight range and a calibrated activation range fixed once found, so a model
 trained through stale quantizers learns a backdoor for a quantizer nobody deploys. Between syncs the steps
-run through `attacks.fakequant` views of those models (the same ranges and integers, fused kernels).
+run through `quant.held_view` views of those models (the same ranges and integers, fused kernels).
 
 Specs: `spec` names the base quantizer (a preset, a spec file or a QuantSpec); the spec at each targeted bit
 width b is derived from it (`spec_at`): weight bits b, activation bits b when the base has equal weight and
@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from qcbdefense.attacks.fakequant import fast_view, load_ranges
+from qcbdefense.quant.held_view import fast_view, load_ranges
 from qcbdefense.data import Dataset, batches, seeded_subset, to_float
 from qcbdefense.errors import InputError, check_number
 from qcbdefense.quant.calibrate import calibrate
@@ -226,7 +226,7 @@ class VictimQuantizers(nn.Module):
 
     `fp` is the float model itself; `victims[i]` is `quantize(fp, specs[i])`, the Brevitas model the victim
     deploys; `quantized[i]` is what the attack trains through: its `fast_view` (the same quantizers with the
-    ranges held and fused kernels, `attacks.fakequant`), or `victims[i]` itself when a weight range follows
+    ranges held and fused kernels, `quant.held_view`), or `victims[i]` itself when a weight range follows
     the weights. `sync()` re-quantizes as the victim's PTQ would on the current weights: forget and re-search
     the MSE weight ranges, recalibrate the activation ranges on clean images, and hand the ranges to the
     views. `before_epoch` and `after_step` are `fit` hooks that sync when due and put the modules in

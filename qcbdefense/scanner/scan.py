@@ -2,8 +2,8 @@
 
 `scan_models` is the scan itself, on two models and a batch of clean images, returning a `ScanReport`; it reads
 and writes no file. `scan` runs it on an FP checkpoint and its quantization under a spec, both native PyTorch
-(the Brevitas fake-quant model is the model that would ship; the searches run its held-range view, `fast_twin`),
-and writes the report and its pictures (`files`). Two ONNX files (what a deployer holds) are scanned by
+(the Brevitas fake-quant model is the model that would ship; the searches run its held-range view,
+`quant.held_view.fast_equivalent`), and writes the report and its pictures (`files`). Two ONNX files (what a deployer holds) are scanned by
 `export.scan_files`, which runs them as differentiable replicas checked against onnxruntime and hands them to
 `scan_models`.
 
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qcbdefense.attacks.fakequant import held_view
+from qcbdefense.quant.held_view import fast_equivalent
 from qcbdefense.data import Dataset, seeded_subset, to_float
 from qcbdefense.errors import InputError
 from qcbdefense.quant.spec import QuantSpec
@@ -186,7 +186,7 @@ def scan(fp: nn.Module, data: Dataset, *, spec: str | QuantSpec, out: str | os.P
         raise InputError(f"cannot scan: the model has {classes} classes but the data {data.name} has "
                          f"{data.num_classes}")
     quantized = post_training_quantize(fp, spec, data, calib=calib, seed=config.seed, device=device)
-    twin = fast_twin(quantized, x[:128].to(device))  # a batch is enough to check the view
+    twin = fast_equivalent(quantized, x[:128].to(device))  # a batch is enough to check the view
     prepared = time.perf_counter()
     report = scan_models(fp, twin, x.to(device), config=config, class_names=data.classes,
                          progress=progress)
@@ -198,20 +198,6 @@ def scan(fp: nn.Module, data: Dataset, *, spec: str | QuantSpec, out: str | os.P
         write_scan(Path(out), report, x[0],
                    title=f"activation drift from FP: the FP model vs {quantized.qcb_spec.name}")
     return report
-
-
-def fast_twin(quantized: nn.Module, x: torch.Tensor) -> nn.Module:
-    """The quantized model as the scan runs it: its held-range view (`attacks.fakequant.held_view`: the
-    Brevitas quantizers' ranges held, as they are while no weight moves, applied by fused kernels; with
-    parameter gradients off, a ResNet-20 search step 1.6x faster) when that view gives the Brevitas model's
-    predictions on images `x`, else the Brevitas model itself."""
-    with torch.no_grad():
-        reference = quantized(x).argmax(1)  # also runs Brevitas's lazy MSE weight-range search
-    view = held_view(quantized)
-    if view is None:
-        return quantized
-    with torch.no_grad():
-        return view if torch.equal(view(x).argmax(1), reference) else quantized
 
 
 @contextmanager

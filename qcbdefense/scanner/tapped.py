@@ -3,7 +3,7 @@
 The scan compares two models layer by layer (`drift`). An ONNX file runs as `export.replica.OnnxReplica`, which
 names its weight layers and returns their tensors; a native model (an FP checkpoint and its Brevitas fake-quant
 copy) runs as itself, wrapped here so that it answers the same two questions: `layers` (each conv/linear layer's
-weight shape and name; a quantized layer's held-range view, `attacks.fakequant`, is one) and
+weight shape and name; a quantized layer's held-range view, `quant.held_view`, is one) and
 `model(x, taps=True)` (the logits and the tapped layers' outputs).
 
 A layer is tapped at its own output, before its BatchNorm: drift is measured per channel against the FP
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qcbdefense.attacks.fakequant import HeldQuantLayer
+from qcbdefense.quant.held_view import HeldQuantLayer
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""The attacks' held-range training view computes what the victim's Brevitas model computes, bit for bit, and
-trains the float model's own weights."""
+"""The held-range view computes what the Brevitas model computes, bit for bit, trains the float model's own
+weights (the attacks), and stands in for the Brevitas model wherever no weight moves (evaluations, the scan)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from models import create_model
-from qcbdefense.attacks.fakequant import fast_view, held_view, load_ranges
+from qcbdefense.quant.held_view import fast_equivalent, fast_view, held_view, load_ranges
 from qcbdefense.quant.calibrate import calibrate
 from qcbdefense.quant.quantize import quantize, refresh_weight_ranges
 
@@ -95,6 +95,41 @@ def test_held_view_holds_any_weight_range_while_the_weights_stay(resnet):
     with torch.no_grad():
         assert torch.allclose(view.eval()(x), qmodel.eval()(x), atol=1e-4)
     assert held_view(quantize(resnet, "pqbackdoor-w4a4")) is None  # not calibrated: nothing to hold
+
+
+@pytest.mark.parametrize("spec", ["w4a4", "w8a8-deploy", "pqbackdoor-w4a4", "quanti-w8a8"])
+def test_without_gradients_the_held_view_gives_brevitas_logits_bit_for_bit(resnet, spec):
+    """No tie breaks the other way (the fused kernel's risk): evaluations may run the view."""
+    qmodel = _calibrated(resnet, spec)
+    x = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(held_view(qmodel).eval()(x), qmodel.eval()(x))
+    assert fast_equivalent(qmodel, x) is not qmodel
+
+
+def test_fast_equivalent_keeps_the_model_the_view_does_not_reproduce(resnet, monkeypatch):
+    from qcbdefense.quant import held_view as module
+
+    x = torch.rand(4, 3, 32, 32)
+    assert fast_equivalent(resnet, x) is resnet  # not a quantized model
+    uncalibrated = quantize(resnet, "w4a4")
+    assert fast_equivalent(uncalibrated, x) is uncalibrated
+    qmodel = _calibrated(resnet, "w4a4")
+    monkeypatch.setattr(module, "held_view", lambda m: (lambda images: m(images) + 1e-6))  # off by a hair
+    assert fast_equivalent(qmodel, x) is qmodel
+
+
+def test_predict_runs_the_view_and_predicts_as_brevitas(resnet, monkeypatch):
+    from qcbdefense import scoring
+
+    qmodel = _calibrated(resnet, "w4a4")
+    x = (torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(6)) * 255).to(torch.uint8)
+    ran = []
+    monkeypatch.setattr(scoring, "fast_equivalent", lambda m, xb: ran.append(m) or fast_equivalent(m, xb))
+    preds = scoring.predict(qmodel, x, batch_size=16)
+    assert len(ran) == 1  # checked once, on the first batch
+    with torch.no_grad():
+        assert torch.equal(preds, qmodel.eval()(x.float() / 255).argmax(1))
 
 
 def test_load_ranges_refuses_an_uncalibrated_model(resnet):
