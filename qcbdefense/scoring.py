@@ -55,7 +55,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500, device:
     dummy = torch.zeros(len(x), dtype=torch.long)
     run, preds = None, []
     for xb, _ in batches(x, dummy, batch_size=batch_size, device=device, transform=transform):
-        run = run or fast_equivalent(model, xb)
+        run = run or fast_equivalent(model, xb[:64])  # enough images to check the arithmetic, few to repeat
         preds.append(run(xb).argmax(1).cpu())
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
