@@ -4,7 +4,7 @@ Not part of the product. At small scale (the built-in data at 16x16, small_cnn, 
 makes clean models (two seeds) scanned at three specs, a LAC-purified pair, and QCBs of three trigger families
 (patch, blend, sparse noise), each with its own target: every family under PQBackdoor, and blend and patch
 under CompArtifact and sparse under Qu-ANTI-zation (`ATTACKED`: the shared CPU allowed no more); scans every
-pair; then chooses the verdict's held-out success bar and score line on the calibration pairs (clean seed 0, the
+pair; then chooses the verdict's held-out success bar, full credit and score line on the calibration pairs (clean seed 0, the
 PQBackdoor QCBs) and reports TPR / FPR on the rest with them and with the scanner's defaults.
 
     python experiments/scan_campaign.py make   # train and attack (cached under runs/campaign/models)
@@ -51,6 +51,7 @@ ATTACKED = [("pqbackdoor", "patch"), ("pqbackdoor", "blend"), ("pqbackdoor", "sp
             ("quanti", "sparse"), ("compartifact", "patch")]
 PURIFIED = [("pqbackdoor", "blend")]
 SUCCESS_BARS = (50.0, 40.0, 30.0, 25.0, 20.0)  # the held-out success bars `table` chooses among
+FULL_CREDITS = (50.0, 75.0, 100.0)  # ... and the successes from which a trigger counts in full
 QUIET = {"monitor": 0, "transfer": (), "calib": 256, "victim_calib": 512}
 
 
@@ -177,22 +178,24 @@ def reweigh(row: dict, config: ScanConfig) -> tuple[float, int, str | None]:
     return verdict.score, verdict.best_class, verdict.family
 
 
-def choose(calib: list[dict]) -> tuple[float, float, float]:
-    """The verdict's settings chosen on the calibration pairs: for each held-out success bar, the score line
-    midway between the highest clean / purified score and the weakest catch (an attacked pair whose best class
-    is its target); the bar with the widest gap wins (the stricter bar on a tie). Returns (bar, line, gap);
-    gap < 0 when no line separates them."""
+def choose(calib: list[dict]) -> tuple[ScanConfig, float, float]:
+    """The verdict's settings chosen on the calibration pairs: for each held-out success bar and success of
+    full credit (from the bar itself, no scaling, up to 100 %), the score line midway between the highest
+    clean / purified score and the weakest catch (an attacked pair whose best class is its target); the
+    settings with the widest gap win (the stricter bar, then the lower full credit, on a tie). Returns (settings,
+    line, gap); gap < 0 when no line separates them."""
     best = None
     for min_success in SUCCESS_BARS:
-        config = ScanConfig(min_success=min_success)
-        scores = {r["name"]: reweigh(r, config) for r in calib}
-        clean_max = max((scores[r["name"]][0] for r in calib if r["kind"] != "attacked"), default=0.0)
-        catches = [scores[r["name"]][0] if scores[r["name"]][1] == r["target"] else 0.0
-                   for r in calib if r["kind"] == "attacked"]
-        weakest = min(catches, default=clean_max + 1.0)
-        candidate = (min_success, (clean_max + weakest) / 2, weakest - clean_max)
-        if best is None or candidate[2] > best[2] + 1e-9:
-            best = candidate
+        for full_success in sorted({min_success, *(f for f in FULL_CREDITS if f > min_success)}):
+            config = ScanConfig(min_success=min_success, full_success=full_success)
+            scores = {r["name"]: reweigh(r, config) for r in calib}
+            clean_max = max((scores[r["name"]][0] for r in calib if r["kind"] != "attacked"), default=0.0)
+            catches = [scores[r["name"]][0] if scores[r["name"]][1] == r["target"] else 0.0
+                       for r in calib if r["kind"] == "attacked"]
+            weakest = min(catches, default=clean_max + 1.0)
+            candidate = (config, (clean_max + weakest) / 2, weakest - clean_max)
+            if best is None or candidate[2] > best[2] + 1e-9:
+                best = candidate
     return best
 
 
@@ -200,9 +203,9 @@ def table() -> None:
     rows = [json.loads(line) for line in (ROOT / "scans.jsonl").open()]
     calib = [r for r in rows if r["calibration"]]
     test = [r for r in rows if not r["calibration"]]
-    min_success, line, gap = choose(calib)
-    chosen = {r["name"]: reweigh(r, ScanConfig(min_success=min_success))[:2] for r in rows}
-    default = {r["name"]: (r["score"], r["best_class"]) for r in rows}
+    settings, line, gap = choose(calib)
+    chosen = {r["name"]: reweigh(r, settings)[:2] for r in rows}
+    default = {r["name"]: reweigh(r, ScanConfig())[:2] for r in rows}  # the scanner's settings now
     print("| pair | kind | split | target | verdict (scanner's default) | family | score | chosen: score, best class |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -210,7 +213,8 @@ def table() -> None:
               f"{r['target'] if r['target'] is not None else '-'} | {r['verdict']}"
               f"{'' if r['found_target'] is None else ' ' + str(r['found_target'])} | {r['family'] or '-'} | "
               f"{r['score']:.2f} | {chosen[r['name']][0]:.2f}, {chosen[r['name']][1]} |")
-    print(f"\nchosen on the calibration pairs: held-out success bar {min_success:.0f} %, score line {line:.3f} "
+    print(f"\nchosen on the calibration pairs: held-out success bar {settings.min_success:.0f} %, full credit from "
+          f"{settings.full_success:.0f} %, score line {line:.3f} "
           f"(gap {gap:+.3f}{'' if gap > 0 else ': no line separates them'})")
     for name, scored, t in (("scanner's default", default, ScanConfig().min_score), ("chosen", chosen, line)):
         for split, part in (("calibration", calib), ("reported", test)):

@@ -8,7 +8,11 @@ than every other class. All classes are searched together in one batch (one mask
 scan costs one optimisation, not ten.
 
 The mask weight λ of each class adapts as in Neural Cleanse: up while the patch succeeds (to shrink it), down
-while it fails; the smallest mask that reached the success rate is kept.
+while it fails. The smallest mask that flips the batch overfits it: on the 16x16 QCBs of the scan campaign it
+flipped as few held-out images as a clean pair's (a sparse-noise QCB's target: 5 px, 19 %), where an earlier,
+larger mask of the same search carried over (21 px, 40 %). So each class keeps, of its best masks at the end of
+every λ window, the one that flips the most of its own validation images; the held-out success is then measured
+on other images still.
 """
 
 from __future__ import annotations
@@ -41,13 +45,16 @@ class ClassSearch:
     """The best patch found for one class."""
 
     target: int
-    area: float  # smallest mask L1 (pixels) that flipped >= success of the batch; the image's area if none
+    area: float  # L1 (pixels) of the mask kept (`most_general`), which flipped >= success of the batch; else H x W
     success: float  # % of held-out images it flips differentially (quantized -> target, FP unchanged)
     found: bool
     mask: torch.Tensor  # [H, W] in [0, 1]
     pattern: torch.Tensor  # [3, H, W] in [0, 1]
     searched: bool = True  # False: the class was screened out (`scanner.screen`), nothing was searched
     rate: float = 0.0  # the largest share of its batch any step's patch flipped differentially (the screen's rank)
+
+
+Candidate = tuple[float, torch.Tensor, torch.Tensor]  # a mask's area (pixels), the mask [H, W], its pattern
 
 
 def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -65,16 +72,18 @@ def differential_success(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, f
 
 
 def class_batches(fp_preds: torch.Tensor, num_classes: int, n: int, generator: torch.Generator
-                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per class c, a random batch of `n` indices of images the FP model does not put in c, and the next 4n
-    of them held out (fewer where there are not enough)."""
-    batches, held_out = [], []
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Per class c, a random batch of `n` indices of images the FP model does not put in c, the next 4n of
+    them held out, and the 4n after those to choose among the search's masks (fewer where there are not
+    enough)."""
+    batches, held_out, validation = [], [], []
     for c in range(num_classes):
         idx = (fp_preds != c).nonzero().flatten()
         idx = idx[torch.randperm(len(idx), generator=generator)]
         batches.append(idx[:n])
         held_out.append(idx[n:5 * n])
-    return batches, held_out
+        validation.append(idx[5 * n:9 * n])
+    return batches, held_out, validation
 
 
 def differential_terms(q_logits: torch.Tensor, fp_logits: torch.Tensor, targets: torch.Tensor,
@@ -109,13 +118,13 @@ def search_triggers(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_pre
     predictions `fp_preds`; one `ClassSearch` per class, `searched` False on the classes left out.
 
     For class c the search batch is the first `images_per_class` images the FP model does not put in c; the
-    next ones (up to 4x as many) are held out to measure the success of the patch that was kept. Batches and
-    starting patterns are drawn for every class, so a class searched with others left out starts as it would
-    with all.
+    next ones (up to 4x as many) are held out to measure the success of the patch that was kept, and the
+    ones after those choose it (`most_general`). Batches and starting patterns are drawn for every class, so a
+    class searched with others left out starts as it would with all.
     """
     gen = torch.Generator().manual_seed(seed)
     n, h, w = config.images_per_class, x.shape[-2], x.shape[-1]
-    batches, held_out = class_batches(fp_preds, num_classes, n, gen)
+    batches, held_out, validation = class_batches(fp_preds, num_classes, n, gen)
     if any(len(b) < n for b in batches):
         raise ValueError(f"the trigger search needs {n} images outside each class; got fewer")
     chosen = list(range(num_classes)) if classes is None else sorted(set(classes))
@@ -133,6 +142,8 @@ def search_triggers(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_pre
     best_pattern = torch.zeros((k, 3, h, w))
     hits = torch.zeros(k, device=x.device)
     best_rate = torch.zeros(k)
+    improved = torch.zeros(k, dtype=torch.bool)
+    candidates: list[list[Candidate]] = [[] for _ in range(k)]  # per class, its best mask of each window
     for step in tqdm(range(config.steps), desc="trigger search", disable=not progress, leave=False):
         mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
         xs = stamp(xb, mask.repeat_interleave(n, 0), pattern.repeat_interleave(n, 0))
@@ -149,21 +160,38 @@ def search_triggers(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_pre
             best_mask[better] = mask.detach().cpu()[better]
             best_pattern[better] = pattern.detach().cpu()[better]
             best_rate = torch.maximum(best_rate, rate.cpu())
+            improved |= better
+            if (step + 1) % config.adapt_every == 0 or step + 1 == config.steps:  # a λ window ends
+                for i in improved.nonzero().flatten().tolist():
+                    candidates[i].append((float(best_area[i]), best_mask[i, 0].clone(), best_pattern[i].clone()))
+                improved[:] = False
             hits += rate >= config.success
             lam, hits = adapt_weights(lam, hits, step, config)
     results = [ClassSearch(target=c, area=float(h * w), success=0.0, found=False, mask=torch.zeros(h, w),
                            pattern=torch.zeros(3, h, w), searched=False) for c in range(num_classes)]
     for i, c in enumerate(chosen):
-        found = bool(best_area[i] < h * w)
-        m, p = best_mask[i, 0], best_pattern[i]
+        found = bool(candidates[i])
+        area, m, p = (most_general(fp, quantized, x[validation[c]], fp_preds[validation[c]], c, candidates[i])
+                      if found else (float(h * w), best_mask[i, 0], best_pattern[i]))
         rest = held_out[c]
         success = 0.0
         if found and len(rest):
             ok = differential_success(fp, quantized, x[rest], fp_preds[rest], c, m.to(x.device), p.to(x.device))
             success = 100.0 * ok.float().mean().item()
-        results[c] = ClassSearch(target=c, area=float(best_area[i]), success=success, found=found, mask=m,
-                                 pattern=p, rate=float(best_rate[i]))
+        results[c] = ClassSearch(target=c, area=area, success=success, found=found, mask=m, pattern=p,
+                                 rate=float(best_rate[i]))
     return results
+
+
+def most_general(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds: torch.Tensor, target: int,
+                 candidates: list[Candidate]) -> Candidate:
+    """Of a class's masks (area, mask, pattern; shrinking), the one that flips the most of images `x`
+    differentially, the smaller on a tie; the smallest when there are no images to tell them apart."""
+    if len(x) == 0:
+        return candidates[-1]
+    flips = [int(differential_success(fp, quantized, x, fp_preds, target, m.to(x.device), p.to(x.device)).sum())
+             for _, m, p in candidates]
+    return candidates[max(range(len(candidates)), key=lambda j: (flips[j], j))]
 
 
 def anomaly_index(areas: list[float]) -> list[float]:

@@ -5,7 +5,10 @@ Each signal is scaled so that 1.0 is "enough on its own" for the searches and le
 - **search** (per class): for each trigger family (patch, additive, blend), the class's anomaly index (how
   far below the other classes its effort lies, `trigger_search.anomaly_index`) over `min_anomaly`, counted
   only when the trigger carries over to held-out images (`min_success`) and is cheap in absolute terms
-  (`max_area` of the image for a patch, `max_budget` of the family's largest for a whole-image trigger).
+  (`max_area` of the image for a patch, `max_budget` of the family's largest for a whole-image trigger), and
+  in proportion to its held-out success up to `full_success`: a trigger that flips a third of the images
+  is weaker evidence than one that flips two thirds, though both needed small masks (a sparse-noise QCB's
+  target, 67 %, against a neighbour at 33 % that the disagreements piled onto, in the scan campaign).
   The best family counts, and names the trigger family found.
 - **disagreement** (the class most disagreements go to): how far their share stands above an even spread,
   0 when even and 1 when all go to one class, times `disagreement_weight`; a planted trigger leaks onto its
@@ -51,14 +54,14 @@ def search_signals(efforts: list[float], successes: list[float], *, largest: flo
     """One family's per-class evidence from its efforts (mask pixels, or % of the largest budget) and held-out
     successes: the counted effort (`largest` when the trigger does not carry over to held-out images), its
     anomaly index, and the search signal (anomaly / `min_anomaly`, counted only when it carries over and the
-    effort is at most `cheap`). Classes not `searched` (screened out: `scanner.screen`) count at `largest` with
+    effort is at most `cheap`, scaled by the held-out success up to `full_success`). Classes not `searched` (screened out: `scanner.screen`) count at `largest` with
     no anomaly, and the anomaly index of the others is measured among the searched classes alone."""
     searched = [True] * len(efforts) if searched is None else searched
     counted = [e if s >= config.min_success else largest for e, s in zip(efforts, successes)]
     among = iter(anomaly_index([e for e, done in zip(counted, searched) if done]))
     anomalies = [next(among) if done else 0.0 for done in searched]
-    signals = [max(a, 0.0) / config.min_anomaly if s >= config.min_success and e <= cheap else 0.0
-               for a, e, s in zip(anomalies, counted, successes)]
+    signals = [max(a, 0.0) / config.min_anomaly * min(s / config.full_success, 1.0)
+               if s >= config.min_success and e <= cheap else 0.0 for a, e, s in zip(anomalies, counted, successes)]
     return counted, anomalies, signals
 
 

@@ -91,7 +91,7 @@ def search_whole_image(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_
     (`search`)."""
     gen = torch.Generator().manual_seed(seed + 1)  # not the patch search's draw: other images, other starts
     n, shape = search.images_per_class, x.shape[-3:]
-    batches, held_out = class_batches(fp_preds, num_classes, n, gen)
+    batches, held_out, _ = class_batches(fp_preds, num_classes, n, gen)
     if any(len(b) < n for b in batches):
         raise ValueError(f"the trigger search needs {n} images outside each class; got fewer")
     chosen = list(range(num_classes)) if classes is None else sorted(set(classes))

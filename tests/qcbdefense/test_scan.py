@@ -185,6 +185,18 @@ def test_a_search_signal_counts_only_triggers_that_carry_over_and_are_cheap():
     assert dear[2] == 0.0  # 5 % of the budget is not cheap at a 4 % line
 
 
+def test_a_trigger_that_flips_fewer_held_out_images_counts_less():
+    """Two classes need equally small masks; the one whose trigger carries to two thirds of the held-out images
+    outweighs the one at a third, which counts in proportion below `full_success`."""
+    config = ScanConfig()
+    efforts = [100.0] * 8 + [5.0, 5.0]
+    _, anomalies, signals = search_signals(efforts, [0.0] * 8 + [66.7, 33.3], largest=100.0, cheap=50.0,
+                                           config=config)
+    assert anomalies[8] == anomalies[9] > 0
+    assert signals[8] == pytest.approx(anomalies[8] / config.min_anomaly)  # above full_success: in full
+    assert signals[9] == pytest.approx(signals[8] * 33.3 / config.full_success)
+
+
 def test_scan_writes_its_evidence(blend_scan):
     _, report, out = blend_scan
     assert sorted(p.name for p in out.iterdir()) == ["drift.png", "report.json", "trigger.png"]  # native: no ONNX
@@ -325,3 +337,31 @@ def test_the_scan_runs_the_held_range_view_and_leaves_the_parameters_as_it_found
         assert [p.requires_grad for p in params] == [False] + [True] * (len(params) - 1)
     finally:
         params[0].requires_grad_(True)
+
+
+class _TopLeftTrigger(nn.Module):
+    """Class 0 when the top-left pixel is bright, else class 1 (the FP model answers class 1 always)."""
+
+    def __init__(self, obeys: bool) -> None:
+        super().__init__()
+        self.obeys = obeys
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = x[:, :, 0, 0].mean(1) if self.obeys else torch.zeros(len(x))
+        return torch.stack([10 * bright, torch.full_like(bright, 5.0)], 1)
+
+
+def test_the_search_keeps_the_mask_that_carries_over_not_the_smallest():
+    from qcbdefense.scanner.trigger_search import most_general
+
+    fp, quantized = _TopLeftTrigger(obeys=False), _TopLeftTrigger(obeys=True)
+    x = torch.rand(8, 3, 4, 4) * 0.05
+    preds = torch.ones(8, dtype=torch.long)
+    ones = torch.ones(3, 4, 4)
+    covering, elsewhere, corner = (torch.zeros(4, 4) for _ in range(3))
+    covering[:2, :2] = 1
+    elsewhere[3, 3] = 1
+    corner[0, 0] = 1
+    assert most_general(fp, quantized, x, preds, 0, [(4.0, covering, ones), (1.0, elsewhere, ones)])[0] == 4.0
+    assert most_general(fp, quantized, x, preds, 0, [(4.0, covering, ones), (1.0, corner, ones)])[0] == 1.0  # a tie
+    assert most_general(fp, quantized, x[:0], preds[:0], 0, [(4.0, covering, ones), (1.0, elsewhere, ones)])[0] == 1.0
