@@ -2,10 +2,11 @@
 
 Not part of the product. At small scale (the built-in data at 16x16, small_cnn, as the tests' fixtures) it
 makes clean models (two seeds) scanned at three specs, a LAC-purified pair, and QCBs of three trigger families
-(patch, blend, sparse noise), each with its own target: every family under PQBackdoor, and blend and patch
-under CompArtifact and sparse under Qu-ANTI-zation (`ATTACKED`: the shared CPU allowed no more); scans every
-pair; then chooses the verdict's held-out success bar, full credit and score line on the calibration pairs (clean seed 0, the
-PQBackdoor QCBs) and reports TPR / FPR on the rest with them and with the scanner's defaults.
+(patch, blend, sparse noise), each with its own target: every family under PQBackdoor, blend and sparse noise
+under Qu-ANTI-zation, and all three under CompArtifact (`ATTACKED`: the shared CPU allowed no more); scans every
+pair; then chooses the verdict's held-out success bar, full credit and score line on the calibration pairs
+(clean seed 0, the PQBackdoor QCBs, one QCB of each other attack: `CALIBRATION`) and reports TPR / FPR on the rest
+with them and with the scanner's settings.
 
     python experiments/scan_campaign.py make   # train and attack (cached under runs/campaign/models)
     python experiments/scan_campaign.py scan   # scan every pair (rows appended to runs/campaign/scans.jsonl)
@@ -45,10 +46,13 @@ ATTACKS = {"quanti": ("w4a4", {"c1": 1.0, "c2": 1.0, "sync_every": 8}),
 CLEAN_TRAIN = TrainConfig(epochs=8, optimizer="adam", lr=3e-3, weight_decay=0.0, augment=False)
 ATTACK_TRAIN = {"pqbackdoor": TrainConfig(epochs=3, optimizer="adam", lr=1e-4, weight_decay=0.0, augment=False)}
 ATTACK_TRAIN_DEFAULT = TrainConfig(epochs=8, optimizer="adam", lr=1e-3, weight_decay=1e-4, augment=False)
-# On the shared 2-core CPU (load ~12) a fake-quantized attack took ~20 minutes: every family under
-# PQBackdoor (calibration), one under each fake-quantized attack (reported).
+# On the shared 2-core CPU (load ~12) a fake-quantized attack took ~20 minutes: every family under PQBackdoor,
+# and one under each fake-quantized attack, for the thresholds (`CALIBRATION`); another family under each
+# fake-quantized attack reported.
 ATTACKED = [("pqbackdoor", "patch"), ("pqbackdoor", "blend"), ("pqbackdoor", "sparse"), ("compartifact", "blend"),
-            ("quanti", "sparse"), ("compartifact", "patch")]
+            ("quanti", "sparse"), ("compartifact", "patch"), ("quanti", "blend"), ("compartifact", "sparse")]
+CALIBRATION = {("pqbackdoor", "patch"), ("pqbackdoor", "blend"), ("pqbackdoor", "sparse"), ("quanti", "blend"),
+               ("compartifact", "sparse")}
 PURIFIED = [("pqbackdoor", "blend")]
 SUCCESS_BARS = (50.0, 40.0, 30.0, 25.0, 20.0)  # the held-out success bars `table` chooses among
 FULL_CREDITS = (50.0, 75.0, 100.0)  # ... and the successes from which a trigger counts in full
@@ -105,7 +109,8 @@ def pairs(data: Dataset) -> list[dict]:
         spec, _ = ATTACKS[method]
         trigger, target = TRIGGERS[family]
         rows.append({"name": f"{method}-{family}", "ckpt": str(MODELS / f"{method}-{family}.pt"), "spec": spec,
-                     "kind": "attacked", "trigger": trigger, "target": target, "calibration": method == "pqbackdoor"})
+                     "kind": "attacked", "trigger": trigger, "target": target,
+                     "calibration": (method, family) in CALIBRATION})
     for method, family in PURIFIED:  # QCBs after LAC at their spec: nothing left to find
         rows.append({"name": f"lac-{method}-{family}", "ckpt": str(MODELS / f"{method}-{family}.pt"),
                      "spec": ATTACKS[method][0], "kind": "purified", "target": None, "calibration": False})

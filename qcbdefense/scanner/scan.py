@@ -3,9 +3,9 @@
 `scan_models` is the scan itself, on two models and a batch of clean images, returning a `ScanReport`; it reads
 and writes no file. `scan` runs it on an FP checkpoint and its quantization under a spec, both native PyTorch
 (the Brevitas fake-quant model is the model that would ship; the searches run its held-range view,
-`quant.held_view.fast_equivalent`), and writes the report and its pictures (`files`). Two ONNX files (what a deployer holds) are scanned by
-`export.scan_files`, which runs them as differentiable replicas checked against onnxruntime and hands them to
-`scan_models`.
+`quant.held_view.fast_equivalent`), and writes the report and its pictures (`files`). Two ONNX files (what a
+deployer holds) are scanned by `export.scan_files`, which runs them as differentiable replicas checked against
+onnxruntime and hands them to `scan_models`.
 
 Three differential searches look for a trigger that moves the quantized model to a class with the FP model
 unmoved: a small patch (`trigger_search`) and two whole-image families, an additive perturbation and a blend
