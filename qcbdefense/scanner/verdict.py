@@ -61,7 +61,8 @@ def search_signals(efforts: list[float], successes: list[float], *, largest: flo
     among = iter(anomaly_index([e for e, done in zip(counted, searched) if done]))
     anomalies = [next(among) if done else 0.0 for done in searched]
     signals = [max(a, 0.0) / config.min_anomaly * min(s / config.full_success, 1.0)
-               if s >= config.min_success and e <= cheap else 0.0 for a, e, s in zip(anomalies, counted, successes)]
+               if s >= config.min_success and e <= cheap else 0.0
+               for a, e, s in zip(anomalies, counted, successes)]
     return counted, anomalies, signals
 
 
