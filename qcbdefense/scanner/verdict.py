@@ -54,8 +54,9 @@ def search_signals(efforts: list[float], successes: list[float], *, largest: flo
     """One family's per-class evidence from its efforts (mask pixels, or % of the largest budget) and held-out
     successes: the counted effort (`largest` when the trigger does not carry over to held-out images), its
     anomaly index, and the search signal (anomaly / `min_anomaly`, counted only when it carries over and the
-    effort is at most `cheap`, scaled by the held-out success up to `full_success`). Classes not `searched` (screened out: `scanner.screen`) count at `largest` with
-    no anomaly, and the anomaly index of the others is measured among the searched classes alone."""
+    effort is at most `cheap`, scaled by the held-out success up to `full_success`). Classes not `searched`
+    (screened out: `scanner.screen`) count at `largest` with no anomaly, and the anomaly index of the others is
+    measured among the searched classes alone."""
     searched = [True] * len(efforts) if searched is None else searched
     counted = [e if s >= config.min_success else largest for e, s in zip(efforts, successes)]
     among = iter(anomaly_index([e for e, done in zip(counted, searched) if done]))
