@@ -62,10 +62,10 @@ class ScanConfig:
     whole_image: WholeImageConfig = field(default_factory=WholeImageConfig)
     screen: ScreenConfig = field(default_factory=ScreenConfig)  # which classes the searches run on
     # The verdict (`verdict.weigh_evidence`, which explains each line):
-    # A trigger counts only if it flips this % of held-out images differentially (chosen on the calibration pairs
-    # of experiments/scan_campaign.py: at 50 % the 16x16 PQBackdoor patch, found at 37.5 %, was missed) ...
+    # A trigger counts only if it flips this % of held-out images differentially (experiments/scan_campaign.py:
+    # the QCBs it flags carry to 40-67 %, clean pairs' best masks to at most 21 %) ...
     min_success: float = 30.0
-    full_success: float = 50.0  # ... and counts in full from this %, in proportion below (chosen there too)
+    full_success: float = 50.0  # ... and counts in full from this %, in proportion below (BENCHMARKS.md, scanner)
     max_area: float = 0.15  # ... and is cheap: a patch covers at most this share of the image,
     max_budget: float = 0.5  # a whole-image trigger needs at most this share of its family's largest budget
     min_anomaly: float = 2.0  # the anomaly index (robust std below the other classes' efforts) enough alone
