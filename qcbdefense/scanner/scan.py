@@ -63,7 +63,7 @@ class ScanConfig:
     screen: ScreenConfig = field(default_factory=ScreenConfig)  # which classes the searches run on
     # The verdict (`verdict.weigh_evidence`, which explains each line):
     # A trigger counts only if it flips this % of held-out images differentially (experiments/scan_campaign.py:
-    # the QCBs it flags carry to 40-67 %, clean pairs' best masks to at most 21 %) ...
+    # the QCBs it flags carry to 40-67 %, the best masks of clean and purified pairs to at most 19 %) ...
     min_success: float = 30.0
     full_success: float = 50.0  # ... and counts in full from this %, in proportion below (BENCHMARKS.md, scanner)
     max_area: float = 0.15  # ... and is cheap: a patch covers at most this share of the image,
