@@ -183,23 +183,23 @@ def reweigh(row: dict, config: ScanConfig) -> tuple[float, int, str | None]:
     return verdict.score, verdict.best_class, verdict.family
 
 
-def choose(calib: list[dict]) -> tuple[ScanConfig, float, float]:
+def choose(calib: list[dict]) -> tuple[ScanConfig, float, float, int]:
     """The verdict's settings chosen on the calibration pairs: for each held-out success bar and success of
-    full credit (from the bar itself, no scaling, up to 100 %), the score line midway between the highest
-    clean / purified score and the weakest catch (an attacked pair whose best class is its target); the
-    settings with the widest gap win (the stricter bar, then the lower full credit, on a tie). Returns (settings,
-    line, gap); gap < 0 when no line separates them."""
+    full credit (from the bar itself, no scaling, up to 100 %), the QCBs caught (best class their target, score
+    above every clean / purified pair's) and the score line midway between the highest clean score and the
+    weakest of those catches; the settings catching most win, then the widest gap, then the stricter bar and the
+    lower full credit. Returns (settings, line, gap, catches); gap < 0 when nothing is caught."""
     best = None
     for min_success in SUCCESS_BARS:
         for full_success in sorted({min_success, *(f for f in FULL_CREDITS if f > min_success)}):
             config = ScanConfig(min_success=min_success, full_success=full_success)
             scores = {r["name"]: reweigh(r, config) for r in calib}
             clean_max = max((scores[r["name"]][0] for r in calib if r["kind"] != "attacked"), default=0.0)
-            catches = [scores[r["name"]][0] if scores[r["name"]][1] == r["target"] else 0.0
-                       for r in calib if r["kind"] == "attacked"]
-            weakest = min(catches, default=clean_max + 1.0)
-            candidate = (config, (clean_max + weakest) / 2, weakest - clean_max)
-            if best is None or candidate[2] > best[2] + 1e-9:
+            caught = [scores[r["name"]][0] for r in calib if r["kind"] == "attacked"
+                      and scores[r["name"]][1] == r["target"] and scores[r["name"]][0] > clean_max]
+            weakest = min(caught, default=clean_max)
+            candidate = (config, (clean_max + weakest) / 2, weakest - clean_max if caught else -1.0, len(caught))
+            if best is None or (candidate[3], candidate[2]) > (best[3], best[2] + 1e-9):
                 best = candidate
     return best
 
@@ -208,7 +208,7 @@ def table() -> None:
     rows = [json.loads(line) for line in (ROOT / "scans.jsonl").open()]
     calib = [r for r in rows if r["calibration"]]
     test = [r for r in rows if not r["calibration"]]
-    settings, line, gap = choose(calib)
+    settings, line, gap, caught = choose(calib)
     chosen = {r["name"]: reweigh(r, settings)[:2] for r in rows}
     default = {r["name"]: reweigh(r, ScanConfig())[:2] for r in rows}  # the scanner's settings now
     print("| pair | kind | split | target | verdict (scanner's default) | family | score | chosen: score, best class |")
@@ -219,8 +219,8 @@ def table() -> None:
               f"{'' if r['found_target'] is None else ' ' + str(r['found_target'])} | {r['family'] or '-'} | "
               f"{r['score']:.2f} | {chosen[r['name']][0]:.2f}, {chosen[r['name']][1]} |")
     print(f"\nchosen on the calibration pairs: held-out success bar {settings.min_success:.0f} %, full credit from "
-          f"{settings.full_success:.0f} %, score line {line:.3f} "
-          f"(gap {gap:+.3f}{'' if gap > 0 else ': no line separates them'})")
+          f"{settings.full_success:.0f} %, score line {line:.3f} ({caught} calibration QCBs above every clean pair, "
+          f"gap {gap:+.3f}{'' if gap > 0 else ': no line separates them'})")
     for name, scored, t in (("scanner's default", default, ScanConfig().min_score), ("chosen", chosen, line)):
         for split, part in (("calibration", calib), ("reported", test)):
             tpr, fpr = rates(part, scored, t)
