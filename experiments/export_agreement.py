@@ -2,11 +2,12 @@
 purified W8 ResNet-20 exported with each of export.onnx's two rewrites on or off, and the default file under
 onnxruntime's optimisation levels (BENCHMARKS.md, export).
 Usage: python experiments/export_agreement.py [PURIFIED_DIR]   (from the repository root, after
-benchmarks/purify_r20.sh)
+benchmarks/purify_r20.sh), or python experiments/export_agreement.py --ptq SPEC (the shared ResNet-20 quantized
+under SPEC by round to nearest, 512 calibration images: the deployment presets)
 
 Public API (`qcbdefense`): load_dataset, load_purified, export_onnx, agreement. Internals it needs: export.ort.OrtModel
-and onnxruntime sessions (to run a file at a chosen optimisation level), qcbdefense.scoring.predict and
-qcbdefense.data.to_float."""
+and onnxruntime sessions (to run a file at a chosen optimisation level), qcbdefense.scoring.predict,
+qcbdefense.data.to_float, and for --ptq qcbdefense.checkpoints.load_model and quant.ptq.post_training_quantize."""
 import sys
 import tempfile
 from pathlib import Path
@@ -17,12 +18,18 @@ import torch
 
 from export.ort import OrtModel
 from qcbdefense import agreement, export_onnx, load_dataset, load_purified
+from qcbdefense.checkpoints import load_model
 from qcbdefense.data import to_float
+from qcbdefense.quant.ptq import post_training_quantize
 from qcbdefense.scoring import predict
 
-folder = sys.argv[1] if len(sys.argv) > 1 else "runs/purify/r20-pq-w8-lac"
-x = load_dataset("folder:../shared/datasets/cifar10-jpg.tar.gz").test_x
-model = load_purified("resnet20", folder)
+data = load_dataset("folder:../shared/datasets/cifar10-jpg.tar.gz")
+x = data.test_x
+if sys.argv[1:2] == ["--ptq"]:
+    fp = load_model("resnet20", "../shared/checkpoints/resnet20-cifar10-12fca82f.th")
+    model = post_training_quantize(fp, sys.argv[2], data, calib=512, seed=0)
+else:
+    model = load_purified("resnet20", sys.argv[1] if len(sys.argv) > 1 else "runs/purify/r20-pq-w8-lac")
 reference = predict(model, x)
 pixels = to_float(x).numpy().astype(np.float32)
 
