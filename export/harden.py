@@ -7,6 +7,10 @@
     4. `export.verify.verify` on OUT in onnxruntime, against the purified fake-quant model as reference
        (the file must be the model that was purified) and the thresholds (ASR, ASR gain over the FP model's
        ASR, agreement, CA).
+Before the export, a model whose file will hold int32 biases has its biases (BN's, where BN folds) moved onto
+that grid (`export.onnx.snap_biases_to_int32`, at most half an accumulator step each), so that the reference is
+the model the file computes: on a ResNet-20 at w8a8-deploy that took the file's agreement from 99.20 to 99.76 %;
+the purify report's figures are the model's before that move, the verify report's the file's.
 Its one decision of its own: when the int8 file fails the gate on agreement alone, its int32 biases and folded
 BN moved the model (a fragile MobileNetV3 agrees on 94 %, resnet18 on 97 %): `harden` then exports it again with
 BN kept and float biases and ships that file when it passes, saying so (`HardenReport.bn`), since a slower file
@@ -34,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.onnx import META, export_onnx, keep_bn_rewrites
+from export.onnx import META, export_onnx, keep_bn_rewrites, snap_biases_to_int32
 from export.ort import Check, VerifyReport
 from export.verify import check_limits, gate, verify
 from qcbdefense.data import Dataset, load_dataset
@@ -59,8 +63,8 @@ class HardenReport(Report):
     verify: VerifyReport
     seconds: dict
     before: list[Check] = field(default_factory=list)  # the gate on the round-to-nearest fake-quant model
-    # {"shipped": "folded" | "kept", "folded_agreement": % when it fell back, "kept_agreement": % when the
-    # BN-kept file was tried and failed too}
+    # {"shipped": "folded" | "kept", "biases_on_int32_grid": biases moved by `snap_biases_to_int32`,
+    # "folded_agreement": % when it fell back, "kept_agreement": % when the BN-kept file was tried and failed too}
     bn: dict = field(default_factory=dict)
     environment: dict = field(default_factory=environment)
 
@@ -123,6 +127,9 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
     purified, purify_report = purify(model, data, method=method, spec=spec, calib=calib, trigger=trigger,
                                      target=target, seed=seed, device=device, arch=arch, progress=progress,
                                      **options)
+    snapped = 0
+    if keep_bn is not True and purified.qcb_spec.act_bits == 8:  # the file will hold int32 biases
+        snapped = snap_biases_to_int32(purified, input_size=tuple(data.test_x.shape[2:]))
     purified_at = time.perf_counter()
     purified_dir = out.with_name(out.stem + ".purified")
     save_purified(purified, purified_dir, report=purify_report)
@@ -143,13 +150,14 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
         return report
 
     verify_report = export_and_verify(out, bool(keep_bn))
-    bn = {"shipped": "folded" if _folds(verify_report) else "kept"}  # what the file holds (below 8 bits: kept)
+    # what the file holds (below 8 bits: kept), and how many of the model's biases were put on its int32 grid
+    bn = {"shipped": "folded" if _folds(verify_report) else "kept", "biases_on_int32_grid": snapped}
     if keep_bn is None and _fails_on_agreement_alone(verify_report) and bn["shipped"] == "folded":
         kept_path = out.with_name(out.stem + ".bn-kept.onnx")
         kept = export_and_verify(kept_path, True)
         if kept.passed:
             os.replace(kept_path, out)
-            bn = {"shipped": "kept", "folded_agreement": verify_report.score.agreement}
+            bn = {**bn, "shipped": "kept", "folded_agreement": verify_report.score.agreement}
             verify_report = dataclasses.replace(kept, model=str(out))
         else:
             kept_path.unlink()

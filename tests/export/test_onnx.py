@@ -104,6 +104,39 @@ def test_bn_folding_and_int_bias_keep_the_function(trained, nearest_w8a8, tmp_pa
     assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
 
 
+def test_snapped_biases_are_what_the_int32_file_holds(trained, nearest_w8a8):
+    """After `snap_biases_to_int32` the PyTorch model's (folded) biases are the file's int32 biases: a second
+    rounding moves them by float noise only, where the first moved them by up to half an accumulator step."""
+    from export.onnx import _qcdq_proto, fold_batchnorm, inline_constant_identities, quantize_biases
+    from export.onnx import snap_biases_to_int32
+
+    def shifts(model) -> dict:
+        proto = _qcdq_proto(model, (32, 32), 13)
+        inline_constant_identities(proto)
+        fold_batchnorm(proto)
+        found: dict = {}
+        quantize_biases(proto, found)
+        return found
+
+    model = nearest_w8a8  # shared by other tests: its parameters are restored below
+    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+    x = to_float(trained.data.test_x[:64])
+    try:
+        with torch.no_grad():
+            reference = model(x).argmax(1)
+        before = shifts(model)
+        assert snap_biases_to_int32(model) == len(before) > 0
+        assert any(name.endswith(".folded") for name in before)  # BN's biases, through the fold
+        after = shifts(model)
+        assert max(np.abs(v).max() for v in after.values()) < 1e-2 * max(np.abs(v).max() for v in before.values())
+        with torch.no_grad():
+            assert (model(x).argmax(1) == reference).float().mean() >= 0.95  # a nudge, not a change
+    finally:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(saved[name])
+
+
 def test_float_export_matches_torch(trained, tmp_path):
     path = export_float_onnx(trained.model, tmp_path / "fp.onnx", source_sha256=sha256_file(trained.ckpt))
     assert read_metadata(path)["qcbdefense.kind"] == "float"
