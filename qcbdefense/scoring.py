@@ -9,8 +9,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from qcbdefense.quant.held_view import fast_equivalent
 from qcbdefense.data import Dataset, batches
+from qcbdefense.quant.held_view import fast_equivalent
 from qcbdefense.report import saved_field
 from qcbdefense.triggers import Trigger, non_target
 
@@ -49,13 +49,14 @@ class Score:
 def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500, device: str | torch.device = "cpu",
             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Arg-max predictions (on CPU) of `model` for uint8 images `x`, optionally transformed (triggered) first.
-    A Brevitas model runs as its fused-kernel view where that gives its logits bit for bit on the first batch
+    A Brevitas model runs as its held-range view where that gives its logits bit for bit on the first 64 images
     (`quant.held_view.fast_equivalent`)."""
     model.eval()
     dummy = torch.zeros(len(x), dtype=torch.long)
     run, preds = None, []
     for xb, _ in batches(x, dummy, batch_size=batch_size, device=device, transform=transform):
-        run = run or fast_equivalent(model, xb[:64])  # enough images to check the arithmetic, few to repeat
+        if run is None:  # a module's truth value is its length where it has one: test for None
+            run = fast_equivalent(model, xb[:64])  # enough images to check the arithmetic, few to repeat
         preds.append(run(xb).argmax(1).cpu())
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 

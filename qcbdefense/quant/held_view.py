@@ -53,7 +53,8 @@ class HeldRange(nn.Module):
 
 
 class HeldActQuant(HeldRange):
-    """A per-tensor activation quantizer: one fused kernel forward and backward."""
+    """A per-tensor activation quantizer: one fused kernel forward and backward when a gradient is wanted,
+    Brevitas's own arithmetic (bit for bit) when not."""
 
     def load(self, *args, **kwargs) -> None:
         super().load(*args, **kwargs)
