@@ -287,11 +287,15 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
                    help="first search a patch per class that moves only the quantized model (or, failing that, "
                         "a square that raises one class's quantized log-probability), and calibrate on stamped "
                         "copies too (beyond the release)")
+    p.add_argument("--act-headroom", type=float, default=None, metavar="FACTOR",
+                   help="widen every activation range but the image's by FACTOR before the defence, so a trigger "
+                        "cannot hide in the clip of a range calibrated on clean images (beyond the release; "
+                        "purify: 1, harden: 3 with 8-bit activations)")
 
 
 def _schedule_options(args: argparse.Namespace) -> dict:
-    """--released / --steps / --pda-steps / --learn-act-range / --search-triggers as purify options (shared by
-    purify and harden)."""
+    """--released / --steps / --pda-steps / --learn-act-range / --search-triggers / --act-headroom as purify
+    options (shared by purify and harden)."""
     options: dict = {}
     if args.released:
         from qcbdefense.defenses import DEFENSES
@@ -308,6 +312,8 @@ def _schedule_options(args: argparse.Namespace) -> dict:
         options["learn_act_range"] = True
     if args.search_triggers:
         options["search_triggers"] = True
+    if args.act_headroom is not None:
+        options["act_headroom"] = args.act_headroom
     return options
 
 

@@ -92,6 +92,42 @@ def is_calibrated(qmodel: nn.Module) -> bool:
     return all(module.counter > module.collect_stats_steps for module in _runtime_stats(qmodel))
 
 
+def widen_ranges(qmodel: nn.Module, factor: float) -> int:
+    """Multiply every calibrated activation range of `qmodel` but the image's by `factor`, in place (both
+    ends: the scale and the zero point's real-valued offset, so the zero point stays the same integer); return
+    how many ranges moved.
+
+    Why: a QCB can live in the clip of the range itself. Trained against ranges calibrated on clean images,
+    its trigger drives some activations far past anything clean images reach; the quantizer clips them and
+    the quantized model alone obeys (a Qu-ANTI-zation QCB aimed at `w8a8-deploy`, BENCHMARKS.md: 98 % ASR with
+    8-bit activations, 3 % with float ones, 3 % again with every range widened 3x). Reconstructing weights
+    cannot see that clip; a range wider than the clean images need removes it. At 8 bits a range 3x as wide
+    keeps about 6.4 bits of resolution for the clean activations. The image's quantizer is left alone: pixels
+    cannot leave [0, 1], so a wider image range would cost resolution and clip nothing.
+    """
+    check_number("factor", factor, low=1.0)
+    image = _image_quantizer(qmodel)
+    skip = {id(m) for m in image.modules()} if image is not None else set()
+    widened = 0
+    with torch.no_grad():
+        for proxy in qmodel.modules():
+            if not isinstance(proxy, ActQuantProxyFromInjectorBase) or id(proxy) in skip:
+                continue
+            stats = [m for m in proxy.modules() if isinstance(m, _RUNTIME_STATS)]
+            for module in stats:
+                module.value.mul_(factor)
+            widened += bool(stats)
+    return widened
+
+
+def _image_quantizer(qmodel: nn.Module) -> nn.Module | None:
+    """The input quantizer of the first quantized layer (the one the image goes through), if it has one."""
+    order = getattr(qmodel, "qcb_layer_order", ())
+    first = qmodel.get_submodule(order[0]) if order else None
+    quant = getattr(first, "input_quant", None)
+    return quant if isinstance(quant, ActQuantProxyFromInjectorBase) and quant.is_quant_enabled else None
+
+
 @contextmanager
 def float_view(qmodel: nn.Module) -> Iterator[nn.Module]:
     """Inside the block `qmodel` computes exactly (bit for bit) the float model; quantizers are restored on

@@ -51,9 +51,11 @@ def test_held_view_matches_brevitas_bit_for_bit_but_for_ties(resnet, spec):
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     ref, ref_grads = _logits_and_grads(qmodel, resnet, x)
     out, grads = _logits_and_grads(view, resnet, x)
-    if spec == "w8a8-deploy":
+    if spec != "w4a4":
         # Its quantized residual adds sum two 8-bit grids, whose values can sit exactly on a rounding tie of the
-        # add's output grid, which the fused kernel (x * 1/scale) may break the other way: one step, rarely.
+        # add's output grid, which the fused kernel (x * 1/scale) may break the other way: one step, rarely. On a
+        # CPU with AVX-512 the same happens to w8a8-per-tensor's 8-bit activations (measured: logits 3e-4 apart);
+        # `fast_equivalent` checks for it and keeps the Brevitas model there.
         assert (out - ref).abs().max() <= 0.05 * ref.abs().max() and torch.equal(out.argmax(1), ref.argmax(1))
     else:
         assert torch.equal(out, ref)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from models import create_model
 from qcbdefense.errors import InputError
 from qcbdefense.quant import (QuantSpec, calibrate, float_view, is_calibrated, quantize, quantized_layers,
-                              quantizer_parameters)
+                              quantizer_parameters, widen_ranges)
 from qcbdefense.quant.calibrate import kth_smallest
 
 
@@ -92,6 +92,24 @@ def test_batches_max_batches_and_pairs(tiny, pixels):
     calibrate(pairs, [(pixels[:16], labels), (pixels[16:], labels)], max_batches=1)
     first = quantize(tiny, "w8a8", calib=[pixels[:16]])
     assert torch.equal(pairs(pixels), first(pixels))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_widen_ranges_widens_all_but_the_image(tiny, pixels, symmetric):
+    """Both ends of every range but the image's move by the factor (the zero point stays the same integer), so
+    an activation past the clean range is no longer clipped; the image's grid is untouched."""
+    spec = QuantSpec(act_calibration="minmax", act_symmetric=symmetric, first_layer_bits=None)
+    qmodel = quantize(tiny, spec, calib=[pixels])
+    past = 1.8 * torch.relu(qmodel.bn1(qmodel.conv1(pixels)))  # conv2's input, past its calibrated range
+    image, before = qmodel.conv1.input_quant(pixels), qmodel.conv2.input_quant(past)
+    assert before.value.max() < 0.6 * past.max()  # clipped
+    assert widen_ranges(qmodel, 2.0) == 2  # conv2's and fc's inputs
+    after = qmodel.conv2.input_quant(past)
+    assert torch.equal(qmodel.conv1.input_quant(pixels).value, image.value)  # the image
+    assert torch.allclose(after.scale, 2 * before.scale) and torch.equal(after.zero_point, before.zero_point)
+    assert torch.allclose(after.value, past, atol=after.scale.item() / 2 + 1e-6)  # nothing clipped
+    with pytest.raises(InputError, match="factor"):
+        widen_ranges(qmodel, 0.5)
 
 
 def test_float_view_collects_nothing(tiny, pixels):
