@@ -118,7 +118,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config: DemoConfig = DemoConfig(
         spec = f"pqbackdoor-w{bits}a{bits}"
         report = harden(backdoored, data, out=out / f"purified-w{bits}.onnx", arch=config.arch, spec=spec,
                         method="lac-pda", trigger=config.trigger, target=config.target, calib=config.calib,
-                        seed=config.seed, device=device, max_asr=5.0, min_agreement=99.0, progress=True,
+                        seed=config.seed, device=device, max_asr_gain=1.0, min_agreement=99.0, progress=True,
                         pda_steps=config.pda_steps)
         report.save(out / f"purified-w{bits}.json")
         fp_file, nearest_file = export_pair(out / f"scan-w{bits}", backdoored, spec, data, seed=config.seed)
