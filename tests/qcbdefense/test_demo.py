@@ -13,7 +13,8 @@ def test_demo_story(tmp_path):
     result = run_demo(tmp_path, log=lambda *_: None)
     for row in result.rows:
         assert row["fp"]["asr"] <= 20.0 and row["nearest"]["asr"] >= 80.0, result.table()
-        assert row["purified"]["asr"] <= 10.0 and row["onnx"]["asr"] <= 10.0, result.table()
+        dead = row["fp"]["asr"] + 1.0  # the FP model's own answer to the trigger (12 %), the demo's gate
+        assert row["purified"]["asr"] <= dead and row["onnx"]["asr"] <= dead and row["gate_passed"], result.table()
         assert abs(row["onnx"]["ca"] - row["purified"]["ca"]) <= 1.0, result.table()
         assert row["scan"]["verdict"] == "suspicious" and row["scan"]["target"] == 0, result.table()
     for name in ("report.md", "bars.png", "drift-w8.png", "scan-w4/trigger.png", "backdoored/model.pt"):
