@@ -33,7 +33,7 @@ FAMILIES = ("additive", "blend")
 class WholeImageConfig:
     """Settings of the whole-image search (recorded in the scan report)."""
 
-    steps: int = 40  # per family a fifth of the patch search's images x steps
+    steps: int = 28  # per family a fifth of the patch search's images x steps
     lr: float = 0.1
     max_linf: float = 16 / 255  # the additive family's largest L-infinity budget (pixels in [0, 1])
     max_alpha: float = 0.3  # the blend family's largest mixing weight
