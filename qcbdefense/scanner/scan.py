@@ -48,7 +48,7 @@ from qcbdefense.scanner.screen import ScreenConfig, screen_classes
 from qcbdefense.scanner.square_scan import SquareFind, SquareScanConfig, scan_squares, standing_out
 from qcbdefense.scanner.tapped import TappedModel
 from qcbdefense.scanner.trigger_search import ClassSearch, SearchConfig, search_triggers
-from qcbdefense.scanner.verdict import Verdict, search_signals, weigh_evidence
+from qcbdefense.scanner.verdict import Verdict, carry_index, search_signals, weigh_evidence
 from qcbdefense.scanner.whole_image_search import FAMILIES, WholeImageConfig, WholeImageFind, search_whole_image
 
 
@@ -69,6 +69,13 @@ class ScanConfig:
     max_area: float = 0.15  # ... and is cheap: a patch covers at most this share of the image,
     max_budget: float = 0.5  # a whole-image trigger needs at most this share of its family's largest budget
     min_anomaly: float = 2.0  # the anomaly index (robust std below the other classes' efforts) enough alone
+    # A trigger whose held-out success stands this many robust std (at least `carry_floor` points each) above the
+    # median class's counts alone (`verdict.carry_index`; set by hand, having seen the scan campaign: a PQBackdoor
+    # patch QCB's target at 5.8, every clean pair's classes at most 1.7), with an effort up to `carry_effort` x the
+    # cheap line (`max_area`, `max_budget`)
+    min_carry: float = 3.0
+    carry_floor: float = 10.0
+    carry_effort: float = 1.5
     disagreement_weight: float = 0.5  # the score of all disagreements going to one class
     min_disagreements: int = 5  # fewer say nothing about where they go
     drift_weight: float = 0.25  # the score of one layer's worst channel drifting e x drift_base its median
@@ -98,9 +105,10 @@ class TriggerPicture:
 class ScanReport(Report):
     """The scan's verdict and its evidence; `to_dict` / `from_dict` round-trip through JSON (report.json)."""
 
-    # 3: native models from a checkpoint, the screen (per class "searched", "screened"); 2: the whole-image
+    # 4: per class and family the carry index; 3: native models from a checkpoint, the screen (per class
+    # "searched", "screened"); 2: the whole-image
     # searches and the weighed verdict (family, signals, best_class), drift_pairing
-    VERSION = 3
+    VERSION = 4
     KIND = "scan report"
 
     verdict: str  # "clean" or "suspicious"
@@ -263,14 +271,19 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
         raise InputError(f"cannot scan with {len(x)} images: {err} (use more --images)") from None
     squared = time.perf_counter()
     picture = trigger_picture(found, wide, verdict, squares, x, config, class_names or [])
+    searched_classes = [c.searched for c in found]
+    carry = {family: carry_index(successes, searched_classes, floor=config.carry_floor) for family, successes in
+             (("patch", [c.success for c in found]), *((f, [w.success for w in wide[f]]) for f in FAMILIES))}
     return ScanReport(
         verdict="suspicious" if flagged else "clean", score=verdict.score, target=best if flagged else None,
         classes=[{"class": c.target, "searched": c.searched, "area": c.area, "success": c.success, "found": c.found,
                   "effective_area": evidence["patch"][0][c.target], "anomaly": evidence["patch"][1][c.target],
+                  "carry": carry["patch"][c.target],
                   **{family: {"effort": 100.0 * wide[family][c.target].effort,
                               "strength": wide[family][c.target].strength,
                               "success": wide[family][c.target].success, "found": wide[family][c.target].found,
-                              "anomaly": evidence[family][1][c.target]} for family in FAMILIES},
+                              "anomaly": evidence[family][1][c.target], "carry": carry[family][c.target]}
+                     for family in FAMILIES},
                   **({} if screen.efforts is None else
                      {"screened": {family: values[c.target] for family, values in screen.efforts.items()}}),
                   "score": verdict.class_scores[c.target]["total"]} for c in found],

@@ -9,6 +9,9 @@ Each signal is scaled so that 1.0 is "enough on its own" for the searches and le
   in proportion to its held-out success up to `full_success`: a trigger that flips a third of the images
   is weaker evidence than one that flips two thirds, though both needed small masks (a sparse-noise QCB's
   target, 67 %, against a neighbour at 33 % that the disagreements piled onto, in the scan campaign).
+  A trigger that carries to far more held-out images than any other class's counts too, whatever its effort
+  relative to the others' (up to `carry_effort` times the cheap line): its class's carry index (how far its
+  success stands above the median class's, `carry_index`) over `min_carry`; the larger of the two counts.
   The best family counts, and names the trigger family found.
 - **disagreement** (the class most disagreements go to): how far their share stands above an even spread,
   0 when even and 1 when all go to one class, times `disagreement_weight`; a planted trigger leaks onto its
@@ -28,8 +31,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
+
+import torch
 
 from qcbdefense.scanner.drift import Disagreement, LayerDrift
 from qcbdefense.scanner.trigger_search import anomaly_index
@@ -61,10 +65,27 @@ def search_signals(efforts: list[float], successes: list[float], *, largest: flo
     counted = [e if s >= config.min_success else largest for e, s in zip(efforts, successes)]
     among = iter(anomaly_index([e for e, done in zip(counted, searched) if done]))
     anomalies = [next(among) if done else 0.0 for done in searched]
-    signals = [max(a, 0.0) / config.min_anomaly * min(s / config.full_success, 1.0)
-               if s >= config.min_success and e <= cheap else 0.0
-               for a, e, s in zip(anomalies, counted, successes)]
+    carries = carry_index(successes, searched, floor=config.carry_floor)
+    signals = [max(max(a, 0.0) / config.min_anomaly * min(s / config.full_success, 1.0) if e <= cheap else 0.0,
+                   max(k, 0.0) / config.min_carry if e <= config.carry_effort * cheap else 0.0)
+               if s >= config.min_success else 0.0
+               for a, k, e, s in zip(anomalies, carries, counted, successes)]
     return counted, anomalies, signals
+
+
+def carry_index(successes: list[float], searched: list[bool] | None = None, *, floor: float = 10.0) -> list[float]:
+    """How far each class's held-out success (%) stands above the searched classes' median, in robust standard
+    deviations (median absolute deviation) floored at `floor` points: large for the one class whose trigger
+    carries to far more held-out images than any other's, whatever effort it needed (a PQBackdoor patch QCB's
+    target: a 42-px mask, no smaller than the other classes', carrying to 71 % against at most 33 %). The floor
+    keeps a few images' noise (one held-out image is 2 points) from counting. Unsearched classes get 0."""
+    searched = [True] * len(successes) if searched is None else searched
+    values = torch.tensor([s for s, done in zip(successes, searched) if done])
+    if len(values) == 0:
+        return [0.0] * len(successes)
+    median = values.median()
+    spread = max(1.4826 * float((values - median).abs().median()), floor)
+    return [float(s - median) / spread if done else 0.0 for s, done in zip(successes, searched)]
 
 
 def weigh_evidence(searches: dict[str, list[float]], disagree: Disagreement, layers: list[LayerDrift],

@@ -23,7 +23,7 @@ from qcbdefense.data import load_dataset
 from qcbdefense.scanner import ScanConfig, ScreenConfig, scan, scan_models
 from qcbdefense.scanner.drift import Disagreement, LayerDrift
 from qcbdefense.scanner.trigger_search import SearchConfig
-from qcbdefense.scanner.verdict import search_signals, weigh_evidence
+from qcbdefense.scanner.verdict import carry_index, search_signals, weigh_evidence
 from qcbdefense.scanner.whole_image_search import search_whole_image
 from qcbdefense.training import TrainConfig
 
@@ -182,8 +182,25 @@ def test_a_search_signal_counts_only_triggers_that_carry_over_and_are_cheap():
     assert counted[5] == 100.0 and counted[2] == 5.0
     assert max(range(10), key=signals.__getitem__) == 2 and signals[2] == pytest.approx(anomalies[2] / 2.0)
     assert signals[5] == 0.0 and signals[1] == 0.0  # class 1 carries over but needs 90 % of the budget
-    _, _, dear = search_signals(efforts, successes, largest=100.0, cheap=4.0, config=config)
-    assert dear[2] == 0.0  # 5 % of the budget is not cheap at a 4 % line
+    _, _, dear = search_signals(efforts, successes, largest=100.0, cheap=3.0, config=config)
+    assert dear[2] == 0.0  # 5 % of the budget is not cheap at a 3 % line, nor within the carry's 1.5x of it
+
+
+def test_a_trigger_that_carries_far_beyond_the_others_counts_whatever_its_effort():
+    """The target's 42-px mask is past the cheap line (15 % of 256 px), so its anomaly does not count, but it
+    carries to 71 % of held-out images against at most 33 %: its carry index counts alone (the scan campaign's
+    PQBackdoor patch QCB). The same gap below the floor's 10 points, or at an effort past 1.5x the cheap line,
+    does not."""
+    config = ScanConfig()
+    efforts = [42.4, 32.4, 27.3, 47.9, 27.8, 38.3, 8.5, 6.5, 39.9, 256.0]
+    successes = [70.8, 33.3, 10.4, 6.2, 14.6, 0.0, 18.8, 6.2, 4.2, 0.0]
+    _, _, signals = search_signals(efforts, successes, largest=256.0, cheap=38.4, config=config)
+    assert carry_index(successes)[0] > 1.5 * config.min_carry
+    assert max(range(10), key=signals.__getitem__) == 0 and signals[0] == pytest.approx(
+        carry_index(successes)[0] / config.min_carry)
+    assert carry_index([12.0] + [4.0] * 9)[0] == pytest.approx(0.8)  # 8 points over the median: the floor's 10
+    _, _, dear = search_signals(efforts, successes, largest=256.0, cheap=28.0, config=config)
+    assert dear[0] == 0.0  # 42.4 px is past 1.5 x 28
 
 
 def test_a_trigger_that_flips_fewer_held_out_images_counts_less():
@@ -191,7 +208,8 @@ def test_a_trigger_that_flips_fewer_held_out_images_counts_less():
     outweighs the one at a third, which counts in proportion below `full_success`."""
     config = ScanConfig()
     efforts = [100.0] * 8 + [5.0, 5.0]
-    _, anomalies, signals = search_signals(efforts, [0.0] * 8 + [66.7, 33.3], largest=100.0, cheap=50.0,
+    # the others' 25 % (below the held-out bar) keep the carry index (`verdict.carry_index`) below the anomaly's
+    _, anomalies, signals = search_signals(efforts, [25.0] * 8 + [66.7, 33.3], largest=100.0, cheap=50.0,
                                            config=config)
     assert anomalies[8] == anomalies[9] > 0
     assert signals[8] == pytest.approx(anomalies[8] / config.min_anomaly)  # above full_success: in full
