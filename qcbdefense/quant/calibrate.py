@@ -100,7 +100,7 @@ def widen_ranges(qmodel: nn.Module, factor: float) -> int:
     Why: a QCB can live in the clip of the range itself. Trained against ranges calibrated on clean images,
     its trigger drives some activations far past anything clean images reach; the quantizer clips them and
     the quantized model alone obeys (a Qu-ANTI-zation QCB aimed at `w8a8-deploy`, BENCHMARKS.md: 98 % ASR with
-    8-bit activations, 3 % with float ones, 3 % again with every range widened 3x). Reconstructing weights
+    8-bit activations, 3 % with float ones, 4 % with every range but the image's widened 3x). Reconstructing weights
     cannot see that clip; a range wider than the clean images need removes it. At 8 bits a range 3x as wide
     keeps about 6.4 bits of resolution for the clean activations. The image's quantizer is left alone: pixels
     cannot leave [0, 1], so a wider image range would cost resolution and clip nothing.

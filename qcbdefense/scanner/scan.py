@@ -71,8 +71,8 @@ class ScanConfig:
     min_anomaly: float = 2.0  # the anomaly index (robust std below the other classes' efforts) enough alone
     # A trigger whose held-out success stands this many robust std (at least `carry_floor` points each) above the
     # median class's counts alone (`verdict.carry_index`; set by hand, having seen the scan campaign: a PQBackdoor
-    # patch QCB's target at 5.8, every clean pair's classes at most 1.7), with an effort up to `carry_effort` x the
-    # cheap line (`max_area`, `max_budget`)
+    # patch QCB's target at 4.6, every clean and purified pair's classes at most 1.25), with an effort up to
+    # `carry_effort` x the cheap line (`max_area`, `max_budget`)
     min_carry: float = 3.0
     carry_floor: float = 10.0
     carry_effort: float = 1.5
