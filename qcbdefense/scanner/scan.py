@@ -106,8 +106,8 @@ class ScanReport(Report):
     """The scan's verdict and its evidence; `to_dict` / `from_dict` round-trip through JSON (report.json)."""
 
     # 4: per class and family the carry index; 3: native models from a checkpoint, the screen (per class
-    # "searched", "screened"); 2: the whole-image
-    # searches and the weighed verdict (family, signals, best_class), drift_pairing
+    # "searched", "screened"); 2: the whole-image searches and the weighed verdict (family, signals,
+    # best_class), drift_pairing
     VERSION = 4
     KIND = "scan report"
 
