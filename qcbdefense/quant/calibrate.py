@@ -122,9 +122,10 @@ def widen_ranges(qmodel: nn.Module, factor: float) -> int:
 
 def _image_quantizer(qmodel: nn.Module) -> nn.Module | None:
     """The input quantizer of the first quantized layer (the one the image goes through), if it has one."""
-    order = getattr(qmodel, "qcb_layer_order", ())
-    first = qmodel.get_submodule(order[0]) if order else None
-    quant = getattr(first, "input_quant", None)
+    from qcbdefense.quant.quantize import quantized_layers  # quantize imports this module
+
+    layers = quantized_layers(qmodel)
+    quant = getattr(layers[0][1], "input_quant", None) if layers else None
     return quant if isinstance(quant, ActQuantProxyFromInjectorBase) and quant.is_quant_enabled else None
 
 

@@ -48,7 +48,7 @@ from qcbdefense.scanner.screen import ScreenConfig, screen_classes
 from qcbdefense.scanner.square_scan import SquareFind, SquareScanConfig, scan_squares, standing_out
 from qcbdefense.scanner.tapped import TappedModel
 from qcbdefense.scanner.trigger_search import ClassSearch, SearchConfig, search_triggers
-from qcbdefense.scanner.verdict import Verdict, carry_index, search_signals, weigh_evidence
+from qcbdefense.scanner.verdict import Verdict, search_signals, weigh_evidence
 from qcbdefense.scanner.whole_image_search import FAMILIES, WholeImageConfig, WholeImageFind, search_whole_image
 
 
@@ -271,18 +271,15 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
         raise InputError(f"cannot scan with {len(x)} images: {err} (use more --images)") from None
     squared = time.perf_counter()
     picture = trigger_picture(found, wide, verdict, squares, x, config, class_names or [])
-    searched_classes = [c.searched for c in found]
-    carry = {family: carry_index(successes, searched_classes, floor=config.carry_floor) for family, successes in
-             (("patch", [c.success for c in found]), *((f, [w.success for w in wide[f]]) for f in FAMILIES))}
     return ScanReport(
         verdict="suspicious" if flagged else "clean", score=verdict.score, target=best if flagged else None,
         classes=[{"class": c.target, "searched": c.searched, "area": c.area, "success": c.success, "found": c.found,
                   "effective_area": evidence["patch"][0][c.target], "anomaly": evidence["patch"][1][c.target],
-                  "carry": carry["patch"][c.target],
+                  "carry": evidence["patch"][2][c.target],
                   **{family: {"effort": 100.0 * wide[family][c.target].effort,
                               "strength": wide[family][c.target].strength,
                               "success": wide[family][c.target].success, "found": wide[family][c.target].found,
-                              "anomaly": evidence[family][1][c.target], "carry": carry[family][c.target]}
+                              "anomaly": evidence[family][1][c.target], "carry": evidence[family][2][c.target]}
                      for family in FAMILIES},
                   **({} if screen.efforts is None else
                      {"screened": {family: values[c.target] for family, values in screen.efforts.items()}}),
@@ -298,7 +295,7 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
 
 def weigh_searches(found: list[ClassSearch], wide: dict[str, list[WholeImageFind]], disagree: Disagreement,
                    layers: list[LayerDrift], config: ScanConfig, *, pixels: float
-                   ) -> tuple[Verdict, dict[str, tuple[list[float], list[float], list[float]]]]:
+                   ) -> tuple[Verdict, dict[str, tuple[list[float], list[float], list[float], list[float]]]]:
     """The verdict (`verdict.weigh_evidence`) from the searches' finds, and each family's evidence
     (`verdict.search_signals`). A trigger that does not carry over to held-out images separates nothing: it
     counts as the whole image (or budget). Whole-image efforts in % of the family's largest budget."""
@@ -309,7 +306,7 @@ def weigh_searches(found: list[ClassSearch], wide: dict[str, list[WholeImageFind
         evidence[family] = search_signals([100.0 * f.effort for f in wide[family]],
                                           [f.success for f in wide[family]], largest=100.0,
                                           cheap=100.0 * config.max_budget, config=config, searched=searched)
-    verdict = weigh_evidence({family: signals for family, (_, _, signals) in evidence.items()}, disagree,
+    verdict = weigh_evidence({family: signals for family, (*_, signals) in evidence.items()}, disagree,
                              layers, config)
     return verdict, evidence
 

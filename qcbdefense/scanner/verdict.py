@@ -54,11 +54,12 @@ class Verdict:
 
 def search_signals(efforts: list[float], successes: list[float], *, largest: float, cheap: float,
                    config: "ScanConfig", searched: list[bool] | None = None
-                   ) -> tuple[list[float], list[float], list[float]]:
+                   ) -> tuple[list[float], list[float], list[float], list[float]]:
     """One family's per-class evidence from its efforts (mask pixels, or % of the largest budget) and held-out
     successes: the counted effort (`largest` when the trigger does not carry over to held-out images), its
-    anomaly index, and the search signal (anomaly / `min_anomaly`, counted only when it carries over and the
-    effort is at most `cheap`, scaled by the held-out success up to `full_success`). Classes not `searched`
+    anomaly index, its carry index (`carry_index`), and the search signal (anomaly / `min_anomaly`, counted only
+    when it carries over and the effort is at most `cheap`, scaled by the held-out success up to `full_success`;
+    or carry / `min_carry` up to `carry_effort` x `cheap`, whichever is larger). Classes not `searched`
     (screened out: `scanner.screen`) count at `largest` with no anomaly, and the anomaly index of the others is
     measured among the searched classes alone."""
     searched = [True] * len(efforts) if searched is None else searched
@@ -70,7 +71,7 @@ def search_signals(efforts: list[float], successes: list[float], *, largest: flo
                    max(k, 0.0) / config.min_carry if e <= config.carry_effort * cheap else 0.0)
                if s >= config.min_success else 0.0
                for a, k, e, s in zip(anomalies, carries, counted, successes)]
-    return counted, anomalies, signals
+    return counted, anomalies, carries, signals
 
 
 def carry_index(successes: list[float], searched: list[bool] | None = None, *, floor: float = 10.0) -> list[float]:

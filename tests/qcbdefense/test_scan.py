@@ -138,10 +138,10 @@ def test_the_anomaly_index_is_measured_among_the_searched_classes_only():
     efforts = [100.0] * 6 + [20.0, 10.0, 30.0, 25.0]
     successes = [0.0] * 6 + [90.0] * 4
     searched = [False] * 6 + [True] * 4
-    _, anomalies, signals = search_signals(efforts, successes, largest=100.0, cheap=50.0, config=config,
-                                           searched=searched)
+    _, anomalies, _, signals = search_signals(efforts, successes, largest=100.0, cheap=50.0, config=config,
+                                              searched=searched)
     assert anomalies[:6] == [0.0] * 6 and signals[:6] == [0.0] * 6
-    _, among, _ = search_signals(efforts[6:], successes[6:], largest=100.0, cheap=50.0, config=config)
+    _, among, _, _ = search_signals(efforts[6:], successes[6:], largest=100.0, cheap=50.0, config=config)
     assert anomalies[6:] == among  # 10 px is not an outlier among 10-30 px, whatever the unsearched classes
 
 
@@ -178,11 +178,11 @@ def test_a_search_signal_counts_only_triggers_that_carry_over_and_are_cheap():
     config = ScanConfig()
     efforts = [100.0, 90.0, 5.0, 80.0, 100.0, 4.0, 95.0, 100.0, 85.0, 100.0]
     successes = [0.0, 60.0, 90.0, 70.0, 0.0, 20.0, 55.0, 0.0, 65.0, 0.0]  # class 5 does not carry over
-    counted, anomalies, signals = search_signals(efforts, successes, largest=100.0, cheap=50.0, config=config)
+    counted, anomalies, _, signals = search_signals(efforts, successes, largest=100.0, cheap=50.0, config=config)
     assert counted[5] == 100.0 and counted[2] == 5.0
     assert max(range(10), key=signals.__getitem__) == 2 and signals[2] == pytest.approx(anomalies[2] / 2.0)
     assert signals[5] == 0.0 and signals[1] == 0.0  # class 1 carries over but needs 90 % of the budget
-    _, _, dear = search_signals(efforts, successes, largest=100.0, cheap=3.0, config=config)
+    *_, dear = search_signals(efforts, successes, largest=100.0, cheap=3.0, config=config)
     assert dear[2] == 0.0  # 5 % of the budget is not cheap at a 3 % line, nor within the carry's 1.5x of it
 
 
@@ -194,12 +194,12 @@ def test_a_trigger_that_carries_far_beyond_the_others_counts_whatever_its_effort
     config = ScanConfig()
     efforts = [42.4, 32.4, 27.3, 47.9, 27.8, 38.3, 8.5, 6.5, 39.9, 256.0]
     successes = [70.8, 33.3, 10.4, 6.2, 14.6, 0.0, 18.8, 6.2, 4.2, 0.0]
-    _, _, signals = search_signals(efforts, successes, largest=256.0, cheap=38.4, config=config)
+    *_, signals = search_signals(efforts, successes, largest=256.0, cheap=38.4, config=config)
     assert carry_index(successes)[0] > 1.5 * config.min_carry
     assert max(range(10), key=signals.__getitem__) == 0 and signals[0] == pytest.approx(
         carry_index(successes)[0] / config.min_carry)
     assert carry_index([12.0] + [4.0] * 9)[0] == pytest.approx(0.8)  # 8 points over the median: the floor's 10
-    _, _, dear = search_signals(efforts, successes, largest=256.0, cheap=28.0, config=config)
+    *_, dear = search_signals(efforts, successes, largest=256.0, cheap=28.0, config=config)
     assert dear[0] == 0.0  # 42.4 px is past 1.5 x 28
 
 
@@ -209,7 +209,7 @@ def test_a_trigger_that_flips_fewer_held_out_images_counts_less():
     config = ScanConfig()
     efforts = [100.0] * 8 + [5.0, 5.0]
     # the others' 25 % (below the held-out bar) keep the carry index (`verdict.carry_index`) below the anomaly's
-    _, anomalies, signals = search_signals(efforts, [25.0] * 8 + [66.7, 33.3], largest=100.0, cheap=50.0,
+    _, anomalies, _, signals = search_signals(efforts, [25.0] * 8 + [66.7, 33.3], largest=100.0, cheap=50.0,
                                            config=config)
     assert anomalies[8] == anomalies[9] > 0
     assert signals[8] == pytest.approx(anomalies[8] / config.min_anomaly)  # above full_success: in full
