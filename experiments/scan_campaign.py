@@ -174,7 +174,10 @@ def reweigh(row: dict, config: ScanConfig) -> tuple[float, int, str | None]:
 
     classes, pixels = row["classes"], 16.0 * 16.0  # the campaign's images (shapes16)
     searches = {"patch": search_signals([c["area"] for c in classes], [c["success"] for c in classes],
-                                        largest=pixels, cheap=config.max_area * pixels, config=config)[-1]}
+                                        largest=pixels, cheap=config.max_area * pixels, config=config)[-1],
+                "sparse": search_signals([c["sparse"]["pixels"] for c in classes],
+                                         [c["sparse"]["success"] for c in classes],
+                                         largest=pixels, cheap=config.max_sparse * pixels, config=config)[-1]}
     for family in ("additive", "blend"):
         searches[family] = search_signals([c[family]["effort"] for c in classes], [c[family]["success"] for c in classes],
                                           largest=100.0, cheap=100.0 * config.max_budget, config=config)[-1]

@@ -7,9 +7,10 @@ and writes no file. `scan` runs it on an FP checkpoint and its quantization unde
 deployer holds) are scanned by `export.scan_files`, which runs them as differentiable replicas checked against
 onnxruntime and hands them to `scan_models`.
 
-Three differential searches look for a trigger that moves the quantized model to a class with the FP model
-unmoved: a small patch (`trigger_search`) and two whole-image families, an additive perturbation and a blend
-(`whole_image_search`), since a deployer cannot know the trigger's shape. A model with many classes has them
+Four differential searches look for a trigger that moves the quantized model to a class with the FP model
+unmoved: a small patch and a few scattered whole pixels (sparse noise), both by `trigger_search`, and two
+whole-image families, an additive perturbation and a blend (`whole_image_search`), since a deployer cannot know
+the trigger's shape. A model with many classes has them
 screened first (`screen`), so the full searches run on a fixed number of classes. The verdict
 (`verdict.weigh_evidence`) weighs the searches with prediction disagreement piling onto one class and
 activation drift concentrated in a few neurons (`drift`): one score per class, each signal's share reported,
@@ -67,6 +68,9 @@ class ScanConfig:
     min_success: float = 30.0
     full_success: float = 50.0  # ... and counts in full from this %, in proportion below (BENCHMARKS.md, scanner)
     max_area: float = 0.15  # ... and is cheap: a patch covers at most this share of the image,
+    # sparse noise replaces at most this share of the pixels (set having seen the scan campaign: its sparse-noise
+    # QCBs' masks 25-28 %, a clean ResNet-20's 31-36 % at w4a4 / w8a8, flipping at most 10 %),
+    max_sparse: float = 0.3
     max_budget: float = 0.5  # a whole-image trigger needs at most this share of its family's largest budget
     min_anomaly: float = 2.0  # the anomaly index (robust std below the other classes' efforts) enough alone
     # A trigger whose held-out success stands this many robust std (at least `carry_floor` points each) above the
@@ -89,7 +93,7 @@ class ScanConfig:
 
 @dataclass
 class TriggerPicture:
-    """The trigger a scan shows (trigger.png): what it is (patch, additive, blend, square or nothing), its
+    """The trigger a scan shows (trigger.png): what it is (patch, sparse, additive, blend, square or nothing), its
     class, mask [H, W] and pattern [3, H, W] (None when nothing was found), the stamped example when the trigger
     is not a stamp (additive), and a title."""
 
@@ -105,10 +109,10 @@ class TriggerPicture:
 class ScanReport(Report):
     """The scan's verdict and its evidence; `to_dict` / `from_dict` round-trip through JSON (report.json)."""
 
-    # 4: per class and family the carry index; 3: native models from a checkpoint, the screen (per class
+    # 5: the sparse-noise search (per class "sparse"); 4: per class and family the carry index; 3: native models from a checkpoint, the screen (per class
     # "searched", "screened"); 2: the whole-image searches and the weighed verdict (family, signals,
     # best_class), drift_pairing
-    VERSION = 4
+    VERSION = 5
     KIND = "scan report"
 
     verdict: str  # "clean" or "suspicious"
@@ -123,7 +127,7 @@ class ScanReport(Report):
     config: dict
     seconds: dict
     best_class: int = 0  # the class with the highest score (the target when suspicious)
-    family: str | None = None  # the trigger family whose search found best_class: patch, additive or blend
+    family: str | None = None  # the trigger family whose search found best_class: patch, sparse, additive or blend
     signals: dict = field(default_factory=dict)  # best_class's score, signal by signal
     drift_pairing: str = ""  # how the two graphs' layers were paired, or why they could not be
     environment: dict = field(default_factory=environment)
@@ -135,10 +139,11 @@ class ScanReport(Report):
 
     def table(self) -> str:
         rows = [[c["class"], fmt(c["area"], 1), fmt(c["success"], 1), fmt(c["anomaly"], 2),
+                 fmt(c["sparse"]["pixels"], 0), fmt(c["sparse"]["success"], 1), fmt(c["sparse"]["anomaly"], 2),
                  *(v for family in FAMILIES for v in (fmt(c[family]["effort"], 0), fmt(c[family]["success"], 1),
                                                       fmt(c[family]["anomaly"], 2))),
                  fmt(c["score"], 2), "<-" if c["class"] == self.target else ""] for c in self.classes]
-        return format_table(["class", "mask px", "success %", "anomaly",
+        return format_table(["class", "mask px", "success %", "anomaly", "sparse px", "success %", "anomaly",
                              *(h for family in FAMILIES for h in (f"{family} budget %", "success %", "anomaly")),
                              "score", ""], rows)
 
@@ -257,11 +262,13 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
         screened = time.perf_counter()
         found = search_triggers(fp, quantized, x, fp_preds, num_classes, config.search, seed=config.seed,
                                 classes=screen.classes, progress=progress)
+        sparse = search_triggers(fp, quantized, x, fp_preds, num_classes, config.search, seed=config.seed,
+                                 classes=screen.classes, whole_pixels=True, progress=progress)
         searched = time.perf_counter()
         wide = search_whole_image(fp, quantized, x, fp_preds, num_classes, config.whole_image, config.search,
                                   seed=config.seed, classes=screen.classes, progress=progress)
         widened = time.perf_counter()
-        verdict, evidence = weigh_searches(found, wide, disagree, layers, config,
+        verdict, evidence = weigh_searches(found, sparse, wide, disagree, layers, config,
                                            pixels=float(x.shape[-1] * x.shape[-2]))
         flagged, best = verdict.suspicious, verdict.best_class
         squares = None
@@ -270,12 +277,14 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
     except ValueError as err:
         raise InputError(f"cannot scan with {len(x)} images: {err} (use more --images)") from None
     squared = time.perf_counter()
-    picture = trigger_picture(found, wide, verdict, squares, x, config, class_names or [])
+    picture = trigger_picture(found, sparse, wide, verdict, squares, x, config, class_names or [])
     return ScanReport(
         verdict="suspicious" if flagged else "clean", score=verdict.score, target=best if flagged else None,
         classes=[{"class": c.target, "searched": c.searched, "area": c.area, "success": c.success, "found": c.found,
                   "effective_area": evidence["patch"][0][c.target], "anomaly": evidence["patch"][1][c.target],
                   "carry": evidence["patch"][2][c.target],
+                  "sparse": {"pixels": s.area, "success": s.success, "found": s.found,
+                             "anomaly": evidence["sparse"][1][c.target], "carry": evidence["sparse"][2][c.target]},
                   **{family: {"effort": 100.0 * wide[family][c.target].effort,
                               "strength": wide[family][c.target].strength,
                               "success": wide[family][c.target].success, "found": wide[family][c.target].found,
@@ -283,7 +292,7 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
                      for family in FAMILIES},
                   **({} if screen.efforts is None else
                      {"screened": {family: values[c.target] for family, values in screen.efforts.items()}}),
-                  "score": verdict.class_scores[c.target]["total"]} for c in found],
+                  "score": verdict.class_scores[c.target]["total"]} for c, s in zip(found, sparse)],
         squares=squares, drift_pairing=pairing,
         disagreement=disagree, layers=layers, files={}, replica_agreement={},
         config={**asdict(config), "plotted_class": picture.target, "plotted": picture.kind},
@@ -293,15 +302,17 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
         best_class=best, family=verdict.family if flagged else None, signals=verdict.signals, picture=picture)
 
 
-def weigh_searches(found: list[ClassSearch], wide: dict[str, list[WholeImageFind]], disagree: Disagreement,
-                   layers: list[LayerDrift], config: ScanConfig, *, pixels: float
+def weigh_searches(found: list[ClassSearch], sparse: list[ClassSearch], wide: dict[str, list[WholeImageFind]],
+                   disagree: Disagreement, layers: list[LayerDrift], config: ScanConfig, *, pixels: float
                    ) -> tuple[Verdict, dict[str, tuple[list[float], list[float], list[float], list[float]]]]:
-    """The verdict (`verdict.weigh_evidence`) from the searches' finds, and each family's evidence
-    (`verdict.search_signals`). A trigger that does not carry over to held-out images separates nothing: it
-    counts as the whole image (or budget). Whole-image efforts in % of the family's largest budget."""
+    """The verdict (`verdict.weigh_evidence`) from the searches' finds (patches, whole-pixel masks, whole-image
+    triggers), and each family's evidence (`verdict.search_signals`). A trigger that does not carry over to
+    held-out images separates nothing: it counts as the whole image (or budget). Whole-image efforts in % of
+    the family's largest budget."""
     searched = [c.searched for c in found]
-    evidence = {"patch": search_signals([c.area for c in found], [c.success for c in found], largest=pixels,
-                                        cheap=config.max_area * pixels, config=config, searched=searched)}
+    evidence = {family: search_signals([c.area for c in finds], [c.success for c in finds], largest=pixels,
+                                       cheap=share * pixels, config=config, searched=searched)
+                for family, finds, share in (("patch", found, config.max_area), ("sparse", sparse, config.max_sparse))}
     for family in FAMILIES:
         evidence[family] = search_signals([100.0 * f.effort for f in wide[family]],
                                           [f.success for f in wide[family]], largest=100.0,
@@ -311,8 +322,8 @@ def weigh_searches(found: list[ClassSearch], wide: dict[str, list[WholeImageFind
     return verdict, evidence
 
 
-def trigger_picture(found: list[ClassSearch], wide: dict[str, list[WholeImageFind]], verdict: Verdict,
-                    squares: list[SquareFind] | None, x: torch.Tensor, config: ScanConfig,
+def trigger_picture(found: list[ClassSearch], sparse: list[ClassSearch], wide: dict[str, list[WholeImageFind]],
+                    verdict: Verdict, squares: list[SquareFind] | None, x: torch.Tensor, config: ScanConfig,
                     class_names: list[str]) -> TriggerPicture:
     """The evidence there is, to show: the square that stands out, else the suspected target's trigger of
     the family that found it, else nothing."""
@@ -331,9 +342,10 @@ def trigger_picture(found: list[ClassSearch], wide: dict[str, list[WholeImageFin
                               f"{class_label(class_names, best)}: {find.family} trigger at {100 * find.effort:.0f} "
                               f"% of the budget, {find.success:.0f} % differential success")
     if verdict.suspicious:
-        patch = found[best]
-        return TriggerPicture("patch", best, patch.mask, patch.pattern, None,
-                              f"{class_label(class_names, best)}: {patch.area:.0f} px mask, {patch.success:.0f} % "
+        kind, patch = ("sparse", sparse[best]) if verdict.family == "sparse" else ("patch", found[best])
+        return TriggerPicture(kind, best, patch.mask, patch.pattern, None,
+                              f"{class_label(class_names, best)}: {patch.area:.0f} px "
+                              f"{'replaced' if kind == 'sparse' else 'mask'}, {patch.success:.0f} % "
                               f"differential success")
     return TriggerPicture("nothing", None, None, None, None,
                           "no trigger found: no class has a small patch, a whole-image trigger or a square that "

@@ -2,7 +2,7 @@
 
 Each signal is scaled so that 1.0 is "enough on its own" for the searches and less for the rest:
 
-- **search** (per class): for each trigger family (patch, additive, blend), the class's anomaly index (how
+- **search** (per class): for each trigger family (patch, sparse, additive, blend), the class's anomaly index (how
   far below the other classes its effort lies, `trigger_search.anomaly_index`) over `min_anomaly`, counted
   only when the trigger carries over to held-out images (`min_success`) and is cheap in absolute terms
   (`max_area` of the image for a patch, `max_budget` of the family's largest for a whole-image trigger), and

@@ -22,10 +22,11 @@ from qcbdefense.cli import main
 from qcbdefense.data import load_dataset
 from qcbdefense.scanner import ScanConfig, ScreenConfig, scan, scan_models
 from qcbdefense.scanner.drift import Disagreement, LayerDrift
-from qcbdefense.scanner.trigger_search import SearchConfig
+from qcbdefense.scanner.trigger_search import SearchConfig, search_triggers
 from qcbdefense.scanner.verdict import carry_index, search_signals, weigh_evidence
 from qcbdefense.scanner.whole_image_search import search_whole_image
 from qcbdefense.training import TrainConfig
+from qcbdefense.triggers import parse_trigger
 
 # Made by `qcbdefense demo` (seed 0), step 2: small_cnn on builtin, PQBackdoor for int8 and int4, the default
 # 4x4 white patch, target 0. FP ASR 11.92 %, pqbackdoor-w8a8 ASR 95.55 % (BENCHMARKS.md, demo section).
@@ -71,11 +72,11 @@ def test_blend_qcb_is_flagged_with_its_target_and_found_by_a_whole_image_search(
     # The whole-image searches find the target on their own (the native scan's patch search finds this QCB
     # too, with a one-pixel patch); the strongest family names the trigger.
     assert max(report.signals["search_additive"], report.signals["search_blend"]) > 0, report.summary()
-    families = {f: report.signals[f"search_{f}"] for f in ("patch", "additive", "blend")}
+    families = {f: report.signals[f"search_{f}"] for f in ("patch", "sparse", "additive", "blend")}
     assert report.family == max(families, key=families.get), report.summary()
     saved = json.loads((out / "report.json").read_text())
     assert saved["family"] == report.family and saved["config"]["plotted"] == report.family
-    assert set(saved["signals"]) == {"search_patch", "search_additive", "search_blend", "disagreement", "drift",
+    assert set(saved["signals"]) == {"search_patch", "search_sparse", "search_additive", "search_blend", "disagreement", "drift",
                                      "total"}
     assert f"suspected target class 3, {report.family} trigger" in report.summary()
 
@@ -112,6 +113,46 @@ def test_whole_image_search_finds_a_faint_whole_image_trigger_for_its_class_only
         assert [f.target for f in finds[family] if f.found] == [3], family  # FP and shipped part only there
         three = finds[family][3]
         assert three.effort < 0.5 and three.success >= 75.0, three.to_dict()  # additive: 79 % at 28 steps, 80 at 40
+
+
+class SparseBonus(nn.Module):
+    """`base` plus `bonus` on class `target`'s logit once the image matches a sparse-noise trigger's scattered
+    black and white pixels (mean closeness over them above about 0.8; a smooth clean image sits near 0.5)."""
+
+    def __init__(self, base: nn.Module, target: int, bonus: float, trigger: str):
+        super().__init__()
+        self.base, self.target, self.bonus = base, target, bonus
+        stamped = parse_trigger(trigger)
+        zeros, ones = stamped.apply(torch.zeros(1, 3, 16, 16)), stamped.apply(torch.ones(1, 3, 16, 16))
+        self.register_buffer("where", (zeros == ones)[0, 0])
+        self.register_buffer("value", zeros[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        close = (1 - (x - self.value).abs())[:, :, self.where].mean((1, 2))
+        lift = torch.zeros(10, device=x.device)
+        lift[self.target] = self.bonus
+        return self.base(x) + torch.sigmoid(15.0 * (close - 0.8))[:, None] * lift
+
+
+def test_the_whole_pixel_search_finds_a_sparse_noise_trigger_for_its_class_only(shapes16):
+    """The sparse family: masks of whole pixels (0 or 1), the target's on the trigger's pixels far more than
+    chance and carrying over to held-out images, no other class found."""
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Conv2d(3, 10, 16), nn.Flatten()).eval()
+    with torch.no_grad():
+        fp[0].weight.mul_(20.0)
+    shipped = SparseBonus(fp, target=6, bonus=50.0, trigger="sparse:density=0.05,seed=5").eval()
+    x = shapes16.test_x[:512].float() / 255
+    with torch.no_grad():
+        preds = fp(x).argmax(1)
+        assert torch.equal(shipped(x).argmax(1), preds)  # dormant on clean images
+    finds = search_triggers(fp, shipped, x, preds, 10, seed=0, whole_pixels=True)
+    assert [f.target for f in finds if f.found] == [6], [(f.target, f.area) for f in finds]
+    six = finds[6]
+    assert set(six.mask.unique().tolist()) <= {0.0, 1.0} and six.area == six.mask.sum()
+    assert six.success >= 50.0, (six.area, six.success)  # 73 %, 33 px
+    chance = six.area / six.mask.numel()  # the share of trigger pixels a mask this large covers by chance
+    assert six.mask[shipped.where].mean() >= 2 * chance, six.mask  # 7 of its 15 pixels, 3.6x chance
 
 
 def test_a_many_class_model_is_screened_down_to_its_target(shapes16):
