@@ -608,7 +608,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         fp = args.fp
     data = load_dataset(args.data, cache_dir=args.cache_dir)
     _check_fits_data(args, data, fp=fp, quantized=args.quantized)
-    config = ScanConfig(images=args.images, search=SearchConfig(steps=args.steps), seed=args.seed,
+    search = SearchConfig() if args.steps is None else SearchConfig(steps=args.steps)
+    config = ScanConfig(images=args.images, search=search, seed=args.seed,
                         min_replica_agreement=args.min_replica_agreement, square_scan=args.squares)
     with removed_on_error(args.out):
         if args.quantized is None:  # a checkpoint (or an FP .onnx as torch modules) and its quantization: native
@@ -760,7 +761,8 @@ def build_parser() -> Parser:
     p.add_argument("--spec", default=None, help="or: quantize the --fp checkpoint with this spec (round to nearest)")
     p.add_argument("--data", required=True, help="clean data: builtin[:SEED] | cifar10:PATH | folder:PATH")
     p.add_argument("--images", type=_positive_int, default=512, help="clean test images to scan with (labels unused)")
-    p.add_argument("--steps", type=_positive_int, default=200, help="trigger-search steps")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="trigger-search steps (default: the Python API's, scanner.SearchConfig)")
     p.add_argument("--squares", action="store_true",
                    help="when the verdict is clean, also run the square scan (a trigger obeyed now and then; slow)")
     p.add_argument("--min-replica-agreement", type=_percentage, default=99.0,
