@@ -1,0 +1,85 @@
+"""An experiment, not part of the product: where does a QCB aimed at `w8a8-deploy` live among the activation
+ranges of ResNet-20, and does widening them per quantizer (not by one factor) meet issue 23's gate?
+
+    python experiments/deploy_range_choice.py one-at-a-time CKPT TARGET          # round to nearest, 1,000 images
+    python experiments/deploy_range_choice.py split CKPT TARGET FACTOR EARLY_FACTOR  # LAC+PDA, the test split
+
+`one-at-a-time`: each range but the image's widened 3x alone, CA / ASR of the round-to-nearest model (and all
+of them at once). `split`: LAC+PDA (harden's defence) with the ranges widened by FACTOR, except the three whose
+widening alone cost most clean accuracy on the measured model (`EARLY`: the first block's), widened by EARLY_FACTOR.
+
+Public API: purify, post_training_quantize, evaluate. Internals: quant.calibrate's runtime-statistics modules
+(what `widen_ranges` scales), patched into purify to widen per quantizer.
+"""
+import sys
+
+import torch
+from brevitas.proxy.runtime_quant import ActQuantProxyFromInjectorBase
+
+import qcbdefense.defenses.base as defense_base
+from qcbdefense.checkpoints import load_model
+from qcbdefense.data import load_dataset
+from qcbdefense.defenses import purify
+from qcbdefense.quant.calibrate import _RUNTIME_STATS, _image_quantizer
+from qcbdefense.quant.ptq import post_training_quantize
+from qcbdefense.scoring import evaluate
+from qcbdefense.triggers import parse_trigger
+
+DATA, SPEC, CALIB = "folder:../shared/datasets/cifar10-jpg.tar.gz", "w8a8-deploy", 1024
+EARLY = {"layer1.0.conv2.input_quant", "add_quant_0.act_quant", "add_quant_1.act_quant"}
+
+
+def range_stats(qmodel: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
+    """Per activation quantizer but the image's: the modules holding its calibrated range."""
+    image = _image_quantizer(qmodel)
+    skip = {id(m) for m in image.modules()} if image is not None else set()
+    found = {name: [m for m in proxy.modules() if isinstance(m, _RUNTIME_STATS)]
+             for name, proxy in qmodel.named_modules()
+             if isinstance(proxy, ActQuantProxyFromInjectorBase) and id(proxy) not in skip}
+    return {name: stats for name, stats in found.items() if stats}
+
+
+def widen(qmodel: torch.nn.Module, factor_of) -> None:
+    """Widen each range by `factor_of(its quantizer's name)`, from the calibrated range (kept aside the first
+    time), so that widening again replaces the last widening exactly."""
+    with torch.no_grad():
+        for name, stats in range_stats(qmodel).items():
+            for module in stats:
+                if not hasattr(module, "calibrated"):
+                    module.calibrated = module.value.detach().clone()
+                module.value.copy_(module.calibrated * factor_of(name))
+
+
+def one_at_a_time(model, data, trigger, target) -> None:
+    data.test_x, data.test_y = data.test_x[:1000], data.test_y[:1000]
+    qmodel = post_training_quantize(model, SPEC, data, calib=CALIB)
+
+    def line(tag: str) -> None:
+        score = evaluate(qmodel, data, trigger=trigger, target=target)
+        print(f"{tag:32s} CA {score.ca:6.2f}  ASR {score.asr:6.2f}", flush=True)
+
+    line("nearest")
+    for name in range_stats(qmodel):
+        widen(qmodel, lambda n: 3.0 if n == name else 1.0)
+        line(f"{name} 3x")
+    widen(qmodel, lambda n: 3.0)
+    line("all 3x")
+
+
+def split(model, data, trigger, target, factor: float, early_factor: float) -> None:
+    defense_base.widen_ranges = lambda qmodel, _: widen(qmodel, lambda n: early_factor if n in EARLY else factor)
+    _, report = purify(model, data, method="lac-pda", spec=SPEC, calib=CALIB, trigger=trigger, target=target,
+                       act_headroom=2.0)  # any factor but 1, so that purify calls the patched widen_ranges
+    print(f"ranges {factor:g}x, first block's {early_factor:g}x: FP {report.fp.ca:.2f} / {report.fp.asr:.2f}, "
+          f"nearest {report.nearest.ca:.2f} / {report.nearest.asr:.2f}, "
+          f"LAC+PDA {report.purified.ca:.2f} / {report.purified.asr:.2f} (CA / ASR %)", flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    step, ckpt, target = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    model, data, trigger = load_model("resnet20", ckpt), load_dataset(DATA), parse_trigger("patch")
+    if step == "one-at-a-time":
+        one_at_a_time(model, data, trigger, target)
+    else:
+        split(model, data, trigger, target, float(sys.argv[4]), float(sys.argv[5]))
