@@ -21,8 +21,7 @@ trigger's 15 pixels and carried to 15-17 % of held-out images, as a clean pair's
 `whole_pixels` the stamp replaces whole pixels: the forward pass thresholds the mask at one half, the gradient
 flows through the soft mask (straight-through), and the kept masks are 0 / 1. That search found those two
 targets carrying to 40-44 %, every other class at most 10 %, and no mask at all on the campaign's clean pairs
-(BENCHMARKS.md, scanner); the scan runs it as a fourth family, "sparse", in the same optimisation as the soft
-masks (`search_masks`).
+(BENCHMARKS.md, scanner); the scan runs it as a fourth family, "sparse".
 """
 
 from __future__ import annotations
@@ -141,32 +140,19 @@ def search_triggers(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_pre
     ones after those choose it (`most_general`). Batches and starting patterns are drawn for every class, so a
     class searched with others left out starts as it would with all.
     """
-    return search_masks(fp, quantized, x, fp_preds, num_classes, config, seed=seed, classes=classes,
-                        kinds=(whole_pixels,), progress=progress)[0]
-
-
-def search_masks(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds: torch.Tensor, num_classes: int,
-                 config: SearchConfig = SearchConfig(), *, seed: int = 0, classes: Sequence[int] | None = None,
-                 kinds: Sequence[bool] = (False, True), progress: bool = False) -> list[list[ClassSearch]]:
-    """`search_triggers` for several kinds of mask at once (soft: False, whole pixels: True), one list of
-    `ClassSearch` per kind, each as its own search would give: every class and kind has its own mask, pattern,
-    λ and images, and each loss term involves its own alone, so one optimisation over all of them takes the same
-    steps as separate ones. It runs their images through the models in one batch: fewer, larger kernels."""
     gen = torch.Generator().manual_seed(seed)
     n, h, w = config.images_per_class, x.shape[-2], x.shape[-1]
     batches, held_out, validation = class_batches(fp_preds, num_classes, n, gen)
     if any(len(b) < n for b in batches):
         raise ValueError(f"the trigger search needs {n} images outside each class; got fewer")
     chosen = list(range(num_classes)) if classes is None else sorted(set(classes))
-    k, copies = len(chosen) * len(kinds), len(kinds)  # one slot per kind and class, kind-major
-    xb = torch.cat([x[batches[c]] for c in chosen]).repeat(copies, 1, 1, 1)  # [k * n, 3, H, W]
-    yb_fp = torch.cat([fp_preds[batches[c]] for c in chosen]).repeat(copies)
-    targets = torch.tensor(chosen).repeat_interleave(n).repeat(copies).to(x.device)
-    whole_slots = torch.tensor([kind for kind in kinds for _ in chosen], device=x.device)[:, None, None, None]
+    k = len(chosen)
+    xb = torch.cat([x[batches[c]] for c in chosen])  # [k * n, 3, H, W]
+    yb_fp = torch.cat([fp_preds[batches[c]] for c in chosen])
+    targets = torch.tensor(chosen).repeat_interleave(n).to(x.device)
 
     mask_logit = torch.full((k, 1, h, w), -2.0, device=x.device).requires_grad_()
-    pattern_logit = ((torch.randn((num_classes, 3, h, w), generator=gen)[chosen] * 0.1).repeat(copies, 1, 1, 1)
-                     .to(x.device).requires_grad_())
+    pattern_logit = (torch.randn((num_classes, 3, h, w), generator=gen)[chosen] * 0.1).to(x.device).requires_grad_()
     optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=config.lr)
     lam = torch.full((k,), config.lambda_init, device=x.device)
     best_area = torch.full((k,), float(h * w))
@@ -175,10 +161,10 @@ def search_masks(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds:
     hits = torch.zeros(k, device=x.device)
     best_rate = torch.zeros(k)
     improved = torch.zeros(k, dtype=torch.bool)
-    candidates: list[list[Candidate]] = [[] for _ in range(k)]  # per slot, its best mask of each window
+    candidates: list[list[Candidate]] = [[] for _ in range(k)]  # per class, its best mask of each window
     for step in tqdm(range(config.steps), desc="trigger search", disable=not progress, leave=False):
         mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
-        shown = torch.where(whole_slots, whole(mask), mask) if any(kinds) else mask
+        shown = whole(mask) if whole_pixels else mask
         xs = stamp(xb, shown.repeat_interleave(n, 0), pattern.repeat_interleave(n, 0))
         flip, keep, rate = differential_terms(quantized(xs), fp(xs), targets, yb_fp, (k,))
         area = mask.flatten(1).mean(1)
@@ -200,23 +186,20 @@ def search_masks(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds:
                 improved[:] = False
             hits += rate >= config.success
             lam, hits = adapt_weights(lam, hits, step, config)
-    per_kind = []
-    for j in range(copies):
-        results = [ClassSearch(target=c, area=float(h * w), success=0.0, found=False, mask=torch.zeros(h, w),
-                               pattern=torch.zeros(3, h, w), searched=False) for c in range(num_classes)]
-        for i, c in enumerate(chosen, start=j * len(chosen)):
-            found = bool(candidates[i])
-            area, m, p = (most_general(fp, quantized, x[validation[c]], fp_preds[validation[c]], c, candidates[i])
-                          if found else (float(h * w), best_mask[i, 0], best_pattern[i]))
-            rest = held_out[c]
-            success = 0.0
-            if found and len(rest):
-                ok = differential_success(fp, quantized, x[rest], fp_preds[rest], c, m.to(x.device), p.to(x.device))
-                success = 100.0 * ok.float().mean().item()
-            results[c] = ClassSearch(target=c, area=area, success=success, found=found, mask=m, pattern=p,
-                                     rate=float(best_rate[i]))
-        per_kind.append(results)
-    return per_kind
+    results = [ClassSearch(target=c, area=float(h * w), success=0.0, found=False, mask=torch.zeros(h, w),
+                           pattern=torch.zeros(3, h, w), searched=False) for c in range(num_classes)]
+    for i, c in enumerate(chosen):
+        found = bool(candidates[i])
+        area, m, p = (most_general(fp, quantized, x[validation[c]], fp_preds[validation[c]], c, candidates[i])
+                      if found else (float(h * w), best_mask[i, 0], best_pattern[i]))
+        rest = held_out[c]
+        success = 0.0
+        if found and len(rest):
+            ok = differential_success(fp, quantized, x[rest], fp_preds[rest], c, m.to(x.device), p.to(x.device))
+            success = 100.0 * ok.float().mean().item()
+        results[c] = ClassSearch(target=c, area=area, success=success, found=found, mask=m, pattern=p,
+                                 rate=float(best_rate[i]))
+    return results
 
 
 def most_general(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds: torch.Tensor, target: int,

@@ -76,8 +76,8 @@ def test_blend_qcb_is_flagged_with_its_target_and_found_by_a_whole_image_search(
     assert report.family == max(families, key=families.get), report.summary()
     saved = json.loads((out / "report.json").read_text())
     assert saved["family"] == report.family and saved["config"]["plotted"] == report.family
-    assert set(saved["signals"]) == {"search_patch", "search_sparse", "search_additive", "search_blend", "disagreement", "drift",
-                                     "total"}
+    assert set(saved["signals"]) == {"search_patch", "search_sparse", "search_additive", "search_blend",
+                                     "disagreement", "drift", "total"}
     assert f"suspected target class 3, {report.family} trigger" in report.summary()
 
 
