@@ -10,8 +10,8 @@ onnxruntime and hands them to `scan_models`.
 Four differential searches look for a trigger that moves the quantized model to a class with the FP model
 unmoved: a small patch and a few scattered whole pixels (sparse noise), both by `trigger_search`, and two
 whole-image families, an additive perturbation and a blend (`whole_image_search`), since a deployer cannot know
-the trigger's shape. A model with many classes has them
-screened first (`screen`), so the full searches run on a fixed number of classes. The verdict
+the trigger's shape. A model with many classes has them screened first (`screen`; the sparse-noise search runs on
+the classes the other families' screens chose), so the full searches run on a fixed number of classes. The verdict
 (`verdict.weigh_evidence`) weighs the searches with prediction disagreement piling onto one class and
 activation drift concentrated in a few neurons (`drift`): one score per class, each signal's share reported,
 and the family whose search found the class.
@@ -69,7 +69,7 @@ class ScanConfig:
     full_success: float = 50.0  # ... and counts in full from this %, in proportion below (BENCHMARKS.md, scanner)
     max_area: float = 0.15  # ... and is cheap: a patch covers at most this share of the image,
     # sparse noise replaces at most this share of the pixels (set having seen the scan campaign: its sparse-noise
-    # QCBs' masks 25-28 %, a clean ResNet-20's 31-36 % at w4a4 / w8a8, flipping at most 10 %),
+    # QCBs' masks 22-25 %, a clean ResNet-20's 31-37 % at w4a4 / w8a8, flipping at most 10 %),
     max_sparse: float = 0.3
     max_budget: float = 0.5  # a whole-image trigger needs at most this share of its family's largest budget
     min_anomaly: float = 2.0  # the anomaly index (robust std below the other classes' efforts) enough alone
@@ -109,9 +109,9 @@ class TriggerPicture:
 class ScanReport(Report):
     """The scan's verdict and its evidence; `to_dict` / `from_dict` round-trip through JSON (report.json)."""
 
-    # 5: the sparse-noise search (per class "sparse"); 4: per class and family the carry index; 3: native models from a checkpoint, the screen (per class
-    # "searched", "screened"); 2: the whole-image searches and the weighed verdict (family, signals,
-    # best_class), drift_pairing
+    # 5: the sparse-noise search (per class "sparse"); 4: per class and family the carry index; 3: native models
+    # from a checkpoint, the screen (per class "searched", "screened"); 2: the whole-image searches and the weighed
+    # verdict (family, signals, best_class), drift_pairing
     VERSION = 5
     KIND = "scan report"
 

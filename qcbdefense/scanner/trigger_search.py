@@ -20,8 +20,9 @@ QCBs trained through the quantizer, the soft search kept diffuse 11-14 px masks 
 trigger's 15 pixels and carried to 15-17 % of held-out images, as a clean pair's best class may. With
 `whole_pixels` the stamp replaces whole pixels: the forward pass thresholds the mask at one half, the gradient
 flows through the soft mask (straight-through), and the kept masks are 0 / 1. That search found those two
-targets carrying to 40-44 %, every other class at most 10 %, and no mask at all on the campaign's clean pairs
-(BENCHMARKS.md, scanner); the scan runs it as a fourth family, "sparse".
+targets carrying to 40-44 %, every other class at most 13 %, and no mask at all on the campaign's clean pairs
+(BENCHMARKS.md, scanner; near the bars: a run with other float rounding carried them to 25 and 33 %); the scan
+runs it as a fourth family, "sparse".
 """
 
 from __future__ import annotations
