@@ -48,7 +48,7 @@ from qcbdefense.scanner.files import write_scan
 from qcbdefense.scanner.screen import ScreenConfig, screen_classes
 from qcbdefense.scanner.square_scan import SquareFind, SquareScanConfig, scan_squares, standing_out
 from qcbdefense.scanner.tapped import TappedModel
-from qcbdefense.scanner.trigger_search import ClassSearch, SearchConfig, search_triggers
+from qcbdefense.scanner.trigger_search import ClassSearch, SearchConfig, search_triggers, second_look
 from qcbdefense.scanner.verdict import Verdict, search_signals, weigh_evidence
 from qcbdefense.scanner.whole_image_search import FAMILIES, WholeImageConfig, WholeImageFind, search_whole_image
 
@@ -71,6 +71,7 @@ class ScanConfig:
     # sparse noise replaces at most this share of the pixels (set having seen the scan campaign: its sparse-noise
     # QCBs' masks 22-25 %, a clean ResNet-20's 31-37 % at w4a4 / w8a8, flipping at most 10 %),
     max_sparse: float = 0.3
+    second_looks: int = 2  # the sparse search's classes that carried best, searched again (`second_look`; 0: none)
     max_budget: float = 0.5  # a whole-image trigger needs at most this share of its family's largest budget
     min_anomaly: float = 2.0  # the anomaly index (robust std below the other classes' efforts) enough alone
     # A trigger whose held-out success stands this many robust std (at least `carry_floor` points each) above the
@@ -264,6 +265,8 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
                                 classes=screen.classes, progress=progress)
         sparse = search_triggers(fp, quantized, x, fp_preds, num_classes, config.search, seed=config.seed,
                                  classes=screen.classes, whole_pixels=True, progress=progress)
+        sparse = second_look(fp, quantized, x, fp_preds, num_classes, sparse, config.search, seed=config.seed,
+                             classes=config.second_looks, whole_pixels=True, progress=progress)
         searched = time.perf_counter()
         wide = search_whole_image(fp, quantized, x, fp_preds, num_classes, config.whole_image, config.search,
                                   seed=config.seed, classes=screen.classes, progress=progress)

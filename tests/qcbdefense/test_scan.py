@@ -155,6 +155,28 @@ def test_the_whole_pixel_search_finds_a_sparse_noise_trigger_for_its_class_only(
     assert six.mask[shipped.where].mean() >= 2 * chance, six.mask  # 7 of its 15 pixels, 3.6x chance
 
 
+def test_a_second_look_searches_the_best_classes_again_and_keeps_the_better_find(monkeypatch):
+    from qcbdefense.scanner import trigger_search
+    from qcbdefense.scanner.trigger_search import ClassSearch, second_look
+
+    def find(c: int, success: float, found: bool = True) -> ClassSearch:
+        return ClassSearch(target=c, area=10.0, success=success, found=found, mask=torch.zeros(4, 4),
+                           pattern=torch.zeros(3, 4, 4))
+
+    first = [find(0, 25.0), find(1, 40.0), find(2, 5.0), find(3, 90.0, found=False)]
+    calls = []
+
+    def again(*args, seed, classes, whole_pixels, progress):
+        calls.append((seed, classes, whole_pixels))
+        return [find(0, 35.0), find(1, 20.0), find(2, 60.0), find(3, 0.0)]
+
+    monkeypatch.setattr(trigger_search, "search_triggers", again)
+    kept = second_look(None, None, None, None, 4, first, SearchConfig(), seed=7, classes=2, whole_pixels=True)
+    assert calls == [(8, [1, 0], True)]  # the two found classes that carried best, from another seed
+    assert [f.success for f in kept] == [35.0, 40.0, 5.0, 90.0]  # each of them keeps its better find
+    assert second_look(None, None, None, None, 4, first, SearchConfig(), seed=7, classes=0) is first
+
+
 def test_a_many_class_model_is_screened_down_to_its_target(shapes16):
     """A 24-class pair whose shipped model hides a checkerboard trigger for class 13: the screen keeps 8 classes
     for the full searches, 13 among them, and the verdict names it; no class left out is searched."""
