@@ -8,19 +8,18 @@ ranges of ResNet-20, and does widening them per quantizer (not by one factor) me
 of them at once). `split`: LAC+PDA (harden's defence) with the ranges widened by FACTOR, except the three whose
 widening alone cost most clean accuracy on the measured model (`EARLY`: the first block's), widened by EARLY_FACTOR.
 
-Public API: purify, post_training_quantize, evaluate. Internals: quant.calibrate's runtime-statistics modules
-(what `widen_ranges` scales), patched into purify to widen per quantizer.
+Public API: purify, post_training_quantize, evaluate, quant.calibrate.ranges_but_image (what `widen_ranges`
+scales); a per-quantizer widening is patched into purify in place of `widen_ranges`.
 """
 import sys
 
 import torch
-from brevitas.proxy.runtime_quant import ActQuantProxyFromInjectorBase
 
 import qcbdefense.defenses.base as defense_base
 from qcbdefense.checkpoints import load_model
 from qcbdefense.data import load_dataset
 from qcbdefense.defenses import purify
-from qcbdefense.quant.calibrate import _RUNTIME_STATS, _image_quantizer
+from qcbdefense.quant.calibrate import ranges_but_image
 from qcbdefense.quant.ptq import post_training_quantize
 from qcbdefense.scoring import evaluate
 from qcbdefense.triggers import parse_trigger
@@ -29,21 +28,11 @@ DATA, SPEC, CALIB = "folder:../shared/datasets/cifar10-jpg.tar.gz", "w8a8-deploy
 EARLY = {"layer1.0.conv2.input_quant", "add_quant_0.act_quant", "add_quant_1.act_quant"}
 
 
-def range_stats(qmodel: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
-    """Per activation quantizer but the image's: the modules holding its calibrated range."""
-    image = _image_quantizer(qmodel)
-    skip = {id(m) for m in image.modules()} if image is not None else set()
-    found = {name: [m for m in proxy.modules() if isinstance(m, _RUNTIME_STATS)]
-             for name, proxy in qmodel.named_modules()
-             if isinstance(proxy, ActQuantProxyFromInjectorBase) and id(proxy) not in skip}
-    return {name: stats for name, stats in found.items() if stats}
-
-
 def widen(qmodel: torch.nn.Module, factor_of) -> None:
     """Widen each range by `factor_of(its quantizer's name)`, from the calibrated range (kept aside the first
     time), so that widening again replaces the last widening exactly."""
     with torch.no_grad():
-        for name, stats in range_stats(qmodel).items():
+        for name, stats in ranges_but_image(qmodel).items():
             for module in stats:
                 if not hasattr(module, "calibrated"):
                     module.calibrated = module.value.detach().clone()
@@ -59,7 +48,7 @@ def one_at_a_time(model, data, trigger, target) -> None:
         print(f"{tag:32s} CA {score.ca:6.2f}  ASR {score.asr:6.2f}", flush=True)
 
     line("nearest")
-    for name in range_stats(qmodel):
+    for name in ranges_but_image(qmodel):
         widen(qmodel, lambda n: 3.0 if n == name else 1.0)
         line(f"{name} 3x")
     widen(qmodel, lambda n: 3.0)

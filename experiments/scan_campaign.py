@@ -170,17 +170,15 @@ def reweigh(row: dict, config: ScanConfig) -> tuple[float, int, str | None]:
     """The verdict's score, best class and family for a scanned pair under other verdict settings, from the
     evidence its row keeps (no rescan)."""
     from qcbdefense.scanner.drift import Disagreement, LayerDrift
-    from qcbdefense.scanner.verdict import search_signals, weigh_evidence
+    from qcbdefense.scanner.scan import search_evidence
+    from qcbdefense.scanner.verdict import weigh_evidence
 
-    classes, pixels = row["classes"], 16.0 * 16.0  # the campaign's images (shapes16)
-    searches = {"patch": search_signals([c["area"] for c in classes], [c["success"] for c in classes],
-                                        largest=pixels, cheap=config.max_area * pixels, config=config)[-1],
-                "sparse": search_signals([c["sparse"]["pixels"] for c in classes],
-                                         [c["sparse"]["success"] for c in classes],
-                                         largest=pixels, cheap=config.max_sparse * pixels, config=config)[-1]}
-    for family in ("additive", "blend"):
-        searches[family] = search_signals([c[family]["effort"] for c in classes], [c[family]["success"] for c in classes],
-                                          largest=100.0, cheap=100.0 * config.max_budget, config=config)[-1]
+    classes = row["classes"]
+    efforts = {"patch": ([c["area"] for c in classes], [c["success"] for c in classes]),
+               **{family: ([c[family][key] for c in classes], [c[family]["success"] for c in classes])
+                  for family, key in (("sparse", "pixels"), ("additive", "effort"), ("blend", "effort"))}}
+    evidence = search_evidence(efforts, config, pixels=16.0 * 16.0)  # the campaign's images (shapes16)
+    searches = {family: signals for family, (*_, signals) in evidence.items()}
     drift = [LayerDrift(0, "", 0.0, 0.0, row["concentration"], [])]
     verdict = weigh_evidence(searches, Disagreement(**row["disagreement"]), drift, config)
     return verdict.score, verdict.best_class, verdict.family

@@ -106,18 +106,23 @@ def widen_ranges(qmodel: nn.Module, factor: float) -> int:
     cannot leave [0, 1], so a wider image range would cost resolution and clip nothing.
     """
     check_number("factor", factor, low=1.0)
-    image = _image_quantizer(qmodel)
-    skip = {id(m) for m in image.modules()} if image is not None else set()
-    widened = 0
+    ranges = ranges_but_image(qmodel)
     with torch.no_grad():
-        for proxy in qmodel.modules():
-            if not isinstance(proxy, ActQuantProxyFromInjectorBase) or id(proxy) in skip:
-                continue
-            stats = [m for m in proxy.modules() if isinstance(m, _RUNTIME_STATS)]
+        for stats in ranges.values():
             for module in stats:
                 module.value.mul_(factor)
-            widened += bool(stats)
-    return widened
+    return len(ranges)
+
+
+def ranges_but_image(qmodel: nn.Module) -> dict[str, list[nn.Module]]:
+    """Per activation quantizer of `qmodel` but the image's (by module name): the runtime-statistics modules
+    holding its calibrated range, which `widen_ranges` scales."""
+    image = _image_quantizer(qmodel)
+    skip = {id(m) for m in image.modules()} if image is not None else set()
+    found = {name: [m for m in proxy.modules() if isinstance(m, _RUNTIME_STATS)]
+             for name, proxy in qmodel.named_modules()
+             if isinstance(proxy, ActQuantProxyFromInjectorBase) and id(proxy) not in skip}
+    return {name: stats for name, stats in found.items() if stats}
 
 
 def _image_quantizer(qmodel: nn.Module) -> nn.Module | None:

@@ -309,20 +309,29 @@ def weigh_searches(found: list[ClassSearch], sparse: list[ClassSearch], wide: di
                    disagree: Disagreement, layers: list[LayerDrift], config: ScanConfig, *, pixels: float
                    ) -> tuple[Verdict, dict[str, tuple[list[float], list[float], list[float], list[float]]]]:
     """The verdict (`verdict.weigh_evidence`) from the searches' finds (patches, whole-pixel masks, whole-image
-    triggers), and each family's evidence (`verdict.search_signals`). A trigger that does not carry over to
-    held-out images separates nothing: it counts as the whole image (or budget). Whole-image efforts in % of
-    the family's largest budget."""
-    searched = [c.searched for c in found]
-    evidence = {family: search_signals([c.area for c in finds], [c.success for c in finds], largest=pixels,
-                                       cheap=share * pixels, config=config, searched=searched)
-                for family, finds, share in (("patch", found, config.max_area), ("sparse", sparse, config.max_sparse))}
-    for family in FAMILIES:
-        evidence[family] = search_signals([100.0 * f.effort for f in wide[family]],
-                                          [f.success for f in wide[family]], largest=100.0,
-                                          cheap=100.0 * config.max_budget, config=config, searched=searched)
+    triggers), and each family's evidence (`search_evidence`)."""
+    efforts = {"patch": ([c.area for c in found], [c.success for c in found]),
+               "sparse": ([c.area for c in sparse], [c.success for c in sparse]),
+               **{family: ([100.0 * f.effort for f in wide[family]], [f.success for f in wide[family]])
+                  for family in FAMILIES}}
+    evidence = search_evidence(efforts, config, pixels=pixels, searched=[c.searched for c in found])
     verdict = weigh_evidence({family: signals for family, (*_, signals) in evidence.items()}, disagree,
                              layers, config)
     return verdict, evidence
+
+
+def search_evidence(efforts: dict[str, tuple[list[float], list[float]]], config: ScanConfig, *, pixels: float,
+                    searched: list[bool] | None = None
+                    ) -> dict[str, tuple[list[float], list[float], list[float], list[float]]]:
+    """Each family's evidence (`verdict.search_signals`) from its per-class efforts and held-out successes:
+    mask pixels for patch and sparse (of `pixels`), % of the family's largest budget for a whole-image family,
+    each against its own cheap line. A trigger that does not carry over to held-out images separates nothing: it
+    counts as the whole image (or budget)."""
+    lines = {"patch": (pixels, config.max_area * pixels), "sparse": (pixels, config.max_sparse * pixels),
+             **{family: (100.0, 100.0 * config.max_budget) for family in FAMILIES}}
+    return {family: search_signals(effort, success, largest=lines[family][0], cheap=lines[family][1],
+                                   config=config, searched=searched)
+            for family, (effort, success) in efforts.items()}
 
 
 def trigger_picture(found: list[ClassSearch], sparse: list[ClassSearch], wide: dict[str, list[WholeImageFind]],
