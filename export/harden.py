@@ -11,11 +11,14 @@ Before the export, a model whose file will hold int32 biases has its biases (BN'
 that grid (`export.onnx.snap_biases_to_int32`, at most half an accumulator step each), so that the reference is
 the model the file computes: on a ResNet-20 at w8a8-deploy that took the file's agreement from 99.20 to 99.76 %;
 the purify report's figures are the model's before that move, the verify report's the file's.
-With 8-bit activations `harden` also widens every activation range but the image's 3x before the defence
+With 8-bit activations `harden` first equalizes the activations (`quant.equalize`: channels whose range dwarfs the
+rest of their tensor are scaled down where written and up where read, the float function unchanged), then widens
+every activation range but the image's 3x before the defence
 (`act_headroom`, `quant.calibrate.widen_ranges`): a QCB aimed at the deployment quantizer can live in the clip of
 the clean-calibrated ranges, where reconstructing weights cannot reach it. At 8 bits the wider grid cost a clean
-ResNet-20 0.35 points of CA, but an attacked one 3.8 (BENCHMARKS.md, deployment int8: one factor does not suit every
-model; `act_headroom` sets it). Below 8 bits a wider grid costs too much; there it stays 1.
+ResNet-20 0.35 points of CA, but an attacked one whose attack had grown a few channels 8x past the rest 3.8, until
+equalization brought those channels back into line (BENCHMARKS.md, deployment int8). Below 8 bits a wider grid costs
+too much; there it stays 1.
 Its one decision of its own: when the int8 file fails the gate on agreement alone, its int32 biases and folded
 BN moved the model (a fragile MobileNetV3 agrees on 94 %, resnet18 on 97 %): `harden` then exports it again with
 BN kept and float biases and ships that file when it passes, saying so (`HardenReport.bn`), since a slower file
@@ -49,6 +52,7 @@ from export.verify import check_limits, gate, verify
 from qcbdefense.data import Dataset, load_dataset
 from qcbdefense.defenses import PurifyReport, purify, save_purified
 from qcbdefense.errors import InputError
+from qcbdefense.quant.equalize import traceable
 from qcbdefense.quant.spec import QuantSpec, get_spec
 from qcbdefense.report import Report
 from qcbdefense.runinfo import environment
@@ -61,7 +65,7 @@ DEPLOY_HEADROOM = 3.0  # with 8-bit activations: the small_cnn QCB of BENCHMARKS
 class HardenReport(Report):
     """The three steps' reports and where their outputs are."""
 
-    VERSION = 3  # 3: the purify report inside is version 3 (act_headroom)
+    VERSION = 4  # 4 / 3: the purify report inside is version 4 (equalized) / 3 (act_headroom)
     KIND = "harden report"
 
     onnx: str
@@ -106,7 +110,8 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
            target: int = 0, calib: int = 1024, seed: int = 0, device: str | torch.device = "cpu",
            source_sha256: str | None = None, max_asr: float | None = None, min_agreement: float | None = 99.0,
            min_ca: float | None = None, max_asr_gain: float | None = None, threads: int | None = None,
-           keep_bn: bool | None = None, act_headroom: float | None = None, progress: bool = False,
+           keep_bn: bool | None = None, equalize: bool | None = None, act_headroom: float | None = None,
+           progress: bool = False,
            **options: Any) -> HardenReport:
     """Purify `model` under `spec` with `method`, export the purified model to `out` (.onnx), verify the file.
 
@@ -120,6 +125,7 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
             what the purified model computes, but onnxruntime cannot run those convs on integer kernels. False:
             fold them (8-bit activations) whatever the agreement. None: fold, and keep them when the folded file
             fails on agreement alone and the kept one passes (module docstring).
+        equalize: `purify`'s; None: with 8-bit activations when torch.fx can trace the model (module docstring).
         act_headroom: `purify`'s; None: 3 with 8-bit activations, else 1 (module docstring).
         **options: the method's options (e.g. steps=2000), as for `purify`.
     """
@@ -136,9 +142,11 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
     spec = get_spec(spec)
     if act_headroom is None:
         act_headroom = DEPLOY_HEADROOM if spec.act_bits == 8 else 1.0
+    if equalize is None:
+        equalize = spec.act_bits == 8 and traceable(model)
     purified, purify_report = purify(model, data, method=method, spec=spec, calib=calib, trigger=trigger,
                                      target=target, seed=seed, device=device, arch=arch, progress=progress,
-                                     act_headroom=act_headroom, **options)
+                                     equalize=equalize, act_headroom=act_headroom, **options)
     snapped = 0
     if keep_bn is not True and purified.qcb_spec.act_bits == 8:  # the file will hold int32 biases
         snapped = snap_biases_to_int32(purified, input_size=tuple(data.test_x.shape[2:]))

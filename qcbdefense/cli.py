@@ -287,6 +287,10 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
                    help="first search a patch per class that moves only the quantized model (or, failing that, "
                         "a square that raises one class's quantized log-probability), and calibrate on stamped "
                         "copies too (beyond the release)")
+    p.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale down the activation channels whose range dwarfs the rest of their tensor (and up "
+                        "where they are read: the float model unchanged) before quantizing (beyond the release; "
+                        "purify: off, harden: on with 8-bit activations when torch.fx traces the model)")
     p.add_argument("--act-headroom", type=float, default=None, metavar="FACTOR",
                    help="widen every activation range but the image's by FACTOR before the defence, so a trigger "
                         "cannot hide in the clip of a range calibrated on clean images (beyond the release; "
@@ -294,7 +298,7 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
 
 
 def _schedule_options(args: argparse.Namespace) -> dict:
-    """--released / --steps / --pda-steps / --learn-act-range / --search-triggers / --act-headroom as purify
+    """--released / --steps / --pda-steps / --learn-act-range / --search-triggers / --equalize / --act-headroom as purify
     options (shared by purify and harden)."""
     options: dict = {}
     if args.released:
@@ -312,6 +316,8 @@ def _schedule_options(args: argparse.Namespace) -> dict:
         options["learn_act_range"] = True
     if args.search_triggers:
         options["search_triggers"] = True
+    if args.equalize is not None:
+        options["equalize"] = args.equalize
     if args.act_headroom is not None:
         options["act_headroom"] = args.act_headroom
     return options

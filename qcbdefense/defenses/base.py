@@ -41,6 +41,7 @@ from qcbdefense.defenses.guide import with_found_triggers
 from qcbdefense.errors import InputError, check_number
 from qcbdefense.fileio import sha256_file, write_json
 from qcbdefense.quant.calibrate import is_calibrated, widen_ranges
+from qcbdefense.quant.equalize import equalize_activations
 from qcbdefense.quant.ptq import calibration_images, post_training_quantize
 from qcbdefense.quant.quantize import quantize, quantizer_parameters
 from qcbdefense.quant.spec import QuantSpec, get_spec
@@ -117,7 +118,7 @@ class StageRecord:
 class PurifyReport(Report):
     """Everything one purification did and measured; `to_dict`/`from_dict` round-trip through JSON."""
 
-    VERSION = 3  # 3: act_headroom; 2: one Score per model (per-class accuracy, image counts); every key required
+    VERSION = 4  # 4: equalized; 3: act_headroom; 2: one Score per model (per-class accuracy, image counts); every key required
     KIND = "purify report"
 
     method: str
@@ -140,6 +141,7 @@ class PurifyReport(Report):
     trigger_search: dict | None  # what `search_triggers` found (guide.GuidedImages.to_dict)
     data_used: dict  # what data the defence used (DefenseContext.data_used)
     act_headroom: float  # every activation range but the image's widened by this before the defence
+    equalized: dict  # per layer, the scales `quant.equalize` divided its output channels by (empty: none)
     environment: dict = field(default_factory=environment)
 
     def table(self) -> str:
@@ -165,6 +167,11 @@ class PurifyReport(Report):
                      f"peak RSS {self.peak_memory_mb.get('rss', 0.0):.0f} MB"
                      + (f", peak CUDA {self.peak_memory_mb['cuda']:.0f} MB" if self.peak_memory_mb.get("cuda")
                         else ""))
+        if self.equalized:
+            scales = [s for layer in self.equalized.values() for s in layer if s != 1.0]
+            lines.append(f"activations equalized before quantizing: {len(scales)} output channels of "
+                         f"{len(self.equalized)} layers divided by {min(scales):.1f}-{max(scales):.1f} (the float "
+                         f"model unchanged)")
         if self.act_headroom != 1.0:
             lines.append(f"activation ranges widened {self.act_headroom:g}x before the defence (all but the image's)")
         if self.data_used:
@@ -213,7 +220,7 @@ def _refined_line(search: dict) -> str:
 def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", spec: str | QuantSpec = "w4a4",
            calib: int = 1024, trigger: Trigger | str | None = None, target: int = 0, seed: int = 0,
            device: str | torch.device = "cpu", arch: str = "model", evaluate_models: bool = True,
-           search_triggers: bool = False, act_headroom: float = 1.0, progress: bool = False,
+           search_triggers: bool = False, equalize: bool = False, act_headroom: float = 1.0, progress: bool = False,
            reference_scores: tuple[Score, Score] | None = None,
            **options: Any) -> tuple[nn.Module, PurifyReport]:
     """Purify the quantization of `model` under `spec` with `method`; return the purified QUANTIZED model.
@@ -229,7 +236,11 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
         search_triggers: before the defence, search a differential patch per class between the FP and the
             round-to-nearest model (failing that, the square scan) and add stamped copies of the calibration
             images (`guide`, beyond the papers; any method but nearest).
-        act_headroom: after the round-to-nearest model is scored, widen each of its activation ranges but the
+        equalize: after the round-to-nearest model is scored, scale channels whose range dwarfs the rest of their
+            tensor down where they are written and up where they are read (`quant.equalize`: the float model's
+            function unchanged) and quantize that model instead, so per-tensor ranges fit every channel (beyond
+            the papers). The FP model the defence reconstructs towards is the equalized one.
+        act_headroom: after the round-to-nearest model is scored (and equalized), widen each of its activation ranges but the
             image's by this factor (`quant.calibrate.widen_ranges`: a QCB can live in the clip of a range
             calibrated on clean images; beyond the papers). 1: the calibrated ranges.
         progress: a progress bar per layer.
@@ -254,6 +265,8 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
     if not isinstance(search_triggers, bool) or (search_triggers and method == "nearest"):
         raise InputError("search_triggers takes True or False, and needs a method that learns (not nearest)")
     check_number("act_headroom", act_headroom, low=1.0)
+    if not isinstance(equalize, bool):
+        raise InputError(f"equalize takes True or False, got {equalize!r}")
     _check_classes(model, data)
     device = torch.device(device)
     reset_peak_rss()
@@ -278,6 +291,12 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
         scores["nearest"] = nearest.against(fp_score, nearest)  # its DER is 50 by definition
     evaluated = time.perf_counter()
 
+    equalized: dict = {}
+    if equalize:
+        equalized = equalize_activations(work, images.split(256))
+        if equalized:
+            fp_model = copy.deepcopy(work)
+            qmodel = post_training_quantize(work, spec, data, calib=calib, seed=seed, device=device)
     if act_headroom != 1.0:
         widen_ranges(qmodel, act_headroom)
     if device.type == "cuda":
@@ -296,7 +315,7 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
     qmodel.eval()
 
     if evaluate_models:
-        scores["purified"] = (scores["nearest"] if method == "nearest" and act_headroom == 1.0 else
+        scores["purified"] = (scores["nearest"] if method == "nearest" and act_headroom == 1.0 and not equalized else
                               evaluate(qmodel, data, trigger=trigger, target=target, device=device)
                               .against(scores["fp"], scores["nearest"]))
     done = time.perf_counter()
@@ -309,7 +328,7 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
         fp=scores["fp"], nearest=scores["nearest"], purified=scores["purified"],
         layers=[r.to_dict() for r in records], skipped_layers=list(skipped),
         trigger_search=None if guided is None else guided.to_dict(), data_used=ctx.data_used,
-        act_headroom=act_headroom,
+        act_headroom=act_headroom, equalized=equalized,
         seconds={"quantize": quantized - start, "search": searched - evaluated, "defense": defended - searched,
                  "evaluate": (evaluated - quantized) + (done - defended), "total": done - start},
         peak_memory_mb=peak)
