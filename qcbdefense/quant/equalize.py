@@ -154,7 +154,8 @@ def _plan(gm: fx.GraphModule, maxima: dict[str, torch.Tensor]) -> _Plan:
     for node in gm.graph.nodes:
         inputs = [a for a in node.all_input_nodes if a.name in maxima]
         module = modules.get(node.target) if node.op == "call_module" else None
-        if module is not None and calls[node.target] > 1:  # a shared layer: scaling it would touch every call
+        if module is not None and calls[node.target] > 1 and any(True for _ in module.parameters()):
+            # a layer called twice: scaling its weights would touch both calls (a parameter-free ReLU may be shared)
             for a in inputs:
                 freeze(a)
             freeze(node)

@@ -99,3 +99,27 @@ def test_an_untraceable_model_is_refused_in_one_line():
 
     with pytest.raises(InputError, match="torch.fx"):
         equalize_activations(Branchy(), torch.rand(2, 3, 4, 4))
+
+
+def test_torchvision_resnet18_with_its_shared_relu_and_projection_shortcuts_keeps_its_function():
+    """torchvision's blocks call one ReLU module twice and project the shortcut with a conv and BN: a grown
+    stream channel is still scaled at the stem, every block and the classifier, the logits unchanged."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.2, 0.5)
+        model.bn1.weight[7] *= 40
+        model.bn1.bias[7] = 3.0
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    scales = equalize_activations(model, x)
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, rtol=1e-4, atol=1e-4)
+    assert scales["bn1"][7] > 2
+    assert scales["layer1.1.bn2"][7] == pytest.approx(scales["bn1"][7])
+    assert "layer2.0.downsample.1" not in scales or scales["layer2.0.downsample.1"][7] == 1.0
