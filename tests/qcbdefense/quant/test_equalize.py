@@ -123,3 +123,25 @@ def test_torchvision_resnet18_with_its_shared_relu_and_projection_shortcuts_keep
     assert scales["bn1"][7] > 2
     assert scales["layer1.1.bn2"][7] == pytest.approx(scales["bn1"][7])
     assert "layer2.0.downsample.1" not in scales or scales["layer2.0.downsample.1"][7] == 1.0
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18", "vgg16_bn", "mobilenetv2"])
+def test_every_zoo_model_computes_the_same_function_after_equalizing(name):
+    """Equalizing hard (every channel past 1.5x its tensor's median) leaves each zoo model's logits as they were,
+    whatever its graph (ReLU6 and depthwise convs in MobileNetV2, projection shortcuts in ResNet-18)."""
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.2, 3.0)
+                m.bias.uniform_(-0.2, 0.5)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    scales = equalize_activations(model, x, ratio=1.5)
+    with torch.no_grad():
+        after = model(x)
+    assert torch.allclose(after, before, rtol=1e-3, atol=1e-4 * before.abs().max().item())
+    assert scales  # something was scaled: the test exercised the walk
