@@ -11,8 +11,9 @@ Before the export, a model whose file will hold int32 biases has its biases (BN'
 that grid (`export.onnx.snap_biases_to_int32`, at most half an accumulator step each), so that the reference is
 the model the file computes: on a ResNet-20 at w8a8-deploy that took the file's agreement from 99.20 to 99.76 %;
 the purify report's figures are the model's before that move, the verify report's the file's.
-With 8-bit activations `harden` first equalizes the activations (`quant.equalize`: channels whose range dwarfs the
-rest of their tensor are scaled down where written and up where read, the float function unchanged), then widens
+With 8-bit activations `harden` first equalizes the activations where that helps (`quant.equalize`: channels whose
+range dwarfs the rest of their tensor scaled down where written and up where read, the float function unchanged; kept
+when the model so quantized agrees with the FP model on more calibration images), then widens
 every activation range but the image's 3x before the defence
 (`act_headroom`, `quant.calibrate.widen_ranges`): a QCB aimed at the deployment quantizer can live in the clip of
 the clean-calibrated ranges, where reconstructing weights cannot reach it. At 8 bits the wider grid cost a clean
@@ -110,7 +111,7 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
            target: int = 0, calib: int = 1024, seed: int = 0, device: str | torch.device = "cpu",
            source_sha256: str | None = None, max_asr: float | None = None, min_agreement: float | None = 99.0,
            min_ca: float | None = None, max_asr_gain: float | None = None, threads: int | None = None,
-           keep_bn: bool | None = None, equalize: bool | None = None, act_headroom: float | None = None,
+           keep_bn: bool | None = None, equalize: str | None = None, act_headroom: float | None = None,
            progress: bool = False,
            **options: Any) -> HardenReport:
     """Purify `model` under `spec` with `method`, export the purified model to `out` (.onnx), verify the file.
@@ -125,7 +126,8 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
             what the purified model computes, but onnxruntime cannot run those convs on integer kernels. False:
             fold them (8-bit activations) whatever the agreement. None: fold, and keep them when the folded file
             fails on agreement alone and the kept one passes (module docstring).
-        equalize: `purify`'s; None: with 8-bit activations when torch.fx can trace the model (module docstring).
+        equalize: `purify`'s; None: "auto" with 8-bit activations when torch.fx can trace the model, else "off"
+            (module docstring).
         act_headroom: `purify`'s; None: 3 with 8-bit activations, else 1 (module docstring).
         **options: the method's options (e.g. steps=2000), as for `purify`.
     """
@@ -143,7 +145,7 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
     if act_headroom is None:
         act_headroom = DEPLOY_HEADROOM if spec.act_bits == 8 else 1.0
     if equalize is None:
-        equalize = spec.act_bits == 8 and traceable(model)
+        equalize = "auto" if spec.act_bits == 8 and traceable(model) else "off"
     purified, purify_report = purify(model, data, method=method, spec=spec, calib=calib, trigger=trigger,
                                      target=target, seed=seed, device=device, arch=arch, progress=progress,
                                      equalize=equalize, act_headroom=act_headroom, **options)

@@ -287,10 +287,11 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
                    help="first search a patch per class that moves only the quantized model (or, failing that, "
                         "a square that raises one class's quantized log-probability), and calibrate on stamped "
                         "copies too (beyond the release)")
-    p.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--equalize", choices=("off", "on", "auto"), default=None,
                    help="scale down the activation channels whose range dwarfs the rest of their tensor (and up "
-                        "where they are read: the float model unchanged) before quantizing (beyond the release; "
-                        "purify: off, harden: on with 8-bit activations when torch.fx traces the model)")
+                        "where they are read: the float model unchanged) before quantizing; auto: only when the "
+                        "model so quantized agrees with FP on more calibration images (beyond the release; "
+                        "purify: off, harden: auto with 8-bit activations when torch.fx traces the model)")
     p.add_argument("--act-headroom", type=float, default=None, metavar="FACTOR",
                    help="widen every activation range but the image's by FACTOR before the defence, so a trigger "
                         "cannot hide in the clip of a range calibrated on clean images (beyond the release; "
@@ -298,8 +299,8 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
 
 
 def _schedule_options(args: argparse.Namespace) -> dict:
-    """--released / --steps / --pda-steps / --learn-act-range / --search-triggers / --equalize / --act-headroom as purify
-    options (shared by purify and harden)."""
+    """--released / --steps / --pda-steps / --learn-act-range / --search-triggers / --equalize / --act-headroom as
+    purify options (shared by purify and harden)."""
     options: dict = {}
     if args.released:
         from qcbdefense.defenses import DEFENSES

@@ -52,6 +52,8 @@ from qcbdefense.runinfo import environment
 from qcbdefense.scoring import Score, evaluate
 from qcbdefense.triggers import Trigger, parse_trigger, trigger_from_dict
 
+EQUALIZE_MODES = ("off", "on", "auto")
+
 WEIGHTS_FILE, SPEC_FILE, REPORT_FILE, MODEL_FILE, MANIFEST_FILE = ("purified.pt", "spec.json", "report.json",
                                                                    "model.json", "manifest.json")
 
@@ -118,7 +120,9 @@ class StageRecord:
 class PurifyReport(Report):
     """Everything one purification did and measured; `to_dict`/`from_dict` round-trip through JSON."""
 
-    VERSION = 4  # 4: equalized; 3: act_headroom; 2: one Score per model (per-class accuracy, image counts); every key required
+    # 4: equalize, equalized; 3: act_headroom; 2: one Score per model (per-class accuracy, image counts); every key
+    # required
+    VERSION = 4
     KIND = "purify report"
 
     method: str
@@ -141,7 +145,8 @@ class PurifyReport(Report):
     trigger_search: dict | None  # what `search_triggers` found (guide.GuidedImages.to_dict)
     data_used: dict  # what data the defence used (DefenseContext.data_used)
     act_headroom: float  # every activation range but the image's widened by this before the defence
-    equalized: dict  # per layer, the scales `quant.equalize` divided its output channels by (empty: none)
+    equalize: dict  # {"mode": off / on / auto}; auto: each candidate's % agreement with FP on calibration images
+    equalized: dict  # per layer, the scales `quant.equalize` divided its output channels by (empty: not equalized)
     environment: dict = field(default_factory=environment)
 
     def table(self) -> str:
@@ -167,11 +172,18 @@ class PurifyReport(Report):
                      f"peak RSS {self.peak_memory_mb.get('rss', 0.0):.0f} MB"
                      + (f", peak CUDA {self.peak_memory_mb['cuda']:.0f} MB" if self.peak_memory_mb.get("cuda")
                         else ""))
+        tried = self.equalize.get("calib_agreement")
+        if tried and not self.equalized:
+            lines.append(f"activations not equalized: the equalized model agreed with FP on "
+                         f"{tried['equalized']:.2f} % of the calibration images, the plain one on "
+                         f"{tried['plain']:.2f} %")
         if self.equalized:
             scales = [s for layer in self.equalized.values() for s in layer if s != 1.0]
             lines.append(f"activations equalized before quantizing: {len(scales)} output channels of "
                          f"{len(self.equalized)} layers divided by {min(scales):.1f}-{max(scales):.1f} (the float "
-                         f"model unchanged)")
+                         f"model unchanged)" + (f"; agreement with FP on the calibration images "
+                                                f"{tried['equalized']:.2f} % against {tried['plain']:.2f} % plain"
+                                                if tried else ""))
         if self.act_headroom != 1.0:
             lines.append(f"activation ranges widened {self.act_headroom:g}x before the defence (all but the image's)")
         if self.data_used:
@@ -220,7 +232,7 @@ def _refined_line(search: dict) -> str:
 def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", spec: str | QuantSpec = "w4a4",
            calib: int = 1024, trigger: Trigger | str | None = None, target: int = 0, seed: int = 0,
            device: str | torch.device = "cpu", arch: str = "model", evaluate_models: bool = True,
-           search_triggers: bool = False, equalize: bool = False, act_headroom: float = 1.0, progress: bool = False,
+           search_triggers: bool = False, equalize: str = "off", act_headroom: float = 1.0, progress: bool = False,
            reference_scores: tuple[Score, Score] | None = None,
            **options: Any) -> tuple[nn.Module, PurifyReport]:
     """Purify the quantization of `model` under `spec` with `method`; return the purified QUANTIZED model.
@@ -236,11 +248,14 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
         search_triggers: before the defence, search a differential patch per class between the FP and the
             round-to-nearest model (failing that, the square scan) and add stamped copies of the calibration
             images (`guide`, beyond the papers; any method but nearest).
-        equalize: after the round-to-nearest model is scored, scale channels whose range dwarfs the rest of their
-            tensor down where they are written and up where they are read (`quant.equalize`: the float model's
-            function unchanged) and quantize that model instead, so per-tensor ranges fit every channel (beyond
-            the papers). The FP model the defence reconstructs towards is the equalized one.
-        act_headroom: after the round-to-nearest model is scored (and equalized), widen each of its activation ranges but the
+        equalize: "on": after the round-to-nearest model is scored, scale channels whose range dwarfs the rest of
+            their tensor down where they are written and up where they are read (`quant.equalize`: the float
+            model's function unchanged) and quantize that model instead, so per-tensor ranges fit every channel;
+            the FP model the defence reconstructs towards is the equalized one. "auto": the same only when the
+            equalized model, quantized and widened, agrees with the FP model on more calibration images than the
+            plain one (equalizing moves precision from weights to activations, which an attack that grew a few
+            channels calls for and an ordinary model may not). "off": neither. Beyond the papers.
+        act_headroom: after the round-to-nearest model is scored, widen each of its activation ranges but the
             image's by this factor (`quant.calibrate.widen_ranges`: a QCB can live in the clip of a range
             calibrated on clean images; beyond the papers). 1: the calibrated ranges.
         progress: a progress bar per layer.
@@ -265,8 +280,8 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
     if not isinstance(search_triggers, bool) or (search_triggers and method == "nearest"):
         raise InputError("search_triggers takes True or False, and needs a method that learns (not nearest)")
     check_number("act_headroom", act_headroom, low=1.0)
-    if not isinstance(equalize, bool):
-        raise InputError(f"equalize takes True or False, got {equalize!r}")
+    if equalize not in EQUALIZE_MODES:
+        raise InputError(f"equalize takes one of {', '.join(EQUALIZE_MODES)}, got {equalize!r}")
     _check_classes(model, data)
     device = torch.device(device)
     reset_peak_rss()
@@ -291,14 +306,23 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
         scores["nearest"] = nearest.against(fp_score, nearest)  # its DER is 50 by definition
     evaluated = time.perf_counter()
 
-    equalized: dict = {}
-    if equalize:
-        equalized = equalize_activations(work, images.split(256))
-        if equalized:
-            fp_model = copy.deepcopy(work)
-            qmodel = post_training_quantize(work, spec, data, calib=calib, seed=seed, device=device)
     if act_headroom != 1.0:
         widen_ranges(qmodel, act_headroom)
+    equalized, equalize_record = {}, {"mode": equalize}
+    if equalize != "off":
+        candidate = copy.deepcopy(work)
+        scales = equalize_activations(candidate, images.split(256))
+        if scales:
+            q_candidate = post_training_quantize(candidate, spec, data, calib=calib, seed=seed, device=device)
+            if act_headroom != 1.0:
+                widen_ranges(q_candidate, act_headroom)
+            if equalize == "auto":
+                agreement = {"plain": argmax_agreement(fp_model, qmodel, images),
+                             "equalized": argmax_agreement(fp_model, q_candidate, images)}
+                equalize_record["calib_agreement"] = agreement
+            if equalize == "on" or agreement["equalized"] > agreement["plain"]:
+                work, qmodel, equalized = candidate, q_candidate, scales
+                fp_model = copy.deepcopy(candidate)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     guided = None
@@ -328,11 +352,18 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
         fp=scores["fp"], nearest=scores["nearest"], purified=scores["purified"],
         layers=[r.to_dict() for r in records], skipped_layers=list(skipped),
         trigger_search=None if guided is None else guided.to_dict(), data_used=ctx.data_used,
-        act_headroom=act_headroom, equalized=equalized,
+        act_headroom=act_headroom, equalize=equalize_record, equalized=equalized,
         seconds={"quantize": quantized - start, "search": searched - evaluated, "defense": defended - searched,
                  "evaluate": (evaluated - quantized) + (done - defended), "total": done - start},
         peak_memory_mb=peak)
     return qmodel, report
+
+
+@torch.no_grad()
+def argmax_agreement(reference: nn.Module, model: nn.Module, images: torch.Tensor, batch: int = 256) -> float:
+    """% of `images` on which `model` predicts the class `reference` predicts."""
+    same = [reference(x).argmax(1) == model(x).argmax(1) for x in images.split(batch)]
+    return 100.0 * torch.cat(same).float().mean().item()
 
 
 def reset_peak_rss() -> None:

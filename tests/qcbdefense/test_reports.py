@@ -43,7 +43,9 @@ def purify_report() -> PurifyReport:
                         nearest=NEAREST, purified=Score(ca=89.0, asr=3.0, agreement=97.0, der=96.0),
                         layers=[{"name": "conv1", "steps": 4}], skipped_layers=[], seconds={"total": 1.0},
                         peak_memory_mb={"rss": 100.0}, trigger_search=None, data_used={"unlabeled_train_images": 16},
-                        act_headroom=1.0, equalized={"bn1": [1.0, 4.0]})
+                        act_headroom=1.0,
+                        equalize={"mode": "auto", "calib_agreement": {"plain": 97.0, "equalized": 98.5}},
+                        equalized={"bn1": [1.0, 4.0]})
 
 
 def verify_report() -> VerifyReport:
