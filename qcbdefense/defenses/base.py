@@ -308,6 +308,7 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
 
     if act_headroom != 1.0:
         widen_ranges(qmodel, act_headroom)
+    widened = time.perf_counter()
     equalized, equalize_record = {}, {"mode": equalize}
     if equalize != "off":
         candidate = copy.deepcopy(work)
@@ -323,6 +324,7 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
             if equalize == "on" or agreement["equalized"] > agreement["plain"]:
                 work, qmodel, equalized = candidate, q_candidate, scales
                 fp_model = copy.deepcopy(candidate)
+    equalized_at = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     guided = None
@@ -353,7 +355,8 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
         layers=[r.to_dict() for r in records], skipped_layers=list(skipped),
         trigger_search=None if guided is None else guided.to_dict(), data_used=ctx.data_used,
         act_headroom=act_headroom, equalize=equalize_record, equalized=equalized,
-        seconds={"quantize": quantized - start, "search": searched - evaluated, "defense": defended - searched,
+        seconds={"quantize": quantized - start, "equalize": equalized_at - widened,
+                 "search": searched - equalized_at, "defense": defended - searched,
                  "evaluate": (evaluated - quantized) + (done - defended), "total": done - start},
         peak_memory_mb=peak)
     return qmodel, report

@@ -145,3 +145,26 @@ def test_every_zoo_model_computes_the_same_function_after_equalizing(name):
         after = model(x)
     assert torch.allclose(after, before, rtol=1e-3, atol=1e-4 * before.abs().max().item())
     assert scales  # something was scaled: the test exercised the walk
+
+
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_purify_equalizes_on_demand_or_where_the_quantized_model_agrees_better(mode, tiny_builtin):
+    """"on" always keeps the equalized model; "auto" measures both quantized candidates' agreement with the FP
+    model on the calibration images and keeps the better; either way the report says what happened."""
+    from qcbdefense.defenses import purify
+
+    torch.manual_seed(0)
+    model = create_model("resnet20").eval()
+    with torch.no_grad():
+        model.layer1[0].bn1.weight[3] *= 60  # one channel 60x its block's others
+        model.layer1[0].bn1.bias[3] = 2.0
+    _, report = purify(model, tiny_builtin, method="nearest", spec="w8a8", calib=64, equalize=mode,
+                       evaluate_models=False)
+    assert report.equalize["mode"] == mode
+    if mode == "on":
+        assert "calib_agreement" not in report.equalize and report.equalized["layer1.0.bn1"][3] > 4
+    else:
+        agreement = report.equalize["calib_agreement"]
+        assert bool(report.equalized) == (agreement["equalized"] > agreement["plain"])
+    with pytest.raises(InputError, match="equalize takes one of"):
+        purify(model, tiny_builtin, method="nearest", spec="w8a8", calib=64, equalize=True, evaluate_models=False)
