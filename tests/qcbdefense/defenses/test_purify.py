@@ -270,6 +270,16 @@ def test_released_schedule_includes_pdas_500_steps_only_for_lac_pda(method, pda_
     DEFENSES.get(method).make_options(options)  # every released option is one the method takes
 
 
+@pytest.mark.parametrize("flag, expected", [([], None), (["--equalize", "auto"], "auto"), (["--equalize", "off"], "off")])
+def test_the_equalize_flag_reaches_purify_and_harden_only_when_given(flag, expected):
+    """Without --equalize each verb keeps its own default (purify off, harden auto at 8-bit activations)."""
+    for verb in ("purify", "harden"):
+        out = "out" if verb == "purify" else "out.onnx"
+        args = build_parser().parse_args([verb, "--model", "small_cnn", "--ckpt", __file__, "--data", "builtin",
+                                          "--out", out, *flag])
+        assert _schedule_options(args).get("equalize") == expected
+
+
 def test_released_schedule_is_refused_for_a_method_without_one():
     args = build_parser().parse_args(["purify", "--method", "nearest", "--model", "small_cnn", "--ckpt", __file__,
                                       "--data", "builtin", "--out", "out", "--released"])
