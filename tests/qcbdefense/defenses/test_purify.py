@@ -270,7 +270,8 @@ def test_released_schedule_includes_pdas_500_steps_only_for_lac_pda(method, pda_
     DEFENSES.get(method).make_options(options)  # every released option is one the method takes
 
 
-@pytest.mark.parametrize("flag, expected", [([], None), (["--equalize", "auto"], "auto"), (["--equalize", "off"], "off")])
+@pytest.mark.parametrize("flag, expected", [([], None), (["--equalize", "auto"], "auto"),
+                                            (["--equalize", "off"], "off")])
 def test_the_equalize_flag_reaches_purify_and_harden_only_when_given(flag, expected):
     """Without --equalize each verb keeps its own default (purify off, harden auto at 8-bit activations)."""
     for verb in ("purify", "harden"):
