@@ -12,7 +12,8 @@ widening alone cost most clean accuracy on the measured model (`EARLY`: the firs
 uses), and CA / ASR of the round-to-nearest model at the calibrated ranges and all of them 3x, both ways.
 
 Public API: purify, post_training_quantize, evaluate, quant.calibrate.ranges_but_image (what `widen_ranges`
-scales), quant.equalize.equalize_activations; a per-quantizer widening is patched into purify in place of `widen_ranges`.
+scales), quant.equalize.equalize_activations; a per-quantizer widening is patched into purify in place of
+`widen_ranges`.
 """
 import sys
 
