@@ -49,7 +49,7 @@ from qcbdefense.registry import Registry, make_options
 from qcbdefense.report import Report
 from qcbdefense.results import format_table
 from qcbdefense.runinfo import environment
-from qcbdefense.scoring import Score, evaluate
+from qcbdefense.scoring import Score, agreement, evaluate, predict
 from qcbdefense.triggers import Trigger, parse_trigger, trigger_from_dict
 
 EQUALIZE_MODES = ("off", "on", "auto")
@@ -293,7 +293,8 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
     for param in (*fp_model.parameters(), *work.parameters()):
         param.requires_grad_(False)
     qmodel = post_training_quantize(work, spec, data, calib=calib, seed=seed, device=device)
-    images = to_float(calibration_images(data, calib, seed=seed)).to(device)
+    calib_images = calibration_images(data, calib, seed=seed)
+    images = to_float(calib_images).to(device)
     quantized = time.perf_counter()
 
     scores: dict[str, Score | None] = {"fp": None, "nearest": None, "purified": None}
@@ -318,10 +319,11 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
             if act_headroom != 1.0:
                 widen_ranges(q_candidate, act_headroom)
             if equalize == "auto":
-                agreement = {"plain": argmax_agreement(fp_model, qmodel, images),
-                             "equalized": argmax_agreement(fp_model, q_candidate, images)}
-                equalize_record["calib_agreement"] = agreement
-            if equalize == "on" or agreement["equalized"] > agreement["plain"]:
+                fp_preds = predict(fp_model, calib_images, device=device)
+                agreements = {"plain": agreement(predict(qmodel, calib_images, device=device), fp_preds),
+                              "equalized": agreement(predict(q_candidate, calib_images, device=device), fp_preds)}
+                equalize_record["calib_agreement"] = agreements
+            if equalize == "on" or agreements["equalized"] > agreements["plain"]:
                 work, qmodel, equalized = candidate, q_candidate, scales
                 fp_model = copy.deepcopy(candidate)
     equalized_at = time.perf_counter()
@@ -360,13 +362,6 @@ def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", sp
                  "evaluate": (evaluated - quantized) + (done - defended), "total": done - start},
         peak_memory_mb=peak)
     return qmodel, report
-
-
-@torch.no_grad()
-def argmax_agreement(reference: nn.Module, model: nn.Module, images: torch.Tensor, batch: int = 256) -> float:
-    """% of `images` on which `model` predicts the class `reference` predicts."""
-    same = [reference(x).argmax(1) == model(x).argmax(1) for x in images.split(batch)]
-    return 100.0 * torch.cat(same).float().mean().item()
 
 
 def reset_peak_rss() -> None:

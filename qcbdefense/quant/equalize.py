@@ -125,7 +125,6 @@ class _Plan:
 
     def __init__(self) -> None:
         self.channels = _Channels()
-        self.frozen: set[tuple[str, int]] = set()  # roots resolved after the walk
         self.writers: dict[tuple[str, int], tuple[str, int]] = {}  # (module, out channel) -> its (node, channel)
         self.readers: dict[tuple[str, int], tuple[str, int]] = {}  # (module, in channel) -> its (node, channel)
         self.written_sizes: dict[str, int] = {}
@@ -189,10 +188,10 @@ def _plan(gm: fx.GraphModule, maxima: dict[str, torch.Tensor]) -> _Plan:
             for a in [node, *node.all_input_nodes]:
                 if isinstance(a, fx.Node):
                     freeze(a)
-    plan.frozen = {plan.channels.find(key) for key in frozen_keys}
+    frozen = {plan.channels.find(key) for key in frozen_keys}
     # a group is scalable when nothing froze it and something writes it (a group of zero channels needs no scale)
     written = {plan.channels.find(key) for key in plan.writers.values()}
-    plan.scalable = {root for root in written if root not in plan.frozen}
+    plan.scalable = {root for root in written if root not in frozen}
     return plan
 
 
