@@ -176,7 +176,8 @@ def reweigh(row: dict, config: ScanConfig) -> tuple[float, int, str | None]:
     classes = row["classes"]
     efforts = {"patch": ([c["area"] for c in classes], [c["success"] for c in classes]),
                **{family: ([c[family][key] for c in classes], [c[family]["success"] for c in classes])
-                  for family, key in (("sparse", "pixels"), ("additive", "effort"), ("blend", "effort"))}}
+                  for family, key in (("sparse", "pixels"), ("square", "pixels"), ("additive", "effort"),
+                                      ("blend", "effort"))}}
     evidence = search_evidence(efforts, config, pixels=16.0 * 16.0)  # the campaign's images (shapes16)
     searches = {family: signals for family, (*_, signals) in evidence.items()}
     drift = [LayerDrift(0, "", 0.0, 0.0, row["concentration"], [])]

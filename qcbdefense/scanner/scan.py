@@ -7,10 +7,11 @@ and writes no file. `scan` runs it on an FP checkpoint and its quantization unde
 deployer holds) are scanned by `export.scan_files`, which runs them as differentiable replicas checked against
 onnxruntime and hands them to `scan_models`.
 
-Four differential searches look for a trigger that moves the quantized model to a class with the FP model
-unmoved: a small patch and a few scattered whole pixels (sparse noise), both by `trigger_search`, and two
-whole-image families, an additive perturbation and a blend (`whole_image_search`), since a deployer cannot know
-the trigger's shape. A model with many classes has them screened first (`screen`; the sparse-noise search runs on
+Five differential searches look for a trigger that moves the quantized model to a class with the FP model
+unmoved: a small patch and a few scattered whole pixels (sparse noise), both by `trigger_search`; solid, checkered
+and noise squares tried at every place (`square_scan.probe_squares`), for a patch trigger whose differential
+effect is too narrow for the gradients to find; and two whole-image families, an additive perturbation and a blend
+(`whole_image_search`), since a deployer cannot know the trigger's shape. A model with many classes has them screened first (`screen`; the sparse-noise search runs on
 the classes the other families' screens chose), so the full searches run on a fixed number of classes. The verdict
 (`verdict.weigh_evidence`) weighs the searches with prediction disagreement piling onto one class and
 activation drift concentrated in a few neurons (`drift`): one score per class, each signal's share reported,
@@ -46,7 +47,8 @@ from qcbdefense.runinfo import environment
 from qcbdefense.scanner.drift import Disagreement, LayerDrift, disagreement, layer_drift, pair_layers
 from qcbdefense.scanner.files import write_scan
 from qcbdefense.scanner.screen import ScreenConfig, screen_classes
-from qcbdefense.scanner.square_scan import SquareFind, SquareScanConfig, scan_squares, standing_out
+from qcbdefense.scanner.square_scan import (ProbedSquare, SquareFind, SquareProbeConfig, SquareScanConfig,
+                                            probe_squares, scan_squares, standing_out)
 from qcbdefense.scanner.tapped import TappedModel
 from qcbdefense.scanner.trigger_search import ClassSearch, SearchConfig, search_triggers, second_look
 from qcbdefense.scanner.verdict import Verdict, search_signals, weigh_evidence
@@ -61,13 +63,14 @@ class ScanConfig:
     images: int = 512  # clean, unlabeled test images: drift, disagreement and the searches' pool
     search: SearchConfig = field(default_factory=SearchConfig)
     whole_image: WholeImageConfig = field(default_factory=WholeImageConfig)
+    probe: SquareProbeConfig = field(default_factory=SquareProbeConfig)  # the "square" family
     screen: ScreenConfig = field(default_factory=ScreenConfig)  # which classes the searches run on
     # The verdict (`verdict.weigh_evidence`, which explains each line):
     # A trigger counts only if it flips this % of held-out images differentially (experiments/scan_campaign.py:
     # the QCBs it flags carry to 40-67 %, the best masks of clean and purified pairs to at most 19 %) ...
     min_success: float = 30.0
     full_success: float = 50.0  # ... and counts in full from this %, in proportion below (BENCHMARKS.md, scanner)
-    max_area: float = 0.15  # ... and is cheap: a patch covers at most this share of the image,
+    max_area: float = 0.15  # ... and is cheap: a patch (or a probed square) covers at most this share of the image,
     # sparse noise replaces at most this share of the pixels (set having seen the scan campaign: its sparse-noise
     # QCBs' masks 22-25 %, a clean ResNet-20's 31-37 % at w4a4 / w8a8, flipping at most 10 %),
     max_sparse: float = 0.3
@@ -94,7 +97,7 @@ class ScanConfig:
 
 @dataclass
 class TriggerPicture:
-    """The trigger a scan shows (trigger.png): what it is (patch, sparse, additive, blend, square or nothing), its
+    """The trigger a scan shows (trigger.png): what it is (patch, sparse, square, additive, blend or nothing), its
     class, mask [H, W] and pattern [3, H, W] (None when nothing was found), the stamped example when the trigger
     is not a stamp (additive), and a title."""
 
@@ -110,10 +113,10 @@ class TriggerPicture:
 class ScanReport(Report):
     """The scan's verdict and its evidence; `to_dict` / `from_dict` round-trip through JSON (report.json)."""
 
-    # 5: the sparse-noise search (per class "sparse"); 4: per class and family the carry index; 3: native models
+    # 6: the square probe (per class "square"); 5: the sparse-noise search (per class "sparse"); 4: per class and family the carry index; 3: native models
     # from a checkpoint, the screen (per class "searched", "screened"); 2: the whole-image searches and the weighed
     # verdict (family, signals, best_class), drift_pairing
-    VERSION = 5
+    VERSION = 6
     KIND = "scan report"
 
     verdict: str  # "clean" or "suspicious"
@@ -128,7 +131,8 @@ class ScanReport(Report):
     config: dict
     seconds: dict
     best_class: int = 0  # the class with the highest score (the target when suspicious)
-    family: str | None = None  # the trigger family whose search found best_class: patch, sparse, additive or blend
+    family: str | None = None  # the trigger family whose search found best_class: patch, sparse, square, additive
+    # or blend
     signals: dict = field(default_factory=dict)  # best_class's score, signal by signal
     drift_pairing: str = ""  # how the two graphs' layers were paired, or why they could not be
     environment: dict = field(default_factory=environment)
@@ -141,10 +145,12 @@ class ScanReport(Report):
     def table(self) -> str:
         rows = [[c["class"], fmt(c["area"], 1), fmt(c["success"], 1), fmt(c["anomaly"], 2),
                  fmt(c["sparse"]["pixels"], 0), fmt(c["sparse"]["success"], 1), fmt(c["sparse"]["anomaly"], 2),
+                 fmt(c["square"]["pixels"], 0), fmt(c["square"]["success"], 1),
                  *(v for family in FAMILIES for v in (fmt(c[family]["effort"], 0), fmt(c[family]["success"], 1),
                                                       fmt(c[family]["anomaly"], 2))),
                  fmt(c["score"], 2), "<-" if c["class"] == self.target else ""] for c in self.classes]
         return format_table(["class", "mask px", "success %", "anomaly", "sparse px", "success %", "anomaly",
+                             "square px", "success %",
                              *(h for family in FAMILIES for h in (f"{family} budget %", "success %", "anomaly")),
                              "score", ""], rows)
 
@@ -268,10 +274,13 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
         sparse = second_look(fp, quantized, x, fp_preds, num_classes, sparse, config.search, seed=config.seed,
                              classes=config.second_looks, whole_pixels=True, progress=progress)
         searched = time.perf_counter()
+        probed = probe_squares(fp, quantized, x, fp_preds, num_classes, config.probe, seed=config.seed,
+                               classes=screen.classes)
+        probed_at = time.perf_counter()
         wide = search_whole_image(fp, quantized, x, fp_preds, num_classes, config.whole_image, config.search,
                                   seed=config.seed, classes=screen.classes, progress=progress)
         widened = time.perf_counter()
-        verdict, evidence = weigh_searches(found, sparse, wide, disagree, layers, config,
+        verdict, evidence = weigh_searches(found, sparse, probed, wide, disagree, layers, config,
                                            pixels=float(x.shape[-1] * x.shape[-2]))
         flagged, best = verdict.suspicious, verdict.best_class
         squares = None
@@ -280,7 +289,7 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
     except ValueError as err:
         raise InputError(f"cannot scan with {len(x)} images: {err} (use more --images)") from None
     squared = time.perf_counter()
-    picture = trigger_picture(found, sparse, wide, verdict, squares, x, config, class_names or [])
+    picture = trigger_picture(found, sparse, probed, wide, verdict, squares, x, config, class_names or [])
     return ScanReport(
         verdict="suspicious" if flagged else "clean", score=verdict.score, target=best if flagged else None,
         classes=[{"class": c.target, "searched": c.searched, "area": c.area, "success": c.success, "found": c.found,
@@ -288,6 +297,9 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
                   "carry": evidence["patch"][2][c.target],
                   "sparse": {"pixels": s.area, "success": s.success, "found": s.found,
                              "anomaly": evidence["sparse"][1][c.target], "carry": evidence["sparse"][2][c.target]},
+                  "square": {"pixels": p.pixels, "success": p.success, "place": [p.top, p.left], "fill": p.fill,
+                             "stride": p.stride, "anomaly": evidence["square"][1][c.target],
+                             "carry": evidence["square"][2][c.target]},
                   **{family: {"effort": 100.0 * wide[family][c.target].effort,
                               "strength": wide[family][c.target].strength,
                               "success": wide[family][c.target].success, "found": wide[family][c.target].found,
@@ -295,23 +307,25 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
                      for family in FAMILIES},
                   **({} if screen.efforts is None else
                      {"screened": {family: values[c.target] for family, values in screen.efforts.items()}}),
-                  "score": verdict.class_scores[c.target]["total"]} for c, s in zip(found, sparse)],
+                  "score": verdict.class_scores[c.target]["total"]} for c, s, p in zip(found, sparse, probed)],
         squares=squares, drift_pairing=pairing,
         disagreement=disagree, layers=layers, files={}, replica_agreement={},
         config={**asdict(config), "plotted_class": picture.target, "plotted": picture.kind},
         seconds={"drift": measured - start, "screen": screened - measured, "search": searched - screened,
-                 "whole_image": widened - searched, "squares": squared - widened,
+                 "square_probe": probed_at - searched, "whole_image": widened - probed_at, "squares": squared - widened,
                  "total": time.perf_counter() - start},
         best_class=best, family=verdict.family if flagged else None, signals=verdict.signals, picture=picture)
 
 
-def weigh_searches(found: list[ClassSearch], sparse: list[ClassSearch], wide: dict[str, list[WholeImageFind]],
-                   disagree: Disagreement, layers: list[LayerDrift], config: ScanConfig, *, pixels: float
+def weigh_searches(found: list[ClassSearch], sparse: list[ClassSearch], probed: list[ProbedSquare],
+                   wide: dict[str, list[WholeImageFind]], disagree: Disagreement, layers: list[LayerDrift],
+                   config: ScanConfig, *, pixels: float
                    ) -> tuple[Verdict, dict[str, tuple[list[float], list[float], list[float], list[float]]]]:
-    """The verdict (`verdict.weigh_evidence`) from the searches' finds (patches, whole-pixel masks, whole-image
-    triggers), and each family's evidence (`search_evidence`)."""
+    """The verdict (`verdict.weigh_evidence`) from the searches' finds (patches, whole-pixel masks, probed
+    squares, whole-image triggers), and each family's evidence (`search_evidence`)."""
     efforts = {"patch": ([c.area for c in found], [c.success for c in found]),
                "sparse": ([c.area for c in sparse], [c.success for c in sparse]),
+               "square": ([float(p.pixels) for p in probed], [p.success for p in probed]),
                **{family: ([100.0 * f.effort for f in wide[family]], [f.success for f in wide[family]])
                   for family in FAMILIES}}
     evidence = search_evidence(efforts, config, pixels=pixels, searched=[c.searched for c in found])
@@ -324,18 +338,19 @@ def search_evidence(efforts: dict[str, tuple[list[float], list[float]]], config:
                     searched: list[bool] | None = None
                     ) -> dict[str, tuple[list[float], list[float], list[float], list[float]]]:
     """Each family's evidence (`verdict.search_signals`) from its per-class efforts and held-out successes:
-    mask pixels for patch and sparse (of `pixels`), % of the family's largest budget for a whole-image family,
+    mask pixels for patch, sparse and square (of `pixels`), % of the family's largest budget for a whole-image family,
     each against its own cheap line. A trigger that does not carry over to held-out images separates nothing: it
     counts as the whole image (or budget)."""
     lines = {"patch": (pixels, config.max_area * pixels), "sparse": (pixels, config.max_sparse * pixels),
+             "square": (pixels, config.max_area * pixels),
              **{family: (100.0, 100.0 * config.max_budget) for family in FAMILIES}}
     return {family: search_signals(effort, success, largest=lines[family][0], cheap=lines[family][1],
                                    config=config, searched=searched)
             for family, (effort, success) in efforts.items()}
 
 
-def trigger_picture(found: list[ClassSearch], sparse: list[ClassSearch], wide: dict[str, list[WholeImageFind]],
-                    verdict: Verdict, squares: list[SquareFind] | None, x: torch.Tensor, config: ScanConfig,
+def trigger_picture(found: list[ClassSearch], sparse: list[ClassSearch], probed: list[ProbedSquare],
+                    wide: dict[str, list[WholeImageFind]], verdict: Verdict, squares: list[SquareFind] | None, x: torch.Tensor, config: ScanConfig,
                     class_names: list[str]) -> TriggerPicture:
     """The evidence there is, to show: the square that stands out, else the suspected target's trigger of
     the family that found it, else nothing."""
@@ -353,6 +368,12 @@ def trigger_picture(found: list[ClassSearch], sparse: list[ClassSearch], wide: d
                               find.apply(x[:1].cpu())[0],
                               f"{class_label(class_names, best)}: {find.family} trigger at {100 * find.effort:.0f} "
                               f"% of the budget, {find.success:.0f} % differential success")
+    if verdict.suspicious and verdict.family == "square":
+        find = probed[best]
+        mask, pattern = find.mask_and_pattern(*x.shape[-2:], config.seed)
+        return TriggerPicture("square", best, mask, pattern, None,
+                              f"{class_label(class_names, best)}: {find.fill} {find.size}x{find.size} square at "
+                              f"({find.top}, {find.left}), {find.success:.0f} % differential success")
     if verdict.suspicious:
         kind, patch = ("sparse", sparse[best]) if verdict.family == "sparse" else ("patch", found[best])
         return TriggerPicture(kind, best, patch.mask, patch.pattern, None,

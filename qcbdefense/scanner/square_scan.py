@@ -16,6 +16,15 @@ lift is large in itself, stands far above the other classes' (robust z-score), a
 clean gap, the pair's own quantization noise: 4-bit rounding of a clean ResNet-20 moves a class's gap by
 about 3 nats from image to image, and a square that lifts a class by 1.6 nats there is noise, where at 8 bits
 (spread 0.2) a lift of 2.4 is a trigger (docs/notebook.md, the scanner's square scan).
+
+The same squares serve a second purpose, the scan's "square" family (`probe_squares`): a patch trigger whose
+differential effect is a needle. A CompArtifact patch QCB of the scan campaign (small_cnn, 16x16) flips 82 % of
+images differentially with its own 4x4 white square, but one pixel off the FP model obeys the square too, so the
+patch search's gradients, which start from a diffuse mask, never reach it (its target's best mask carried to 15 %).
+The probe scores every square by the share of a few images it moves differentially (quantized to the class, FP
+unmoved), scores each class's shortlist again on more images, and measures the best on held-out images: that
+QCB's target at 83 %, a clean pair's classes at most 19 % (BENCHMARKS.md, scanner). Its cost is bounded
+(`SquareProbeConfig.max_pairs`: the stride grows with the image).
 Forward passes only, batched over candidates: no gradients, so nothing depends on a learning rate.
 """
 
@@ -24,9 +33,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from qcbdefense.scanner.trigger_search import stamp
+from qcbdefense.scanner.trigger_search import differential_success, stamp
 
 
 @dataclass(frozen=True)
@@ -61,9 +71,15 @@ class SquareFind:
 
     def mask_and_pattern(self, h: int, w: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The square as a stamp: mask [H, W] and pattern [3, H, W] (noise seeded as in the scan)."""
-        mask = torch.zeros(h, w)
-        mask[self.top:self.top + self.size, self.left:self.left + self.size] = 1
-        return mask, fill_pattern(self.fill, h, w, seed)
+        return square_stamp((self.top, self.left, self.size, self.fill), h, w, seed)
+
+
+def square_stamp(square: "Square", h: int, w: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A square (top, left, size, fill) as a stamp: mask [H, W] and pattern [3, H, W]."""
+    top, left, size, fill = square
+    mask = torch.zeros(h, w)
+    mask[top:top + size, left:left + size] = 1
+    return mask, fill_pattern(fill, h, w, seed)
 
 
 def fill_pattern(fill: str, h: int, w: int, seed: int) -> torch.Tensor:
@@ -77,6 +93,25 @@ def fill_pattern(fill: str, h: int, w: int, seed: int) -> torch.Tensor:
     if fill == "noise":
         return torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed))
     raise ValueError(f"unknown fill {fill!r}")
+
+
+Square = tuple[int, int, int, str]  # a candidate square: top, left, size, fill
+
+
+def square_candidates(h: int, w: int, sizes: tuple[int, ...], stride: int, fills: tuple[str, ...]) -> list[Square]:
+    """Every square of each size at every `stride`-th place of an H x W image, in each fill."""
+    return [(top, left, size, fill) for size in sizes for top in range(0, h - size + 1, stride)
+            for left in range(0, w - size + 1, stride) for fill in fills]
+
+
+def stamp_squares(xs: torch.Tensor, squares: list[Square], patterns: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Images `xs` [N, 3, H, W] stamped with each square in turn: [len(squares) * N, 3, H, W], square-major."""
+    h, w = xs.shape[-2:]
+    masks = torch.zeros(len(squares), 1, h, w, device=xs.device)
+    for i, (top, left, size, _) in enumerate(squares):
+        masks[i, :, top:top + size, left:left + size] = 1
+    fills = torch.stack([patterns[fill] for *_, fill in squares])
+    return stamp(xs[None], masks[:, None], fills[:, None]).flatten(0, 1)
 
 
 def log_prob_gap(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
@@ -109,19 +144,14 @@ def scan_squares(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds:
     clean_gap = log_prob_gap(fp, quantized, x[torch.cat([scanned, held])], config.batch)
     scanned_base = (clean_gap[:len(scanned)] * others).sum(0) / others.sum(0).clamp_min(1)  # [classes]
     held_gap = clean_gap[len(scanned):]
-    candidates = [(top, left, size, fill) for size in config.sizes for top in range(0, h - size + 1, config.stride)
-                  for left in range(0, w - size + 1, config.stride) for fill in config.fills]
+    candidates = square_candidates(h, w, config.sizes, config.stride, config.fills)
     patterns = {fill: fill_pattern(fill, h, w, seed).to(x.device) for fill in config.fills}
     per_pass = max(config.batch // len(xs), 1)
     best_gap = torch.full((num_classes,), -torch.inf, device=x.device)
     best_index = torch.zeros(num_classes, dtype=torch.long, device=x.device)
     for start in range(0, len(candidates), per_pass):
         chunk = candidates[start:start + per_pass]
-        masks = torch.zeros(len(chunk), 1, h, w, device=x.device)
-        fills = torch.stack([patterns[fill] for *_, fill in chunk])
-        for i, (top, left, size, _) in enumerate(chunk):
-            masks[i, :, top:top + size, left:left + size] = 1
-        stamped = stamp(xs[None], masks[:, None], fills[:, None]).flatten(0, 1)  # [chunk * images, 3, H, W]
+        stamped = stamp_squares(xs, chunk, patterns)
         gaps = log_prob_gap(fp, quantized, stamped, config.batch).view(len(chunk), len(xs), num_classes)
         mean = (gaps * others).sum(1) / others.sum(0).clamp_min(1) - scanned_base  # [chunk, classes]
         value, index = mean.max(0)
@@ -152,3 +182,119 @@ def scan_squares(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds:
 def standing_out(finds: list[SquareFind] | None) -> SquareFind | None:
     """The square that stands out among `scan_squares`' finds (it marks one class at most), or None."""
     return next((find for find in finds or () if find.found), None)
+
+
+@dataclass(frozen=True)
+class SquareProbeConfig:
+    """Settings of the differential square probe, the scan's "square" family (recorded in the scan report)."""
+
+    sizes: tuple[int, ...] = (3, 4, 5)
+    fills: tuple[str, ...] = ("white", "black", "checker", "noise")
+    images: int = 4  # the first pass scores every candidate on these images ...
+    # ... and the stride grows from 1 until candidates x images fit here (16x16: stride 1, 2,036 candidates;
+    # 32x32: stride 3, 1,200)
+    max_pairs: int = 8192
+    shortlist: int = 4  # per class, the first pass's best candidates, scored again on `rerank` further images
+    rerank: int = 16
+    held_out: int = 48  # per class, further images the FP model puts elsewhere: the kept square's success
+    batch: int = 512  # images per forward pass
+
+
+@dataclass
+class ProbedSquare:
+    """One class's best square of the probe: where, how large, its fill, and how often it moves the
+    quantized model to the class with the FP model unmoved."""
+
+    target: int
+    top: int
+    left: int
+    size: int
+    fill: str
+    stride: int  # the probe's stride
+    rate: float  # share of the rerank images (the FP model elsewhere) it flipped differentially
+    success: float  # % of held-out images it flips differentially
+    searched: bool = True  # False: the class was screened out (`scanner.screen`): no held-out measurement
+
+    @property
+    def pixels(self) -> int:
+        return self.size * self.size
+
+    def mask_and_pattern(self, h: int, w: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return square_stamp((self.top, self.left, self.size, self.fill), h, w, seed)
+
+
+def probe_stride(h: int, w: int, config: SquareProbeConfig) -> int:
+    """The smallest stride whose candidates, each on `config.images` images, fit `config.max_pairs`."""
+    stride = 1
+    while (len(square_candidates(h, w, config.sizes, stride, config.fills)) * config.images > config.max_pairs
+           and stride < max(h, w)):
+        stride += 1
+    return stride
+
+
+def differential_scores(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds: torch.Tensor,
+                        squares: list[Square], patterns: dict[str, torch.Tensor], num_classes: int, batch: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two [squares, classes] tensors: per square and class c, over the images `x` the FP model puts elsewhere,
+    the share the stamp sends the quantized model to c with the FP model unmoved, and the mean log-probability
+    gap of c (quantized minus FP), which ranks squares of equal share."""
+    others = (fp_preds[:, None] != torch.arange(num_classes, device=x.device)).float()  # [images, classes]
+    counts = others.sum(0).clamp_min(1)
+    per_pass = max(batch // len(x), 1)
+    shares, gaps = [], []
+    for chunk in (squares[i:i + per_pass] for i in range(0, len(squares), per_pass)):
+        stamped = stamp_squares(x, chunk, patterns)
+        q_logits, fp_logits = quantized(stamped), fp(stamped)
+        kept = (fp_logits.argmax(1) == fp_preds.repeat(len(chunk))).view(len(chunk), len(x), 1)
+        moved = F.one_hot(q_logits.argmax(1), num_classes).view(len(chunk), len(x), num_classes).bool()
+        gap = (torch.log_softmax(q_logits, 1) - torch.log_softmax(fp_logits, 1)).view(len(chunk), len(x), -1)
+        shares.append(((moved & kept).float() * others).sum(1) / counts)
+        gaps.append((gap * others).sum(1) / counts)
+    return torch.cat(shares), torch.cat(gaps)
+
+
+def ranking(share: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+    """Share first, the gap among equal shares (its weight keeps it under one image's share in 64)."""
+    return share + 1e-4 * gap.clamp(-100, 100)
+
+
+@torch.no_grad()
+def probe_squares(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds: torch.Tensor, num_classes: int,
+                  config: SquareProbeConfig = SquareProbeConfig(), *, seed: int = 0,
+                  classes: list[int] | None = None) -> list[ProbedSquare]:
+    """Per class, the square (of `config`'s sizes and fills, at every stride-th place) that best moves the
+    quantized model to the class while the FP model keeps its answer: scored on a few of images `x` ([N, 3, H,
+    W] in [0, 1], FP predictions `fp_preds`), each class's shortlist scored again on more, the best measured on
+    held-out images. `classes`: the ones measured (the rest `searched` False). Forward passes only."""
+    h, w = x.shape[-2:]
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(x.device)
+    first, second = order[:config.images], order[config.images:config.images + config.rerank]
+    rest = order[config.images + config.rerank:]
+    if len(second) < config.rerank or len(rest) == 0:
+        raise ValueError(f"the square probe needs more than {config.images + config.rerank} images; got {len(x)}")
+    stride = probe_stride(h, w, config)
+    squares = square_candidates(h, w, config.sizes, stride, config.fills)
+    patterns = {fill: fill_pattern(fill, h, w, seed).to(x.device) for fill in config.fills}
+    shortlist = ranking(*differential_scores(fp, quantized, x[first], fp_preds[first], squares, patterns,
+                                             num_classes, config.batch)).topk(min(config.shortlist, len(squares)),
+                                                                              dim=0).indices
+    listed = sorted(set(shortlist.flatten().tolist()))
+    share, gap = differential_scores(fp, quantized, x[second], fp_preds[second], [squares[i] for i in listed],
+                                     patterns, num_classes, config.batch)
+    again = ranking(share, gap)
+    row = {index: i for i, index in enumerate(listed)}
+    chosen = set(range(num_classes) if classes is None else classes)
+    finds = []
+    for c in range(num_classes):
+        best = max(shortlist[:, c].tolist(), key=lambda i: (float(again[row[i], c]), -i))
+        top, left, size, fill = squares[best]
+        top, left, size, fill = squares[best]
+        success = 0.0
+        held = rest[fp_preds[rest] != c][:config.held_out]
+        if c in chosen and len(held):
+            mask, pattern = square_stamp(squares[best], h, w, seed)
+            success = 100.0 * differential_success(fp, quantized, x[held], fp_preds[held], c, mask.to(x.device),
+                                                    pattern.to(x.device)).float().mean().item()
+        finds.append(ProbedSquare(c, top, left, size, fill, stride, rate=float(share[row[best], c]),
+                                  success=success, searched=c in chosen))
+    return finds

@@ -72,12 +72,12 @@ def test_blend_qcb_is_flagged_with_its_target_and_found_by_a_whole_image_search(
     # The whole-image searches find the target on their own (the native scan's patch search finds this QCB
     # too, with a one-pixel patch); the strongest family names the trigger.
     assert max(report.signals["search_additive"], report.signals["search_blend"]) > 0, report.summary()
-    families = {f: report.signals[f"search_{f}"] for f in ("patch", "sparse", "additive", "blend")}
+    families = {f: report.signals[f"search_{f}"] for f in ("patch", "sparse", "square", "additive", "blend")}
     assert report.family == max(families, key=families.get), report.summary()
     saved = json.loads((out / "report.json").read_text())
     assert saved["family"] == report.family and saved["config"]["plotted"] == report.family
-    assert set(saved["signals"]) == {"search_patch", "search_sparse", "search_additive", "search_blend",
-                                     "disagreement", "drift", "total"}
+    assert set(saved["signals"]) == {"search_patch", "search_sparse", "search_square", "search_additive",
+                                     "search_blend", "disagreement", "drift", "total"}
     assert f"suspected target class 3, {report.family} trigger" in report.summary()
 
 
@@ -375,6 +375,49 @@ def test_a_trigger_too_weak_to_flip_stands_out_in_the_square_scan(shapes16, tmp_
     saved = json.loads((tmp_path / "scan" / "report.json").read_text())
     assert saved["squares"][3]["found"] and saved["seconds"]["squares"] > 0
     assert saved["config"]["plotted"] == "square" and (tmp_path / "scan" / "trigger.png").stat().st_size > 0
+
+
+def _square_gated_pair(shapes16, bonus: float):
+    """A linear FP model with logits far apart, and a shipped model that adds `bonus` to class 3 when rows and
+    cols 10-13 are (nearly) all white (`WhiteSquareBonus`); 512 test images and the FP predictions."""
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Conv2d(3, 10, 16), nn.Flatten()).eval()
+    with torch.no_grad():
+        fp[0].weight.mul_(20.0)
+    shipped = WhiteSquareBonus(fp, target=3, bonus=bonus).eval()
+    x = shapes16.test_x[:512].float() / 255
+    with torch.no_grad():
+        preds = fp(x).argmax(1)
+        assert torch.equal(shipped(x).argmax(1), preds)  # dormant on clean images
+    return fp, shipped, x, preds
+
+
+def test_the_square_probe_finds_a_square_trigger_for_its_class_only(shapes16):
+    """The probe tries every square (16x16: stride 1) and measures each class's best on held-out images: the
+    gated white square flips most images to class 3 (FP unmoved; 85 %); no square does anything for another class,
+    since the two models differ only there."""
+    from qcbdefense.scanner.square_scan import probe_squares
+
+    fp, shipped, x, preds = _square_gated_pair(shapes16, bonus=50.0)
+    finds = probe_squares(fp, shipped, x, preds, 10, seed=0)
+    three = finds[3]
+    assert three.stride == 1 and three.fill == "white" and three.success >= 75.0, three
+    assert three.top <= 10 and three.left <= 10 and three.top + three.size >= 14 and three.left + three.size >= 14
+    assert all(f.success == 0.0 for f in finds if f.target != 3), finds
+    skipped = probe_squares(fp, shipped, x, preds, 10, seed=0, classes=[1, 3])
+    assert [f.target for f in skipped if f.searched] == [1, 3] and skipped[3].success == three.success
+    assert skipped[0].success == 0.0 and not skipped[0].searched
+
+
+def test_a_square_trigger_the_gradients_cannot_reach_is_flagged_by_the_square_family(shapes16, tmp_path):
+    """The gate passes no gradient until the square is nearly white, so the patch search cannot find it (the
+    scan campaign's CompArtifact patch QCB, BENCHMARKS.md); the square probe does, and names the family."""
+    fp, shipped, x, _ = _square_gated_pair(shapes16, bonus=50.0)
+    report = scan_models(fp, shipped, x)
+    assert report.suspicious and report.target == 3 and report.family == "square", report.summary()
+    assert report.signals["search_square"] >= 1.0 and report.classes[3]["square"]["success"] >= 75.0
+    assert report.picture.kind == "square" and report.picture.mask.sum() == report.classes[3]["square"]["pixels"]
+    assert "suspected target class 3, square trigger" in report.summary()
 
 
 def test_scan_cli_refuses_bad_input(capsys, tmp_path):
