@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qcbdefense.scanner.robust import robust_z
 from qcbdefense.scanner.trigger_search import differential_success, stamp
 
 
@@ -120,15 +121,6 @@ def log_prob_gap(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, batch: in
                       for part in x.split(batch)])
 
 
-def robust_z(values: list[float]) -> list[float]:
-    """How far above the others each value lies, in robust standard deviations (median absolute deviation),
-    the deviation floored at 0.1 nats so that classes that all sit near zero give small scores."""
-    v = torch.tensor(values)
-    median = v.median()
-    mad = 1.4826 * (v - median).abs().median()
-    return ((v - median) / mad.clamp_min(0.1)).tolist()
-
-
 @torch.no_grad()
 def scan_squares(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds: torch.Tensor, num_classes: int,
                  config: SquareScanConfig = SquareScanConfig(), *, seed: int = 0) -> list[SquareFind]:
@@ -170,8 +162,9 @@ def scan_squares(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds:
             find.gap = float((log_prob_gap(fp, quantized, stamped, config.batch)[:, c] - held_gap[rest, c]).mean())
             spreads.append(float(held_gap[rest, c].std()))
         finds.append(find)
-    noise = max(torch.tensor(spreads).median().item() if spreads else 0.0, 0.1)  # floored as robust_z's deviation
-    for find, z in zip(finds, robust_z([f.gap for f in finds])):
+    noise = max(torch.tensor(spreads).median().item() if spreads else 0.0, 0.1)  # floored as the lifts' deviation
+    # how far above the others each lift lies, the deviation floored at 0.1 nats: classes all near zero score small
+    for find, z in zip(finds, robust_z(torch.tensor([f.gap for f in finds]), floor=0.1).tolist()):
         find.anomaly, find.effect = z, find.gap / noise
     top_find = max(finds, key=lambda f: f.gap)
     top_find.found = (top_find.gap >= config.min_gap and top_find.anomaly >= config.min_anomaly

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from qcbdefense.scanner.robust import robust_z
+
 
 @dataclass(frozen=True)
 class SearchConfig:
@@ -240,7 +242,4 @@ def anomaly_index(areas: list[float]) -> list[float]:
     The deviation is floored at log 2 (a factor of two between masks is noise), so classes that all failed
     (all at the image's area) give 0 rather than a division by zero.
     """
-    logs = torch.log(torch.tensor(areas).clamp_min(1.0))
-    median = logs.median()
-    mad = 1.4826 * (logs - median).abs().median()
-    return ((median - logs) / mad.clamp_min(math.log(2))).tolist()
+    return (-robust_z(torch.log(torch.tensor(areas).clamp_min(1.0)), floor=math.log(2))).tolist()

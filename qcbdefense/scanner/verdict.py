@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from qcbdefense.scanner.drift import Disagreement, LayerDrift
+from qcbdefense.scanner.robust import robust_z
 from qcbdefense.scanner.trigger_search import anomaly_index
 
 if TYPE_CHECKING:  # scan.py holds the settings and calls this module
@@ -82,12 +83,10 @@ def carry_index(successes: list[float], searched: list[bool] | None = None, *, f
     target: a 42-px mask, no smaller than the other classes', carrying to 71 % against at most 33 %). The floor
     keeps a few images' noise (one held-out image is 2 points) from counting. Unsearched classes get 0."""
     searched = [True] * len(successes) if searched is None else searched
-    values = torch.tensor([s for s, done in zip(successes, searched) if done])
-    if len(values) == 0:
+    if not any(searched):
         return [0.0] * len(successes)
-    median = values.median()
-    spread = max(1.4826 * float((values - median).abs().median()), floor)
-    return [float(s - median) / spread if done else 0.0 for s, done in zip(successes, searched)]
+    among = iter(robust_z(torch.tensor([s for s, done in zip(successes, searched) if done]), floor).tolist())
+    return [next(among) if done else 0.0 for done in searched]
 
 
 def weigh_evidence(searches: dict[str, list[float]], disagree: Disagreement, layers: list[LayerDrift],
