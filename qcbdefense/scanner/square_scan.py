@@ -267,6 +267,8 @@ def probe_squares(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds
         raise ValueError(f"the square probe needs more than {config.images + config.rerank} images; got {len(x)}")
     stride = probe_stride(h, w, config)
     squares = square_candidates(h, w, config.sizes, stride, config.fills)
+    if not squares:  # images smaller than every square: nothing to probe
+        return [ProbedSquare(c, 0, 0, 0, "", stride, 0.0, 0.0, searched=False) for c in range(num_classes)]
     patterns = {fill: fill_pattern(fill, h, w, seed).to(x.device) for fill in config.fills}
     shortlist = ranking(*differential_scores(fp, quantized, x[first], fp_preds[first], squares, patterns,
                                              num_classes, config.batch)).topk(min(config.shortlist, len(squares)),

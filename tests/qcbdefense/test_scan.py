@@ -407,6 +407,9 @@ def test_the_square_probe_finds_a_square_trigger_for_its_class_only(shapes16):
     skipped = probe_squares(fp, shipped, x, preds, 10, seed=0, classes=[1, 3])
     assert [f.target for f in skipped if f.searched] == [1, 3] and skipped[3].success == three.success
     assert skipped[0].success == 0.0 and not skipped[0].searched
+    tiny = nn.Sequential(nn.Flatten(), nn.Linear(3 * 2 * 2, 10)).eval()  # 2x2 images: no square fits, none probed
+    small = x[:64, :, :2, :2]
+    assert not any(f.searched or f.success for f in probe_squares(tiny, tiny, small, tiny(small).argmax(1), 10))
 
 
 def test_a_square_trigger_the_gradients_cannot_reach_is_flagged_by_the_square_family(shapes16, tmp_path):
