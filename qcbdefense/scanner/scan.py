@@ -11,8 +11,9 @@ Five differential searches look for a trigger that moves the quantized model to 
 unmoved: a small patch and a few scattered whole pixels (sparse noise), both by `trigger_search`; solid, checkered
 and noise squares tried at every place (`square_scan.probe_squares`), for a patch trigger whose differential
 effect is too narrow for the gradients to find; and two whole-image families, an additive perturbation and a blend
-(`whole_image_search`), since a deployer cannot know the trigger's shape. A model with many classes has them screened first (`screen`; the sparse-noise search runs on
-the classes the other families' screens chose), so the full searches run on a fixed number of classes. The verdict
+(`whole_image_search`), since a deployer cannot know the trigger's shape. A model with many classes has them
+screened first (`screen`; the sparse-noise search runs on the classes the other families' screens chose), so the
+full searches run on a fixed number of classes. The verdict
 (`verdict.weigh_evidence`) weighs the searches with prediction disagreement piling onto one class and
 activation drift concentrated in a few neurons (`drift`): one score per class, each signal's share reported,
 and the family whose search found the class.
@@ -113,9 +114,9 @@ class TriggerPicture:
 class ScanReport(Report):
     """The scan's verdict and its evidence; `to_dict` / `from_dict` round-trip through JSON (report.json)."""
 
-    # 6: the square probe (per class "square"); 5: the sparse-noise search (per class "sparse"); 4: per class and family the carry index; 3: native models
-    # from a checkpoint, the screen (per class "searched", "screened"); 2: the whole-image searches and the weighed
-    # verdict (family, signals, best_class), drift_pairing
+    # 6: the square probe (per class "square"); 5: the sparse-noise search (per class "sparse"); 4: per class and
+    # family the carry index; 3: native models from a checkpoint, the screen (per class "searched", "screened");
+    # 2: the whole-image searches and the weighed verdict (family, signals, best_class), drift_pairing
     VERSION = 6
     KIND = "scan report"
 
@@ -350,10 +351,10 @@ def search_evidence(efforts: dict[str, tuple[list[float], list[float]]], config:
 
 
 def trigger_picture(found: list[ClassSearch], sparse: list[ClassSearch], probed: list[ProbedSquare],
-                    wide: dict[str, list[WholeImageFind]], verdict: Verdict, squares: list[SquareFind] | None, x: torch.Tensor, config: ScanConfig,
-                    class_names: list[str]) -> TriggerPicture:
-    """The evidence there is, to show: the square that stands out, else the suspected target's trigger of
-    the family that found it, else nothing."""
+                    wide: dict[str, list[WholeImageFind]], verdict: Verdict, squares: list[SquareFind] | None,
+                    x: torch.Tensor, config: ScanConfig, class_names: list[str]) -> TriggerPicture:
+    """The evidence there is, to show: the square scan's square that stands out, else the suspected target's
+    trigger of the family that found it, else nothing."""
     square = standing_out(squares)
     best = verdict.best_class
     if square is not None:

@@ -256,8 +256,8 @@ def probe_squares(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds
                   config: SquareProbeConfig = SquareProbeConfig(), *, seed: int = 0,
                   classes: list[int] | None = None) -> list[ProbedSquare]:
     """Per class, the square (of `config`'s sizes and fills, at every stride-th place) that best moves the
-    quantized model to the class while the FP model keeps its answer: scored on a few of images `x` ([N, 3, H,
-    W] in [0, 1], FP predictions `fp_preds`), each class's shortlist scored again on more, the best measured on
+    quantized model to the class while the FP model keeps its answer: scored on a few of the images `x` ([N, 3,
+    H, W] in [0, 1], FP predictions `fp_preds`), each class's shortlist scored again on more, the best measured on
     held-out images. `classes`: the ones measured (the rest `searched` False). Forward passes only."""
     h, w = x.shape[-2:]
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(x.device)
@@ -270,9 +270,9 @@ def probe_squares(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds
     if not squares:  # images smaller than every square: nothing to probe
         return [ProbedSquare(c, 0, 0, 0, "", stride, 0.0, 0.0, searched=False) for c in range(num_classes)]
     patterns = {fill: fill_pattern(fill, h, w, seed).to(x.device) for fill in config.fills}
-    shortlist = ranking(*differential_scores(fp, quantized, x[first], fp_preds[first], squares, patterns,
-                                             num_classes, config.batch)).topk(min(config.shortlist, len(squares)),
-                                                                              dim=0).indices
+    first_pass = ranking(*differential_scores(fp, quantized, x[first], fp_preds[first], squares, patterns,
+                                              num_classes, config.batch))
+    shortlist = first_pass.topk(min(config.shortlist, len(squares)), dim=0).indices  # [shortlist, classes]
     listed = sorted(set(shortlist.flatten().tolist()))
     share, gap = differential_scores(fp, quantized, x[second], fp_preds[second], [squares[i] for i in listed],
                                      patterns, num_classes, config.batch)
@@ -282,7 +282,6 @@ def probe_squares(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds
     finds = []
     for c in range(num_classes):
         best = max(shortlist[:, c].tolist(), key=lambda i: (float(again[row[i], c]), -i))
-        top, left, size, fill = squares[best]
         top, left, size, fill = squares[best]
         success = 0.0
         held = rest[fp_preds[rest] != c][:config.held_out]

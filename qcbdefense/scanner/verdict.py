@@ -5,8 +5,8 @@ Each signal is scaled so that 1.0 is "enough on its own" for the searches and le
 - **search** (per class): for each trigger family (patch, sparse, square, additive, blend), the class's anomaly
   index (how far below the other classes its effort lies, `trigger_search.anomaly_index`) over `min_anomaly`,
   counted only when the trigger carries over to held-out images (`min_success`) and is cheap in absolute terms
-  (`max_area` of the image for a patch or a probed square, `max_sparse` for sparse noise, `max_budget` of the family's largest for a
-  whole-image trigger; `scan.search_evidence`), and
+  (`max_area` of the image for a patch or a probed square, `max_sparse` for sparse noise, `max_budget` of the
+  family's largest for a whole-image trigger; `scan.search_evidence`), and
   in proportion to its held-out success up to `full_success`: a trigger that flips a third of the images
   is weaker evidence than one that flips two thirds, though both needed small masks (a sparse-noise QCB's
   target, 67 %, against a neighbour at 33 % that the disagreements piled onto, in the scan campaign).
