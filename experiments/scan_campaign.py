@@ -1,16 +1,18 @@
 """Scan campaign (issue 29): the scanner's true- and false-positive rates over many FP / quantized pairs.
 
 Not part of the product. At small scale (the built-in data at 16x16, small_cnn, as the tests' fixtures) it
-makes clean models (two seeds) scanned at three specs, a LAC-purified pair, and QCBs of three trigger families
+makes clean models (three seeds) scanned at three specs, a LAC-purified pair, and QCBs of three trigger families
 (patch, blend, sparse noise), each with its own target: every family under PQBackdoor, blend and sparse noise
-under Qu-ANTI-zation, and all three under CompArtifact (`ATTACKED`: the shared CPU allowed no more); scans every
-pair; then chooses the verdict's held-out success bar, full credit and score line on the calibration pairs
+under Qu-ANTI-zation, and all three under CompArtifact; then six more QCBs and the third clean seed, added after
+the scanner's settings were last set, with other patch sizes, colours, places and patterns, a striped blend and
+other sparse pixels, each with another target (`ATTACKED`); scans every pair; then chooses the verdict's held-out success bar, full credit and score line on the calibration pairs
 (clean seed 0, the PQBackdoor QCBs, one QCB of each other attack: `CALIBRATION`) and reports TPR / FPR on the rest
 with them and with the scanner's settings.
 
     python experiments/scan_campaign.py make   # train and attack (cached under runs/campaign/models)
     python experiments/scan_campaign.py scan   # scan every pair (rows appended to runs/campaign/scans.jsonl)
     python experiments/scan_campaign.py table  # split, threshold, TPR / FPR as Markdown
+    python experiments/scan_campaign.py truth  # each QCB's own trigger, measured as the scan measures
 
 Every row records the pair's configuration; the models' seeds are fixed below.
 """
@@ -36,10 +38,17 @@ from qcbdefense.training import TrainConfig
 
 ROOT = Path("runs/campaign")
 MODELS = ROOT / "models"
-CLEAN_SEEDS = (0, 1)
+CLEAN_SEEDS = (0, 1, 2)
 CLEAN_SPECS = ("w8a8", "w4a4", "pqbackdoor-w4a4")
 TRIGGERS = {"patch": ("patch", 0), "blend": ("blend:alpha=0.15,pattern=noise,seed=7", 3),
-            "sparse": ("sparse:density=0.05,seed=5", 5)}  # family: (trigger, target)
+            "sparse": ("sparse:density=0.05,seed=5", 5),
+            # added after the scanner's settings were last set (2026-12-06), reported only: other shapes, colours,
+            # places and targets than the pairs above
+            "redpatch": ("patch:size=3,position=top-left,color=red", 7),
+            "centerpatch": ("patch:size=4,position=center,pattern=random,seed=3", 2),
+            "greenpatch": ("patch:size=3,position=bottom-left,color=green", 4),
+            "stripes": ("blend:alpha=0.1,pattern=stripes", 8),
+            "sparse2": ("sparse:density=0.08,seed=11", 1)}  # family: (trigger, target)
 ATTACKS = {"quanti": ("w4a4", {"c1": 1.0, "c2": 1.0, "sync_every": 8}),
            "compartifact": ("w4a4", {"sync_every": 8}),
            "pqbackdoor": ("pqbackdoor-w4a4", {})}  # method: (victim spec, options), as tests/.../test_attacks.py
@@ -50,7 +59,9 @@ ATTACK_TRAIN_DEFAULT = TrainConfig(epochs=8, optimizer="adam", lr=1e-3, weight_d
 # and one under each fake-quantized attack, for the thresholds (`CALIBRATION`); another family under each
 # fake-quantized attack reported.
 ATTACKED = [("pqbackdoor", "patch"), ("pqbackdoor", "blend"), ("pqbackdoor", "sparse"), ("compartifact", "blend"),
-            ("quanti", "sparse"), ("compartifact", "patch"), ("quanti", "blend"), ("compartifact", "sparse")]
+            ("quanti", "sparse"), ("compartifact", "patch"), ("quanti", "blend"), ("compartifact", "sparse"),
+            ("pqbackdoor", "redpatch"), ("compartifact", "redpatch"), ("pqbackdoor", "centerpatch"),
+            ("quanti", "greenpatch"), ("quanti", "stripes"), ("compartifact", "sparse2")]
 CALIBRATION = {("pqbackdoor", "patch"), ("pqbackdoor", "blend"), ("pqbackdoor", "sparse"), ("quanti", "blend"),
                ("compartifact", "sparse")}
 PURIFIED = [("pqbackdoor", "blend")]
@@ -156,6 +167,31 @@ def scan_all(data: Dataset, wanted: set[str]) -> None:
             log.flush()
 
 
+def own_triggers(data: Dataset) -> None:
+    """What a scan could find at best: each QCB's own trigger on the scan's images the FP model puts elsewhere,
+    the share sent to the target by the quantized model, by the FP model, and differentially (quantized to the
+    target, FP unmoved), the scanner's measure."""
+    from qcbdefense.quant.ptq import post_training_quantize
+    from qcbdefense.scanner.scan import scan_images
+    from qcbdefense.triggers import parse_trigger
+
+    x = scan_images(data, ScanConfig().images, 0)
+    for pair in pairs(data):
+        if pair["kind"] != "attacked":
+            continue
+        fp = load_model("small_cnn", pair["ckpt"]).eval()
+        quantized = post_training_quantize(fp, pair["spec"], data, calib=512, seed=0).eval()
+        target, stamped = pair["target"], parse_trigger(pair["trigger"]).apply(x)
+        with torch.no_grad():
+            before = fp(x).argmax(1)
+            q_after, fp_after = quantized(stamped).argmax(1), fp(stamped).argmax(1)
+        elsewhere = before != target
+        share = {"quantized": q_after == target, "FP": fp_after == target,
+                 "differential": (q_after == target) & (fp_after == before)}
+        print(f"{pair['name']} (target {target}, {int(elsewhere.sum())} images): " + ", ".join(
+            f"{name} {100 * hit[elsewhere].float().mean():.1f} %" for name, hit in share.items()), flush=True)
+
+
 def rates(rows: list[dict], scored: dict[str, tuple[float, int]], threshold: float) -> tuple[str, str]:
     """TPR (suspicious with the right target, over attacked pairs) and FPR (suspicious, over clean and
     purified pairs) at `threshold` on the verdict's score; `scored` maps a pair to its (score, best class)."""
@@ -237,5 +273,7 @@ if __name__ == "__main__":
         make(shapes16(), wanted)
     elif step == "scan":
         scan_all(shapes16(), wanted)
+    elif step == "truth":
+        own_triggers(shapes16())
     else:
         table()
