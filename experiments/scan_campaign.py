@@ -3,9 +3,9 @@
 Not part of the product. At small scale (the built-in data at 16x16, small_cnn, as the tests' fixtures) it
 makes clean models (three seeds) scanned at three specs, a LAC-purified pair, and QCBs of three trigger families
 (patch, blend, sparse noise), each with its own target: every family under PQBackdoor, blend and sparse noise
-under Qu-ANTI-zation, and all three under CompArtifact; then six more QCBs and the third clean seed, added after
-the scanner's settings were last set, with other patch sizes, colours, places and patterns, a striped blend and
-other sparse pixels, each with another target (`ATTACKED`); scans every pair; then chooses the verdict's held-out success bar, full credit and score line on the calibration pairs
+under Qu-ANTI-zation, and all three under CompArtifact; then, twice, six more QCBs and another clean seed, each
+time added after the scanner last changed, with other patch sizes, colours, places and patterns, blends and sparse
+pixels, and other targets (`ATTACKED`); scans every pair; then chooses the verdict's held-out success bar, full credit and score line on the calibration pairs
 (clean seed 0, the PQBackdoor QCBs, one QCB of each other attack: `CALIBRATION`) and reports TPR / FPR on the rest
 with them and with the scanner's settings.
 
@@ -38,7 +38,7 @@ from qcbdefense.training import TrainConfig
 
 ROOT = Path("runs/campaign")
 MODELS = ROOT / "models"
-CLEAN_SEEDS = (0, 1, 2)
+CLEAN_SEEDS = (0, 1, 2, 3)
 CLEAN_SPECS = ("w8a8", "w4a4", "pqbackdoor-w4a4")
 TRIGGERS = {"patch": ("patch", 0), "blend": ("blend:alpha=0.15,pattern=noise,seed=7", 3),
             "sparse": ("sparse:density=0.05,seed=5", 5),
@@ -48,7 +48,14 @@ TRIGGERS = {"patch": ("patch", 0), "blend": ("blend:alpha=0.15,pattern=noise,see
             "centerpatch": ("patch:size=4,position=center,pattern=random,seed=3", 2),
             "greenpatch": ("patch:size=3,position=bottom-left,color=green", 4),
             "stripes": ("blend:alpha=0.1,pattern=stripes", 8),
-            "sparse2": ("sparse:density=0.08,seed=11", 1)}  # family: (trigger, target)
+            "sparse2": ("sparse:density=0.08,seed=11", 1),
+            # added after the square probe learnt its squares' pixels (2026-12-06), reported only
+            "bluepatch": ("patch:size=5,position=top-right,color=blue", 9),
+            "yellowchecker": ("patch:size=4,position=bottom-right,pattern=checkerboard,color=yellow", 6),
+            "magentapatch": ("patch:size=3,position=5/9,color=magenta", 1),
+            "noiseblend": ("blend:alpha=0.2,pattern=noise,seed=21", 2),
+            "stripes2": ("blend:alpha=0.1,pattern=stripes", 5),
+            "sparse3": ("sparse:density=0.03,seed=17", 8)}  # family: (trigger, target)
 ATTACKS = {"quanti": ("w4a4", {"c1": 1.0, "c2": 1.0, "sync_every": 8}),
            "compartifact": ("w4a4", {"sync_every": 8}),
            "pqbackdoor": ("pqbackdoor-w4a4", {})}  # method: (victim spec, options), as tests/.../test_attacks.py
@@ -61,7 +68,9 @@ ATTACK_TRAIN_DEFAULT = TrainConfig(epochs=8, optimizer="adam", lr=1e-3, weight_d
 ATTACKED = [("pqbackdoor", "patch"), ("pqbackdoor", "blend"), ("pqbackdoor", "sparse"), ("compartifact", "blend"),
             ("quanti", "sparse"), ("compartifact", "patch"), ("quanti", "blend"), ("compartifact", "sparse"),
             ("pqbackdoor", "redpatch"), ("compartifact", "redpatch"), ("pqbackdoor", "centerpatch"),
-            ("quanti", "greenpatch"), ("quanti", "stripes"), ("compartifact", "sparse2")]
+            ("quanti", "greenpatch"), ("quanti", "stripes"), ("compartifact", "sparse2"),
+            ("pqbackdoor", "bluepatch"), ("compartifact", "yellowchecker"), ("quanti", "magentapatch"),
+            ("compartifact", "noiseblend"), ("pqbackdoor", "stripes2"), ("quanti", "sparse3")]
 CALIBRATION = {("pqbackdoor", "patch"), ("pqbackdoor", "blend"), ("pqbackdoor", "sparse"), ("quanti", "blend"),
                ("compartifact", "sparse")}
 PURIFIED = [("pqbackdoor", "blend")]

@@ -299,7 +299,8 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
                   "sparse": {"pixels": s.area, "success": s.success, "found": s.found,
                              "anomaly": evidence["sparse"][1][c.target], "carry": evidence["sparse"][2][c.target]},
                   "square": {"pixels": p.pixels, "success": p.success, "place": [p.top, p.left], "fill": p.fill,
-                             "stride": p.stride, "anomaly": evidence["square"][1][c.target],
+                             "refined": p.pattern is not None, "stride": p.stride,
+                             "anomaly": evidence["square"][1][c.target],
                              "carry": evidence["square"][2][c.target]},
                   **{family: {"effort": 100.0 * wide[family][c.target].effort,
                               "strength": wide[family][c.target].strength,
@@ -373,8 +374,9 @@ def trigger_picture(found: list[ClassSearch], sparse: list[ClassSearch], probed:
         find = probed[best]
         mask, pattern = find.mask_and_pattern(*x.shape[-2:], config.seed)
         return TriggerPicture("square", best, mask, pattern, None,
-                              f"{class_label(class_names, best)}: {find.fill} {find.size}x{find.size} square at "
-                              f"({find.top}, {find.left}), {find.success:.0f} % differential success")
+                              f"{class_label(class_names, best)}: {find.size}x{find.size} square at ({find.top}, "
+                              f"{find.left}), {'its pixels learnt from ' if find.pattern is not None else ''}"
+                              f"{find.fill}, {find.success:.0f} % differential success")
     if verdict.suspicious:
         kind, patch = ("sparse", sparse[best]) if verdict.family == "sparse" else ("patch", found[best])
         return TriggerPicture(kind, best, patch.mask, patch.pattern, None,
