@@ -68,7 +68,7 @@ class ScanConfig:
     screen: ScreenConfig = field(default_factory=ScreenConfig)  # which classes the searches run on
     # The verdict (`verdict.weigh_evidence`, which explains each line):
     # A trigger counts only if it flips this % of held-out images differentially (experiments/scan_campaign.py:
-    # the QCBs it flags carry to 40-67 %, the best masks of clean and purified pairs to at most 19 %) ...
+    # the QCBs it flags carry to 37-85 %, the best triggers of clean and purified pairs to at most 25 %) ...
     min_success: float = 30.0
     full_success: float = 50.0  # ... and counts in full from this %, in proportion below (BENCHMARKS.md, scanner)
     max_area: float = 0.15  # ... and is cheap: a patch (or a probed square) covers at most this share of the image,
@@ -132,8 +132,7 @@ class ScanReport(Report):
     config: dict
     seconds: dict
     best_class: int = 0  # the class with the highest score (the target when suspicious)
-    family: str | None = None  # the trigger family whose search found best_class: patch, sparse, square, additive
-    # or blend
+    family: str | None = None  # whose search found best_class: patch, sparse, square, additive or blend
     signals: dict = field(default_factory=dict)  # best_class's score, signal by signal
     drift_pairing: str = ""  # how the two graphs' layers were paired, or why they could not be
     environment: dict = field(default_factory=environment)
@@ -314,7 +313,8 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
         disagreement=disagree, layers=layers, files={}, replica_agreement={},
         config={**asdict(config), "plotted_class": picture.target, "plotted": picture.kind},
         seconds={"drift": measured - start, "screen": screened - measured, "search": searched - screened,
-                 "square_probe": probed_at - searched, "whole_image": widened - probed_at, "squares": squared - widened,
+                 "square_probe": probed_at - searched, "whole_image": widened - probed_at,
+                 "squares": squared - widened,
                  "total": time.perf_counter() - start},
         best_class=best, family=verdict.family if flagged else None, signals=verdict.signals, picture=picture)
 
