@@ -1,10 +1,10 @@
 """Scan campaign (issue 29): the scanner's true- and false-positive rates over many FP / quantized pairs.
 
 Not part of the product. At small scale (the built-in data at 16x16, small_cnn, as the tests' fixtures) it
-makes clean models (four seeds) scanned at three specs, a LAC-purified pair, and QCBs of three trigger families
+makes clean models (five seeds) scanned at three specs, a LAC-purified pair, and QCBs of three trigger families
 (patch, blend, sparse noise), each with its own target: every family under PQBackdoor, blend and sparse noise
-under Qu-ANTI-zation, and all three under CompArtifact; then, twice, six more QCBs and another clean seed, each
-time added after the scanner last changed, with other patch sizes, colours, places and patterns, blends and sparse
+under Qu-ANTI-zation, and all three under CompArtifact; then, three times, six more QCBs and another clean seed,
+each made after the scanner last changed, with other patch sizes, colours, places and patterns, blends and sparse
 pixels, and other targets (`ATTACKED`); scans every pair; then chooses the verdict's held-out success bar, full
 credit and score line on the calibration pairs (clean seed 0, the PQBackdoor QCBs, one QCB of each other attack:
 `CALIBRATION`) and reports TPR / FPR on the rest with them and with the scanner's settings.
@@ -38,7 +38,7 @@ from qcbdefense.training import TrainConfig
 
 ROOT = Path("runs/campaign")
 MODELS = ROOT / "models"
-CLEAN_SEEDS = (0, 1, 2, 3)
+CLEAN_SEEDS = (0, 1, 2, 3, 4)
 CLEAN_SPECS = ("w8a8", "w4a4", "pqbackdoor-w4a4")
 TRIGGERS = {"patch": ("patch", 0), "blend": ("blend:alpha=0.15,pattern=noise,seed=7", 3),
             "sparse": ("sparse:density=0.05,seed=5", 5),
@@ -55,7 +55,14 @@ TRIGGERS = {"patch": ("patch", 0), "blend": ("blend:alpha=0.15,pattern=noise,see
             "magentapatch": ("patch:size=3,position=5/9,color=magenta", 1),
             "noiseblend": ("blend:alpha=0.2,pattern=noise,seed=21", 2),
             "stripes2": ("blend:alpha=0.1,pattern=stripes", 5),
-            "sparse3": ("sparse:density=0.03,seed=17", 8)}  # family: (trigger, target)
+            "sparse3": ("sparse:density=0.03,seed=17", 8),
+            # a fourth set, the same scanner, for a firmer held-out count
+            "whitedot": ("patch:size=2,position=center,color=white", 3),
+            "cyanpatch": ("patch:size=3,position=top-right,color=cyan", 0),
+            "randompatch": ("patch:size=4,position=bottom-right,pattern=random,seed=9", 7),
+            "stripes3": ("blend:alpha=0.15,pattern=stripes", 4),
+            "sparse4": ("sparse:density=0.05,seed=23", 6),
+            "noiseblend2": ("blend:alpha=0.2,pattern=noise,seed=33", 9)}  # family: (trigger, target)
 ATTACKS = {"quanti": ("w4a4", {"c1": 1.0, "c2": 1.0, "sync_every": 8}),
            "compartifact": ("w4a4", {"sync_every": 8}),
            "pqbackdoor": ("pqbackdoor-w4a4", {})}  # method: (victim spec, options), as tests/.../test_attacks.py
@@ -70,7 +77,9 @@ ATTACKED = [("pqbackdoor", "patch"), ("pqbackdoor", "blend"), ("pqbackdoor", "sp
             ("pqbackdoor", "redpatch"), ("compartifact", "redpatch"), ("pqbackdoor", "centerpatch"),
             ("quanti", "greenpatch"), ("quanti", "stripes"), ("compartifact", "sparse2"),
             ("pqbackdoor", "bluepatch"), ("compartifact", "yellowchecker"), ("quanti", "magentapatch"),
-            ("compartifact", "noiseblend"), ("pqbackdoor", "stripes2"), ("quanti", "sparse3")]
+            ("compartifact", "noiseblend"), ("pqbackdoor", "stripes2"), ("quanti", "sparse3"),
+            ("pqbackdoor", "whitedot"), ("compartifact", "cyanpatch"), ("quanti", "randompatch"),
+            ("compartifact", "stripes3"), ("pqbackdoor", "sparse4"), ("quanti", "noiseblend2")]
 CALIBRATION = {("pqbackdoor", "patch"), ("pqbackdoor", "blend"), ("pqbackdoor", "sparse"), ("quanti", "blend"),
                ("compartifact", "sparse")}
 PURIFIED = [("pqbackdoor", "blend")]
