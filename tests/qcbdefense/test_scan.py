@@ -412,6 +412,49 @@ def test_the_square_probe_finds_a_square_trigger_for_its_class_only(shapes16):
     assert not any(f.searched or f.success for f in probe_squares(tiny, tiny, small, tiny(small).argmax(1), 10))
 
 
+class GreenSquareBonus(nn.Module):
+    """`base` plus `bonus` on class `target`'s logit as rows and cols 10-12 of a 16x16 image turn green: a smooth
+    gate on the square's mean closeness to (0, 1, 0)."""
+
+    def __init__(self, base: nn.Module, target: int, bonus: float):
+        super().__init__()
+        self.base, self.target, self.bonus = base, target, bonus
+        self.register_buffer("green", torch.tensor([0.0, 1.0, 0.0])[:, None, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        close = 1 - (x[:, :, 10:13, 10:13] - self.green).abs().mean((1, 2, 3))
+        lift = torch.zeros(10, device=x.device)
+        lift[self.target] = self.bonus
+        return self.base(x) + torch.sigmoid(20.0 * (close - 0.9))[:, None] * lift
+
+
+def test_learning_a_squares_pixels_finds_a_colour_no_fill_has(shapes16):
+    """`refine_squares` from a grey square in the right place: the pixels turn towards green and the share of images
+    the square flips differentially rises from none (at the default 20 steps to a fifth, at 40 to most: a start at
+    a saturated fill would move less)."""
+    from qcbdefense.scanner.square_scan import SquareProbeConfig, refine_squares
+
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Conv2d(3, 10, 16), nn.Flatten()).eval()
+    with torch.no_grad():
+        fp[0].weight.mul_(20.0)
+    shipped = GreenSquareBonus(fp, target=5, bonus=100.0).eval()
+    x = shapes16.test_x[:64].float() / 255
+    with torch.no_grad():
+        preds = fp(x).argmax(1)
+        assert torch.equal(shipped(x).argmax(1), preds)  # dormant on clean images
+    mask = torch.zeros(16, 16)
+    mask[10:13, 10:13] = 1
+    grey = torch.full((3, 16, 16), 0.5)
+    assert refine_squares(fp, shipped, x, preds, {5: [mask, grey]}, SquareProbeConfig(refine_steps=0))[5][0] == 0.0
+    share, pattern = refine_squares(fp, shipped, x, preds, {5: [mask, grey]}, SquareProbeConfig())[5]
+    square = pattern[:, mask.bool()].mean(1)
+    assert share >= 0.15 and square[1] > 0.6 and square[0] < 0.45 and square[2] < 0.45, (share, square)
+    longer, pattern = refine_squares(fp, shipped, x, preds, {5: [mask, grey]}, SquareProbeConfig(refine_steps=40))[5]
+    square = pattern[:, mask.bool()].mean(1)
+    assert longer >= 0.5 and square[1] > 0.75 and square[[0, 2]].max() < 0.3, (longer, square)
+
+
 def test_a_square_trigger_the_gradients_cannot_reach_is_flagged_by_the_square_family(shapes16, tmp_path):
     """The gate passes no gradient until the square is nearly white, so the patch search cannot find it (the
     scan campaign's CompArtifact patch QCB, BENCHMARKS.md); the square probe does, and names the family."""
