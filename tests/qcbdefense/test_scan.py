@@ -98,16 +98,23 @@ class CheckerBonus(nn.Module):
         return self.base(x) + gate[:, None] * lift
 
 
-def test_whole_image_search_finds_a_faint_whole_image_trigger_for_its_class_only(shapes16):
+def _dormant_pair(shapes16, shipped_from, images: int = 512):
+    """A linear FP model with logits far apart (seeded), the shipped model `shipped_from(fp)` builds around it, the
+    first `images` test images and the FP predictions; the shipped model is checked dormant on those images."""
     torch.manual_seed(0)
-    fp = nn.Sequential(nn.Conv2d(3, 10, 16), nn.Flatten()).eval()  # linear, logits far apart
+    fp = nn.Sequential(nn.Conv2d(3, 10, 16), nn.Flatten()).eval()
     with torch.no_grad():
         fp[0].weight.mul_(20.0)
-    shipped = CheckerBonus(fp, target=3, bonus=50.0).eval()
-    x = shapes16.test_x[:256].float() / 255
+    shipped = shipped_from(fp).eval()
+    x = shapes16.test_x[:images].float() / 255
     with torch.no_grad():
         preds = fp(x).argmax(1)
         assert torch.equal(shipped(x).argmax(1), preds)  # dormant on clean images
+    return fp, shipped, x, preds
+
+
+def test_whole_image_search_finds_a_faint_whole_image_trigger_for_its_class_only(shapes16):
+    fp, shipped, x, preds = _dormant_pair(shapes16, lambda fp: CheckerBonus(fp, target=3, bonus=50.0), images=256)
     finds = search_whole_image(fp, shipped, x, preds, 10, seed=0)
     for family in ("additive", "blend"):
         assert [f.target for f in finds[family] if f.found] == [3], family  # FP and shipped part only there
@@ -137,15 +144,8 @@ class SparseBonus(nn.Module):
 def test_the_whole_pixel_search_finds_a_sparse_noise_trigger_for_its_class_only(shapes16):
     """The sparse family: masks of whole pixels (0 or 1), the target's on the trigger's pixels far more than
     chance and carrying over to held-out images, no other class found."""
-    torch.manual_seed(0)
-    fp = nn.Sequential(nn.Conv2d(3, 10, 16), nn.Flatten()).eval()
-    with torch.no_grad():
-        fp[0].weight.mul_(20.0)
-    shipped = SparseBonus(fp, target=6, bonus=50.0, trigger="sparse:density=0.05,seed=5").eval()
-    x = shapes16.test_x[:512].float() / 255
-    with torch.no_grad():
-        preds = fp(x).argmax(1)
-        assert torch.equal(shipped(x).argmax(1), preds)  # dormant on clean images
+    fp, shipped, x, preds = _dormant_pair(
+        shapes16, lambda fp: SparseBonus(fp, target=6, bonus=50.0, trigger="sparse:density=0.05,seed=5"))
     finds = search_triggers(fp, shipped, x, preds, 10, seed=0, whole_pixels=True)
     assert [f.target for f in finds if f.found] == [6], [(f.target, f.area) for f in finds]
     six = finds[6]
@@ -377,28 +377,13 @@ def test_a_trigger_too_weak_to_flip_stands_out_in_the_square_scan(shapes16, tmp_
     assert saved["config"]["plotted"] == "square" and (tmp_path / "scan" / "trigger.png").stat().st_size > 0
 
 
-def _square_gated_pair(shapes16, bonus: float):
-    """A linear FP model with logits far apart, and a shipped model that adds `bonus` to class 3 when rows and
-    cols 10-13 are (nearly) all white (`WhiteSquareBonus`); 512 test images and the FP predictions."""
-    torch.manual_seed(0)
-    fp = nn.Sequential(nn.Conv2d(3, 10, 16), nn.Flatten()).eval()
-    with torch.no_grad():
-        fp[0].weight.mul_(20.0)
-    shipped = WhiteSquareBonus(fp, target=3, bonus=bonus).eval()
-    x = shapes16.test_x[:512].float() / 255
-    with torch.no_grad():
-        preds = fp(x).argmax(1)
-        assert torch.equal(shipped(x).argmax(1), preds)  # dormant on clean images
-    return fp, shipped, x, preds
-
-
 def test_the_square_probe_finds_a_square_trigger_for_its_class_only(shapes16):
     """The probe tries every square (16x16: stride 1) and measures each class's best on held-out images: the
     gated white square flips most images to class 3 (FP unmoved; 85 %); no square does anything for another class,
     since the two models differ only there."""
     from qcbdefense.scanner.square_scan import probe_squares
 
-    fp, shipped, x, preds = _square_gated_pair(shapes16, bonus=50.0)
+    fp, shipped, x, preds = _dormant_pair(shapes16, lambda fp: WhiteSquareBonus(fp, target=3, bonus=50.0))
     finds = probe_squares(fp, shipped, x, preds, 10, seed=0)
     three = finds[3]
     assert three.stride == 1 and three.fill == "white" and three.success >= 75.0, three
@@ -434,15 +419,8 @@ def test_learning_a_squares_pixels_finds_a_colour_no_fill_has(shapes16):
     a saturated fill would move less)."""
     from qcbdefense.scanner.square_scan import SquareProbeConfig, refine_squares
 
-    torch.manual_seed(0)
-    fp = nn.Sequential(nn.Conv2d(3, 10, 16), nn.Flatten()).eval()
-    with torch.no_grad():
-        fp[0].weight.mul_(20.0)
-    shipped = GreenSquareBonus(fp, target=5, bonus=100.0).eval()
-    x = shapes16.test_x[:64].float() / 255
-    with torch.no_grad():
-        preds = fp(x).argmax(1)
-        assert torch.equal(shipped(x).argmax(1), preds)  # dormant on clean images
+    fp, shipped, x, preds = _dormant_pair(shapes16, lambda fp: GreenSquareBonus(fp, target=5, bonus=100.0),
+                                          images=64)
     mask = torch.zeros(16, 16)
     mask[10:13, 10:13] = 1
     grey = torch.full((3, 16, 16), 0.5)
@@ -458,7 +436,7 @@ def test_learning_a_squares_pixels_finds_a_colour_no_fill_has(shapes16):
 def test_a_square_trigger_the_gradients_cannot_reach_is_flagged_by_the_square_family(shapes16, tmp_path):
     """The gate passes no gradient until the square is nearly white, so the patch search cannot find it (the
     scan campaign's CompArtifact patch QCB, BENCHMARKS.md); the square probe does, and names the family."""
-    fp, shipped, x, _ = _square_gated_pair(shapes16, bonus=50.0)
+    fp, shipped, x, _ = _dormant_pair(shapes16, lambda fp: WhiteSquareBonus(fp, target=3, bonus=50.0))
     report = scan_models(fp, shipped, x)
     assert report.suspicious and report.target == 3 and report.family == "square", report.summary()
     assert report.signals["search_square"] >= 1.0 and report.classes[3]["square"]["success"] >= 75.0
