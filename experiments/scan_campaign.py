@@ -62,7 +62,14 @@ TRIGGERS = {"patch": ("patch", 0), "blend": ("blend:alpha=0.15,pattern=noise,see
             "randompatch": ("patch:size=4,position=bottom-right,pattern=random,seed=9", 7),
             "stripes3": ("blend:alpha=0.15,pattern=stripes", 4),
             "sparse4": ("sparse:density=0.05,seed=23", 6),
-            "noiseblend2": ("blend:alpha=0.2,pattern=noise,seed=33", 9)}  # family: (trigger, target)
+            "noiseblend2": ("blend:alpha=0.2,pattern=noise,seed=33", 9),
+            # a fifth set, made after the probe learnt its squares' pixels from grey (2026-12-06), reported only
+            "orangepatch": ("patch:size=3,position=top-left,color=1/0.5/0", 5),
+            "tealchecker": ("patch:size=4,position=2/3,pattern=checkerboard,color=0.2/0.8/0.6", 8),
+            "randompatch2": ("patch:size=3,position=bottom-left,pattern=random,seed=41", 1),
+            "stripes4": ("blend:alpha=0.12,pattern=stripes", 2),
+            "noiseblend3": ("blend:alpha=0.15,pattern=noise,seed=55", 7),
+            "sparse5": ("sparse:density=0.04,seed=29", 4)}  # family: (trigger, target)
 ATTACKS = {"quanti": ("w4a4", {"c1": 1.0, "c2": 1.0, "sync_every": 8}),
            "compartifact": ("w4a4", {"sync_every": 8}),
            "pqbackdoor": ("pqbackdoor-w4a4", {})}  # method: (victim spec, options), as tests/.../test_attacks.py
@@ -79,7 +86,9 @@ ATTACKED = [("pqbackdoor", "patch"), ("pqbackdoor", "blend"), ("pqbackdoor", "sp
             ("pqbackdoor", "bluepatch"), ("compartifact", "yellowchecker"), ("quanti", "magentapatch"),
             ("compartifact", "noiseblend"), ("pqbackdoor", "stripes2"), ("quanti", "sparse3"),
             ("pqbackdoor", "whitedot"), ("compartifact", "cyanpatch"), ("quanti", "randompatch"),
-            ("compartifact", "stripes3"), ("pqbackdoor", "sparse4"), ("quanti", "noiseblend2")]
+            ("compartifact", "stripes3"), ("pqbackdoor", "sparse4"), ("quanti", "noiseblend2"),
+            ("quanti", "orangepatch"), ("compartifact", "tealchecker"), ("pqbackdoor", "randompatch2"),
+            ("quanti", "stripes4"), ("compartifact", "noiseblend3"), ("pqbackdoor", "sparse5")]
 CALIBRATION = {("pqbackdoor", "patch"), ("pqbackdoor", "blend"), ("pqbackdoor", "sparse"), ("quanti", "blend"),
                ("compartifact", "sparse")}
 PURIFIED = [("pqbackdoor", "blend")]

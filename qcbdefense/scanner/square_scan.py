@@ -23,12 +23,12 @@ images differentially with its own 4x4 white square, but one pixel off the FP mo
 patch search's gradients, which start from a diffuse mask, never reach it (its target's best mask carried to 15 %).
 The probe scores every square by the share of a few images it moves differentially (quantized to the class, FP
 unmoved), scores each class's shortlist again on more images, and measures the best on held-out images: that
-QCB's target at 83 %, a clean pair's classes at most 25 % (BENCHMARKS.md, scanner). A patch of a colour or
-pattern no fill has is found in place but half-matched (a green 3x3 patch's place by a noise square, 25 %), so each
-class's best square then has its pixels optimised for a few steps with the trigger search's objective and keeps
-them when they flip more (that patch: 40 %). Its cost is bounded (`SquareProbeConfig.max_pairs`: the stride grows
-with the image).
-Forward passes only, batched over candidates: no gradients, so nothing depends on a learning rate.
+QCB's target at 83 %, a clean pair's classes at most 23 % (BENCHMARKS.md, scanner). A patch of a colour or
+pattern no fill has is found in place but half-matched (a green 3x3 patch's place by a noise square, 25 %), so
+each class's best square then has its pixels learnt from grey for a few steps with the trigger search's objective,
+and keeps them when they flip more (that patch: 31 %; a yellow / blue checkered one, 58 %). Its cost is bounded
+(`SquareProbeConfig.max_pairs`: the stride grows with the image). The passes over candidates are forward only,
+batched; only the pixel learning takes gradients.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ class SquareProbeConfig:
     rerank: int = 16
     held_out: int = 48  # per class, further images the FP model puts elsewhere: the kept square's success
     # each class's best square then has its pixels optimised for the class (differentially, on the rerank images,
-    # from its fill) for this many steps, and keeps them if they flip more of those images: a patch of a colour
+    # from grey) for this many steps, and keeps them if they flip more of those images: a patch of a colour
     # or pattern no fill has (0: no refinement)
     refine_steps: int = 20
     refine_lr: float = 0.1
@@ -294,8 +294,8 @@ def probe_squares(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds
     best = {c: max(shortlist[:, c].tolist(), key=lambda i: (float(again[row[i], c]), -i)) for c in range(num_classes)}
     rates = {c: float(share[row[best[c]], c]) for c in range(num_classes)}
     stamps = {c: [t.to(x.device) for t in square_stamp(squares[best[c]], h, w, seed)] for c in chosen}
-    refined = (refine_squares(fp, quantized, x[second], fp_preds[second], stamps, config)
-               if config.refine_steps and stamps else {})
+    refined = (refine_squares(fp, quantized, x[second], fp_preds[second], {c: mask for c, (mask, _) in stamps.items()},
+                              config) if config.refine_steps and stamps else {})
     finds = []
     for c in range(num_classes):
         top, left, size, fill = squares[best[c]]
@@ -315,29 +315,34 @@ def probe_squares(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds
 
 
 def refine_squares(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_preds: torch.Tensor,
-                   stamps: dict[int, list[torch.Tensor]], config: SquareProbeConfig
-                   ) -> dict[int, tuple[float, torch.Tensor]]:
-    """Per class c of `stamps` (its square's mask [H, W] and fill [3, H, W]), the square's pixels optimised to send
-    the quantized model to c with the FP model unmoved (the trigger search's objective, `differential_terms`) on
-    images `x`, all classes in one batch; returns c -> (share of the images the FP model puts elsewhere flipped
-    differentially, the pattern [3, H, W]). The mask stays put: only what the square shows is learnt."""
-    classes = list(stamps)
-    masks = torch.stack([stamps[c][0] for c in classes])[:, None]  # [k, 1, H, W]
-    start = torch.stack([stamps[c][1] for c in classes]).clamp(0.01, 0.99)
-    logits = torch.log(start / (1 - start)).requires_grad_()
-    optimizer = torch.optim.Adam([logits], lr=config.refine_lr)
+                   masks: dict[int, torch.Tensor], config: SquareProbeConfig) -> dict[int, tuple[float, torch.Tensor]]:
+    """Per class c of `masks` (its square's mask [H, W]), the square's pixels learnt to send the quantized model
+    to c with the FP model unmoved (the trigger search's objective, `differential_terms`) on images `x`, all
+    classes in one batch; returns c -> (share of the images the FP model puts elsewhere flipped differentially,
+    the pattern [3, H, W]). The mask stays put: only what the square shows is learnt.
+
+    The pixels start grey and are learnt as they are, clipped to [0, 1] after each step: a trigger's colours
+    are often saturated, where a sigmoid's gradient vanishes, and the probe's fill can sit in a basin of its own.
+    In the scan campaign a yellow / blue checkered patch QCB's square (one column off the trigger) flipped 4 % of
+    held-out images white or learnt from white through a sigmoid, 58 % learnt this way (BENCHMARKS.md, scanner)."""
+    classes = list(masks)
+    stacked = torch.stack([masks[c] for c in classes])[:, None]  # [k, 1, H, W]
+    pixels = torch.full((len(classes), 3, *stacked.shape[-2:]), 0.5, device=x.device, requires_grad=True)
+    optimizer = torch.optim.Adam([pixels], lr=config.refine_lr)
     targets = torch.tensor(classes, device=x.device).repeat_interleave(len(x))
     labels = fp_preds.repeat(len(classes))
     others = (labels != targets).float()
     with torch.enable_grad():
         for _ in range(config.refine_steps):
-            stamped = stamp(x[None], masks[:, None], torch.sigmoid(logits)[:, None]).flatten(0, 1)
+            stamped = stamp(x[None], stacked[:, None], pixels[:, None]).flatten(0, 1)
             flip, keep, _ = differential_terms(quantized(stamped), fp(stamped), targets, labels, (len(classes),))
             optimizer.zero_grad()
             (flip + keep).sum().backward()
             optimizer.step()
-    patterns = torch.sigmoid(logits).detach()
-    stamped = stamp(x[None], masks[:, None], patterns[:, None]).flatten(0, 1)
+            with torch.no_grad():
+                pixels.clamp_(0, 1)
+    patterns = pixels.detach()
+    stamped = stamp(x[None], stacked[:, None], patterns[:, None]).flatten(0, 1)
     hits = ((quantized(stamped).argmax(1) == targets) & (fp(stamped).argmax(1) == labels)).float() * others
     shares = (hits.view(len(classes), -1).sum(1) / others.view(len(classes), -1).sum(1).clamp_min(1)).tolist()
     return {c: (shares[i], patterns[i]) for i, c in enumerate(classes)}

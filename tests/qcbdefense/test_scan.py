@@ -414,23 +414,18 @@ class GreenSquareBonus(nn.Module):
 
 
 def test_learning_a_squares_pixels_finds_a_colour_no_fill_has(shapes16):
-    """`refine_squares` from a grey square in the right place: the pixels turn towards green and the share of images
-    the square flips differentially rises from none (at the default 20 steps to a fifth, at 40 to most: a start at
-    a saturated fill would move less)."""
+    """`refine_squares` learns the pixels of a square in the right place from grey: they turn green and the share of
+    images the square flips differentially rises from none to most within the default 20 steps."""
     from qcbdefense.scanner.square_scan import SquareProbeConfig, refine_squares
 
     fp, shipped, x, preds = _dormant_pair(shapes16, lambda fp: GreenSquareBonus(fp, target=5, bonus=100.0),
                                           images=64)
     mask = torch.zeros(16, 16)
     mask[10:13, 10:13] = 1
-    grey = torch.full((3, 16, 16), 0.5)
-    assert refine_squares(fp, shipped, x, preds, {5: [mask, grey]}, SquareProbeConfig(refine_steps=0))[5][0] == 0.0
-    share, pattern = refine_squares(fp, shipped, x, preds, {5: [mask, grey]}, SquareProbeConfig())[5]
+    assert refine_squares(fp, shipped, x, preds, {5: mask}, SquareProbeConfig(refine_steps=0))[5][0] == 0.0
+    share, pattern = refine_squares(fp, shipped, x, preds, {5: mask}, SquareProbeConfig())[5]
     square = pattern[:, mask.bool()].mean(1)
-    assert share >= 0.15 and square[1] > 0.6 and square[0] < 0.45 and square[2] < 0.45, (share, square)
-    longer, pattern = refine_squares(fp, shipped, x, preds, {5: [mask, grey]}, SquareProbeConfig(refine_steps=40))[5]
-    square = pattern[:, mask.bool()].mean(1)
-    assert longer >= 0.5 and square[1] > 0.75 and square[[0, 2]].max() < 0.3, (longer, square)
+    assert share >= 0.5 and square[1] > 0.7 and square[[0, 2]].max() < 0.3, (share, square)
 
 
 def test_a_square_trigger_the_gradients_cannot_reach_is_flagged_by_the_square_family(shapes16, tmp_path):
