@@ -502,7 +502,7 @@ def cmd_harden(args: argparse.Namespace) -> int:
     _check_fits_data(args, data, ckpt=model)
     options = _schedule_options(args)
     report = harden(model, data, out=args.out, arch=args.model, spec=args.spec, method=args.method,
-                    trigger=trigger, target=args.target, calib=_calib(args, data), seed=args.seed, device=device,
+                    trigger=trigger, target=args.target, calib=args.calib, seed=args.seed, device=device,
                     source_sha256=sha256_file(_source_file(args)), threads=args.threads, keep_bn=args.keep_bn,
                     progress=True, **_gate(args, trigger, True, True), **options)
     report.save(args.out.with_suffix(".json"))
@@ -749,7 +749,8 @@ def build_parser() -> Parser:
     p.add_argument("--spec", default="w8a8", help="the deployment quantizer: a preset name or a spec .json/.yaml")
     p.add_argument("--method", choices=PURIFY_METHODS, default="lac-pda", metavar="METHOD",
                    help=f"{', '.join(PURIFY_METHODS)} (default lac-pda)")
-    _add_calib(p, 1024, "the defender's clean training images")
+    p.add_argument("--calib", type=_positive_int, default=None,
+                   help="the defender's clean training images (default 2048 with 8-bit activations, else 1024)")
     _add_trigger_args(p)
     _add_schedule_args(p)
     _add_gate_args(p)

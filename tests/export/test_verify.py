@@ -149,6 +149,16 @@ def test_harden_gate_fails_an_attacked_model_before_purification(tmp_path):
     assert not report.passed and "the same gate before purification" in report.summary()
 
 
+def test_harden_calibrates_on_2048_images_by_default_with_8_bit_activations(trained, tmp_path):
+    """With 8-bit activations harden's default is 2,048 calibration images, twice purify's (export.harden.DEPLOY_CALIB:
+    with 1,024 a ResNet-20 QCB aimed at w8a8-deploy kept its ASR above the gate)."""
+    from export.harden import harden
+
+    report = harden(trained.model, trained.data, out=tmp_path / "model.onnx", arch="small_cnn", spec="w8a8",
+                    method="nearest", trigger=PATCH, max_asr=100.0)
+    assert report.purify.calib == 2048 < len(trained.data.train_y)
+
+
 def test_harden_keep_bn_ships_bn_and_float_biases(trained, tmp_path):
     """--keep-bn: the file keeps BN nodes and float biases (for a model that int32 biases move) and still passes."""
     from export.harden import harden
