@@ -61,7 +61,8 @@ from qcbdefense.triggers import Trigger, parse_trigger
 DEPLOY_HEADROOM = 3.0  # with 8-bit activations: the small_cnn QCB of BENCHMARKS.md's deployment section needs 3x
 # With 8-bit activations, the calibration images (cut to the training images there are): with purify's 1,024 the
 # ResNet-20 QCB aimed at w8a8-deploy kept 36.3 % ASR, 2.4 points over its FP model's, with 2,048 32.8-33.0 % over two
-# seeds, and the QCB aimed at LAC's w8a8 passed the gate too (BENCHMARKS.md, deployment int8)
+# seeds, under its FP model's 33.9 %; the QCB aimed at LAC's w8a8 kept 32.8-34.0 % against 34.9 % (BENCHMARKS.md,
+# deployment int8)
 DEPLOY_CALIB = 2048
 
 
