@@ -47,16 +47,20 @@ class Score:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500, device: str | torch.device = "cpu",
-            transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Arg-max predictions (on CPU) of `model` for uint8 images `x`, optionally transformed (triggered) first.
-    A Brevitas model runs as its held-range view where that gives its logits bit for bit on the first 64 images
+            transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Arg-max predictions (on CPU) of `model` for uint8 images `x`, optionally transformed (triggered) first,
+    fed to the model as `dtype` (a float64 model: `dtype=torch.float64`). A float32 Brevitas model runs as its
+    held-range view where that gives its logits bit for bit on the first 64 images
     (`quant.held_view.fast_equivalent`)."""
     model.eval()
     dummy = torch.zeros(len(x), dtype=torch.long)
     run, preds = None, []
     for xb, _ in batches(x, dummy, batch_size=batch_size, device=device, transform=transform):
+        xb = xb.to(dtype)
         if run is None:  # a module's truth value is its length where it has one: test for None
-            run = fast_equivalent(model, xb[:64])  # enough images to check the arithmetic, few to repeat
+            # enough images to check the arithmetic, few to repeat; the held view computes in float32 only
+            run = fast_equivalent(model, xb[:64]) if dtype == torch.float32 else model
         preds.append(run(xb).argmax(1).cpu())
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 

@@ -35,6 +35,36 @@ def test_verify_matches_the_fake_quant_model(trained, nearest_w8a8, files):
     assert report.score.n_poisoned == int((trained.data.test_y != 0).sum())
 
 
+def test_disagreements_with_a_fake_quant_reference_are_settled_in_float64_and_a_different_model_still_fails(
+        trained, nearest_w8a8, files):
+    """Where the fake-quant reference and the file disagree, the reference's answer is computed again in float64
+    (its float32 sums can round a requantization tie the other way); a model that is not the file's still
+    disagrees: the float64 rerun excuses rounding, not a different model."""
+    import copy
+
+    import torch
+
+    from export.ort import _settled
+
+    calls = []
+
+    def exact(x, transform):
+        calls.append(x.clone())
+        return torch.full((len(x),), 9)
+
+    run = lambda x, transform: torch.tensor([0, 1, 2, 3])  # noqa: E731
+    settled = _settled(run, exact, torch.arange(4), None, torch.tensor([0, 1, 9, 3]))
+    assert settled.tolist() == [0, 1, 9, 3] and len(calls) == 1 and calls[0].tolist() == [2]
+
+    other = copy.deepcopy(nearest_w8a8)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.2 * p.std() * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    report = verify(files[0], trained.data, reference=other, min_agreement=99.5)
+    assert not report.passed and report.score.agreement < 99.5
+    assert "settled in float64" in report.reference
+
+
 def test_verify_fails_a_threshold_it_cannot_meet(trained, files):
     report = verify(files[0], trained.data, reference=files[1], min_ca=99.9, min_agreement=0.0)
     assert not report.passed and [c.passed for c in report.checks] == [False, True]
