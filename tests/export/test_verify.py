@@ -52,7 +52,9 @@ def test_disagreements_with_a_fake_quant_reference_are_settled_in_float64_and_a_
         calls.append(x.clone())
         return torch.full((len(x),), 9)
 
-    run = lambda x, transform: torch.tensor([0, 1, 2, 3])  # noqa: E731
+    def run(x, transform):
+        return torch.tensor([0, 1, 2, 3])
+
     settled = _settled(run, exact, torch.arange(4), None, torch.tensor([0, 1, 9, 3]))
     assert settled.tolist() == [0, 1, 9, 3] and len(calls) == 1 and calls[0].tolist() == [2]
 
