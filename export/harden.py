@@ -51,6 +51,7 @@ from export.ort import Check, VerifyReport
 from export.verify import check_limits, gate, verify
 from qcbdefense.data import Dataset, load_dataset
 from qcbdefense.defenses import PurifyReport, purify, save_purified
+from qcbdefense.defenses.base import PURIFY_CALIB
 from qcbdefense.errors import InputError
 from qcbdefense.quant.equalize import traceable
 from qcbdefense.quant.spec import QuantSpec, get_spec
@@ -124,7 +125,7 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
         model: the FP model (never modified). `arch`: its architecture name, for the reports.
         trigger, target: scored by purify and gated by verify (`max_asr`); the defence never sees them.
         calib: clean training images the defence calibrates on; None: `DEPLOY_CALIB` with 8-bit activations,
-            else purify's 1,024, cut to the training images there are.
+            else purify's (`PURIFY_CALIB`), cut to the training images there are.
         max_asr, min_agreement, min_ca: the gate (percentages, None: not checked); agreement is with the
             purified fake-quant model, so the default 99 checks that the file is the purified model.
         max_asr_gain: the most the file's ASR may exceed the FP model's own ASR (percentage points).
@@ -153,7 +154,7 @@ def harden(model: nn.Module, data: Dataset | str, *, out: str | os.PathLike, arc
     if equalize is None:
         equalize = "auto" if spec.act_bits == 8 and traceable(model) else "off"
     if calib is None:
-        calib = min(DEPLOY_CALIB if spec.act_bits == 8 else 1024, len(data.train_y))
+        calib = min(DEPLOY_CALIB if spec.act_bits == 8 else PURIFY_CALIB, len(data.train_y))
     purified, purify_report = purify(model, data, method=method, spec=spec, calib=calib, trigger=trigger,
                                      target=target, seed=seed, device=device, arch=arch, progress=progress,
                                      equalize=equalize, act_headroom=act_headroom, **options)

@@ -18,6 +18,7 @@ Examples:
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -364,9 +365,12 @@ def _reference(reference) -> tuple[str | None, Callable | None, Callable | None]
 
         if quantized is None:
             return f"torch {name}", run, None
-        exact = copy.deepcopy(reference).double()
+        @functools.cache
+        def in_float64() -> nn.Module:  # copied only when the file and the model first disagree
+            return copy.deepcopy(reference).double()
+
         return (f"torch {name} fake-quant {quantized.name} (disagreements settled in float64)", run,
-                lambda x, transform: predict(exact, x, transform=transform, dtype=torch.float64))
+                lambda x, transform: predict(in_float64(), x, transform=transform, dtype=torch.float64))
     model = reference if isinstance(reference, OrtModel) else OrtModel(reference)
     return f"onnx {model.path.name}", lambda x, transform: model.predict(x, transform=transform), None
 

@@ -53,6 +53,7 @@ from qcbdefense.scoring import Score, agreement, evaluate, predict
 from qcbdefense.triggers import Trigger, parse_trigger, trigger_from_dict
 
 EQUALIZE_MODES = ("off", "on", "auto")
+PURIFY_CALIB = 1024  # clean training images the defence calibrates on, unless told otherwise
 
 WEIGHTS_FILE, SPEC_FILE, REPORT_FILE, MODEL_FILE, MANIFEST_FILE = ("purified.pt", "spec.json", "report.json",
                                                                    "model.json", "manifest.json")
@@ -230,7 +231,7 @@ def _refined_line(search: dict) -> str:
 
 
 def purify(model: nn.Module, data: Dataset | str, *, method: str = "lac-pda", spec: str | QuantSpec = "w4a4",
-           calib: int = 1024, trigger: Trigger | str | None = None, target: int = 0, seed: int = 0,
+           calib: int = PURIFY_CALIB, trigger: Trigger | str | None = None, target: int = 0, seed: int = 0,
            device: str | torch.device = "cpu", arch: str = "model", evaluate_models: bool = True,
            search_triggers: bool = False, equalize: str = "off", act_headroom: float = 1.0, progress: bool = False,
            reference_scores: tuple[Score, Score] | None = None,

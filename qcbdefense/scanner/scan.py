@@ -375,8 +375,8 @@ def trigger_picture(found: list[ClassSearch], sparse: list[ClassSearch], probed:
         mask, pattern = find.mask_and_pattern(*x.shape[-2:], config.seed)
         return TriggerPicture("square", best, mask, pattern, None,
                               f"{class_label(class_names, best)}: {find.size}x{find.size} square at ({find.top}, "
-                              f"{find.left}), {'its pixels learnt from ' if find.pattern is not None else ''}"
-                              f"{find.fill}, {find.success:.0f} % differential success")
+                              f"{find.left}), {'its pixels learnt' if find.pattern is not None else find.fill}, "
+                              f"{find.success:.0f} % differential success")
     if verdict.suspicious:
         kind, patch = ("sparse", sparse[best]) if verdict.family == "sparse" else ("patch", found[best])
         return TriggerPicture(kind, best, patch.mask, patch.pattern, None,
