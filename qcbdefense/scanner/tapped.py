@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from qcbdefense.quant.held_view import HeldQuantLayer
+from qcbdefense.scanner.folded import fold_batchnorm
 
 
 @dataclass(frozen=True)
@@ -32,18 +33,21 @@ class WeightLayer:
 
 class TappedModel(nn.Module):
     """`model` in eval mode; `self(x)` gives its logits, `self(x, taps=True)` also the outputs of the layers
-    named in `taps` (module names, from `layers`)."""
+    named in `taps` (module names, from `layers`). Given `example` images, a copy with its BatchNorms folded
+    (`folded.fold_batchnorm`) answers wherever a gradient to the input is wanted: the searches' steps."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, example: torch.Tensor | None = None) -> None:
         super().__init__()
         self.model = model.eval()
         self.taps: list[str] = []
         self.layers = [WeightLayer(_shape(module), name) for name, module in model.named_modules()
                        if isinstance(module, (nn.Conv2d, nn.Linear, HeldQuantLayer))]
+        self.folded = None if example is None else fold_batchnorm(self.model, example)
 
     def forward(self, x: torch.Tensor, taps: bool = False):
         if not taps:
-            return self.model(x)
+            steered = self.folded is not None and torch.is_grad_enabled() and x.requires_grad
+            return (self.folded if steered else self.model)(x)
         modules = dict(self.model.named_modules())
         outputs: dict[str, torch.Tensor] = {}
 

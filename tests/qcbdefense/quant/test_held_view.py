@@ -138,3 +138,18 @@ def test_load_ranges_refuses_an_uncalibrated_model(resnet):
     qmodel = quantize(resnet, "w4a4")
     with pytest.raises(ValueError, match="calibrated"):
         load_ranges(fast_view(qmodel), qmodel)
+
+
+@pytest.mark.parametrize("scale,zero_point,qmin,qmax", [(0.05, 0, 0, 15), (0.0371, 7, 0, 255),
+                                                         (0.013, -3, -128, 127)])
+def test_the_held_fake_quantizer_is_pytorchs_bit_for_bit_ties_included(scale, zero_point, qmin, qmax):
+    from qcbdefense.quant.held_view import StraightThroughFakeQuant
+
+    s = torch.tensor(scale)
+    ties = (torch.arange(-300, 300) + 0.5) * s  # values on a rounding tie, and beyond the clamp range
+    x = torch.cat([torch.randn(4096, generator=torch.Generator().manual_seed(7)) * 3, ties]).requires_grad_()
+    want = torch.fake_quantize_per_tensor_affine(x, s, torch.tensor(zero_point, dtype=torch.int32), qmin, qmax)
+    got = StraightThroughFakeQuant.apply(x, s, float(zero_point), qmin, qmax)
+    upstream = torch.randn(len(x), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(got, want)
+    assert torch.equal(*(torch.autograd.grad(out, x, upstream)[0] for out in (got, want)))
