@@ -1,11 +1,11 @@
 """Scan campaign (issue 29): the scanner's true- and false-positive rates over many FP / quantized pairs.
 
 Not part of the product. At small scale (the built-in data at 16x16, small_cnn, as the tests' fixtures) it
-makes clean models (five seeds) scanned at three specs, a LAC-purified pair, and QCBs of three trigger families
+makes clean models (six seeds) scanned at three specs, a LAC-purified pair, and QCBs of three trigger families
 (patch, blend, sparse noise), each with its own target: every family under PQBackdoor, blend and sparse noise
-under Qu-ANTI-zation, and all three under CompArtifact; then, three times, six more QCBs and another clean seed,
-each made after the scanner last changed, with other patch sizes, colours, places and patterns, blends and sparse
-pixels, and other targets (`ATTACKED`); scans every pair; then chooses the verdict's held-out success bar, full
+under Qu-ANTI-zation, and all three under CompArtifact; then, five times, six more QCBs (and, all times but one,
+another clean seed), each set made after the scanner last changed, with other patch sizes, colours, places and
+patterns, blends and sparse pixels, and other targets (`ATTACKED`); scans every pair; then chooses the verdict's held-out success bar, full
 credit and score line on the calibration pairs (clean seed 0, the PQBackdoor QCBs, one QCB of each other attack:
 `CALIBRATION`) and reports TPR / FPR on the rest with them and with the scanner's settings.
 
@@ -38,7 +38,7 @@ from qcbdefense.training import TrainConfig
 
 ROOT = Path("runs/campaign")
 MODELS = ROOT / "models"
-CLEAN_SEEDS = (0, 1, 2, 3, 4)
+CLEAN_SEEDS = (0, 1, 2, 3, 4, 5)
 CLEAN_SPECS = ("w8a8", "w4a4", "pqbackdoor-w4a4")
 TRIGGERS = {"patch": ("patch", 0), "blend": ("blend:alpha=0.15,pattern=noise,seed=7", 3),
             "sparse": ("sparse:density=0.05,seed=5", 5),
@@ -69,7 +69,14 @@ TRIGGERS = {"patch": ("patch", 0), "blend": ("blend:alpha=0.15,pattern=noise,see
             "randompatch2": ("patch:size=3,position=bottom-left,pattern=random,seed=41", 1),
             "stripes4": ("blend:alpha=0.12,pattern=stripes", 2),
             "noiseblend3": ("blend:alpha=0.15,pattern=noise,seed=55", 7),
-            "sparse5": ("sparse:density=0.04,seed=29", 4)}  # family: (trigger, target)
+            "sparse5": ("sparse:density=0.04,seed=29", 4),
+            # a sixth set, made after the searches' steps ran BatchNorm-folded models (2026-12-06), reported only
+            "purplepatch": ("patch:size=3,position=7/4,color=0.6/0.2/0.8", 6),
+            "yellowchecker2": ("patch:size=3,position=top-right,pattern=checkerboard,color=yellow", 3),
+            "randompatch3": ("patch:size=5,position=center,pattern=random,seed=61", 9),
+            "sparse6": ("sparse:density=0.06,seed=37", 0),
+            "noiseblend4": ("blend:alpha=0.12,pattern=noise,seed=47", 8),
+            "sparse7": ("sparse:density=0.05,seed=43", 2)}  # family: (trigger, target)
 ATTACKS = {"quanti": ("w4a4", {"c1": 1.0, "c2": 1.0, "sync_every": 8}),
            "compartifact": ("w4a4", {"sync_every": 8}),
            "pqbackdoor": ("pqbackdoor-w4a4", {})}  # method: (victim spec, options), as tests/.../test_attacks.py
@@ -88,7 +95,9 @@ ATTACKED = [("pqbackdoor", "patch"), ("pqbackdoor", "blend"), ("pqbackdoor", "sp
             ("pqbackdoor", "whitedot"), ("compartifact", "cyanpatch"), ("quanti", "randompatch"),
             ("compartifact", "stripes3"), ("pqbackdoor", "sparse4"), ("quanti", "noiseblend2"),
             ("quanti", "orangepatch"), ("compartifact", "tealchecker"), ("pqbackdoor", "randompatch2"),
-            ("quanti", "stripes4"), ("compartifact", "noiseblend3"), ("pqbackdoor", "sparse5")]
+            ("quanti", "stripes4"), ("compartifact", "noiseblend3"), ("pqbackdoor", "sparse5"),
+            ("quanti", "purplepatch"), ("pqbackdoor", "yellowchecker2"), ("compartifact", "randompatch3"),
+            ("quanti", "sparse6"), ("pqbackdoor", "noiseblend4"), ("compartifact", "sparse7")]
 CALIBRATION = {("pqbackdoor", "patch"), ("pqbackdoor", "blend"), ("pqbackdoor", "sparse"), ("quanti", "blend"),
                ("compartifact", "sparse")}
 PURIFIED = [("pqbackdoor", "blend")]
