@@ -255,7 +255,7 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
     """`scan_models` with parameter gradients off."""
     start = time.perf_counter()
     x = images
-    fp, quantized = (m if hasattr(m, "layers") else TappedModel(m, example=x[:128]) for m in (fp, quantized))
+    fp, quantized = (m if hasattr(m, "layers") else TappedModel(m, example=x[:64]) for m in (fp, quantized))
     layers, fp_logits, q_logits, pairing = measure_drift(fp, quantized, x)
     num_classes = fp_logits.shape[1]
     fp_preds, q_preds = fp_logits.argmax(1), q_logits.argmax(1)
