@@ -365,6 +365,7 @@ def _reference(reference) -> tuple[str | None, Callable | None, Callable | None]
 
         if quantized is None:
             return f"torch {name}", run, None
+
         @functools.cache
         def in_float64() -> nn.Module:  # copied only when the file and the model first disagree
             return copy.deepcopy(reference).double()

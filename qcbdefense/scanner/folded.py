@@ -99,8 +99,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
         scale = inv_std if bn.weight is None else bn.weight * inv_std
         shift = (0 if bn.bias is None else bn.bias) - bn.running_mean * scale
         bias = shift if conv.bias is None else conv.bias * scale + shift
-        _replace(folded, conv_name, FoldedConv(geometry, (weight * scale[:, None, None, None]).detach().clone(),
-                                               bias.detach().clone(), input_quant))
+        _replace(folded, conv_name, FoldedConv(geometry, weight * scale[:, None, None, None], bias, input_quant))
         _replace(folded, bn_name, nn.Identity())
     folded.eval()
     agreement = (folded(example).argmax(1) == model(example).argmax(1)).float().mean().item()
