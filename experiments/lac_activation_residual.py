@@ -213,7 +213,7 @@ def _gap_patches(fp, qmodel, x: torch.Tensor, fp_preds: torch.Tensor, n: int = 1
     held-out mean gap, held-out differential success %) per class."""
     gen = torch.Generator().manual_seed(seed)
     classes, (h, w) = 10, x.shape[-2:]
-    batches, held, _ = class_batches(fp_preds, classes, n, gen)
+    batches, held, _ = class_batches(fp_preds, classes, n, 4 * n, gen)
     xb = torch.cat([x[b] for b in batches])
     targets = torch.arange(classes).repeat_interleave(n)
     mask_logit = torch.full((classes, 1, h, w), -3.0).requires_grad_()

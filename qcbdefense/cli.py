@@ -615,8 +615,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
         fp = args.fp
     data = load_dataset(args.data, cache_dir=args.cache_dir)
     _check_fits_data(args, data, fp=fp, quantized=args.quantized)
-    search = SearchConfig() if args.steps is None else SearchConfig(steps=args.steps)
-    config = ScanConfig(images=args.images, search=search, seed=args.seed,
+    steps = {} if args.steps is None else {"search": SearchConfig(steps=args.steps),
+                                           "sparse": SearchConfig(steps=args.steps)}
+    config = ScanConfig(images=args.images, **steps, seed=args.seed,
                         min_replica_agreement=args.min_replica_agreement, square_scan=args.squares)
     with removed_on_error(args.out):
         if args.quantized is None:  # a checkpoint (or an FP .onnx as torch modules) and its quantization: native
@@ -770,7 +771,7 @@ def build_parser() -> Parser:
     p.add_argument("--data", required=True, help="clean data: builtin[:SEED] | cifar10:PATH | folder:PATH")
     p.add_argument("--images", type=_positive_int, default=512, help="clean test images to scan with (labels unused)")
     p.add_argument("--steps", type=_positive_int, default=None,
-                   help="trigger-search steps (default: the Python API's, scanner.SearchConfig)")
+                   help="steps of the patch and sparse-noise searches (default: the Python API's, scanner.ScanConfig)")
     p.add_argument("--squares", action="store_true",
                    help="when the verdict is clean, also run the square scan (a trigger obeyed now and then; slow)")
     p.add_argument("--min-replica-agreement", type=_percentage, default=99.0,

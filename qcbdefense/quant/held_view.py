@@ -55,15 +55,18 @@ class HeldRange(nn.Module):
 class StraightThroughFakeQuant(torch.autograd.Function):
     """`torch.fake_quantize_per_tensor_affine` bit for bit, forward (times 1/scale, round half to even, clamp)
     and backward (the gradient passed where the level was inside the clamp range, zero elsewhere), in a few
-    in-place passes: ATen's CPU kernel for it is about 3x slower than these on a ResNet-20 activation."""
+    passes: ATen's CPU kernel for it is about 3x slower than these on a ResNet-20 activation. The zero point is
+    an integer, so clamping the rounded values to the range less the zero point is clamping them plus it to the
+    range, exactly, and a level was inside where the clamp left it unchanged."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: float, qmin: int, qmax: int
                 ) -> torch.Tensor:
-        levels = torch.round(x * (1.0 / scale)).add_(zero_point)
-        inside = (levels >= qmin) & (levels <= qmax)
-        ctx.save_for_backward(inside)
-        return levels.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+        levels = torch.round(x * (1.0 / scale))
+        clamped = levels.clamp(qmin - zero_point, qmax - zero_point)
+        # a float mask (1 / 0): on CPU written and multiplied by 4x faster than a bool one
+        ctx.save_for_backward(torch.eq(clamped, levels, out=torch.empty_like(levels)))
+        return clamped.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -12,8 +12,9 @@ unmoved: a small patch and a few scattered whole pixels (sparse noise), both by 
 and noise squares tried at every place (`square_scan.probe_squares`), for a patch trigger whose differential
 effect is too narrow for the gradients to find; and two whole-image families, an additive perturbation and a blend
 (`whole_image_search`), since a deployer cannot know the trigger's shape. A model with many classes has them
-screened first (`screen`; the sparse-noise search runs on the classes the other families' screens chose), so the
-full searches run on a fixed number of classes. The verdict
+screened first (`screen`), so the full searches run on a fixed number of classes; the sparse-noise search runs
+on the few classes whose patches carried furthest and the class the disagreements pile onto
+(`trigger_search.likeliest`). The verdict
 (`verdict.weigh_evidence`) weighs the searches with prediction disagreement piling onto one class and
 activation drift concentrated in a few neurons (`drift`): one score per class, each signal's share reported,
 and the family whose search found the class.
@@ -51,7 +52,7 @@ from qcbdefense.scanner.screen import ScreenConfig, screen_classes
 from qcbdefense.scanner.square_scan import (ProbedSquare, SquareFind, SquareProbeConfig, SquareScanConfig,
                                             probe_squares, scan_squares, standing_out)
 from qcbdefense.scanner.tapped import TappedModel
-from qcbdefense.scanner.trigger_search import ClassSearch, SearchConfig, search_triggers, second_look
+from qcbdefense.scanner.trigger_search import ClassSearch, SearchConfig, likeliest, search_triggers, second_look
 from qcbdefense.scanner.verdict import Verdict, search_signals, weigh_evidence
 from qcbdefense.scanner.whole_image_search import FAMILIES, WholeImageConfig, WholeImageFind, search_whole_image
 
@@ -62,7 +63,10 @@ class ScanConfig:
     """What the scan looks at and where it draws the line (recorded in the report)."""
 
     images: int = 512  # clean, unlabeled test images: drift, disagreement and the searches' pool
-    search: SearchConfig = field(default_factory=SearchConfig)
+    # the patch search (its batches and held-out images: the whole-image searches' too); 100 steps: at 140 the
+    # scan campaign's 57 pairs got the same verdicts (BENCHMARKS.md, speed)
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(steps=100))
+    sparse: SearchConfig = field(default_factory=SearchConfig)  # the sparse-noise search and its second look
     whole_image: WholeImageConfig = field(default_factory=WholeImageConfig)
     probe: SquareProbeConfig = field(default_factory=SquareProbeConfig)  # the "square" family
     screen: ScreenConfig = field(default_factory=ScreenConfig)  # which classes the searches run on
@@ -75,6 +79,9 @@ class ScanConfig:
     # sparse noise replaces at most this share of the pixels (set having seen the scan campaign: its sparse-noise
     # QCBs' masks 22-25 %, a clean ResNet-20's 31-37 % at w4a4 / w8a8, flipping at most 10 %),
     max_sparse: float = 0.3
+    # the sparse search runs on this many classes whose patches carried furthest (`trigger_search.likeliest`) and
+    # on the disagreements' pile class; the others count as nothing found (0: on every class searched)
+    sparse_classes: int = 3
     second_looks: int = 2  # the sparse search's classes that carried best, searched again (`second_look`; 0: none)
     max_budget: float = 0.5  # a whole-image trigger needs at most this share of its family's largest budget
     min_anomaly: float = 2.0  # the anomaly index (robust std below the other classes' efforts) enough alone
@@ -114,10 +121,10 @@ class TriggerPicture:
 class ScanReport(Report):
     """The scan's verdict and its evidence; `to_dict` / `from_dict` round-trip through JSON (report.json)."""
 
-    # 6: the square probe (per class "square"); 5: the sparse-noise search (per class "sparse"); 4: per class and
+    # 7: per class, whether the sparse search ran on it ("sparse": "searched"); 6: the square probe (per class "square"); 5: the sparse-noise search (per class "sparse"); 4: per class and
     # family the carry index; 3: native models from a checkpoint, the screen (per class "searched", "screened");
     # 2: the whole-image searches and the weighed verdict (family, signals, best_class), drift_pairing
-    VERSION = 6
+    VERSION = 7
     KIND = "scan report"
 
     verdict: str  # "clean" or "suspicious"
@@ -144,7 +151,8 @@ class ScanReport(Report):
 
     def table(self) -> str:
         rows = [[c["class"], fmt(c["area"], 1), fmt(c["success"], 1), fmt(c["anomaly"], 2),
-                 fmt(c["sparse"]["pixels"], 0), fmt(c["sparse"]["success"], 1), fmt(c["sparse"]["anomaly"], 2),
+                 *((fmt(c["sparse"]["pixels"], 0), fmt(c["sparse"]["success"], 1), fmt(c["sparse"]["anomaly"], 2))
+                   if c["sparse"].get("searched", True) else ("-", "-", "-")),
                  fmt(c["square"]["pixels"], 0), fmt(c["square"]["success"], 1),
                  *(v for family in FAMILIES for v in (fmt(c[family]["effort"], 0), fmt(c[family]["success"], 1),
                                                       fmt(c[family]["anomaly"], 2))),
@@ -269,9 +277,10 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
         screened = time.perf_counter()
         found = search_triggers(fp, quantized, x, fp_preds, num_classes, config.search, seed=config.seed,
                                 classes=screen.classes, progress=progress)
-        sparse = search_triggers(fp, quantized, x, fp_preds, num_classes, config.search, seed=config.seed,
-                                 classes=screen.classes, whole_pixels=True, progress=progress)
-        sparse = second_look(fp, quantized, x, fp_preds, num_classes, sparse, config.search, seed=config.seed,
+        sparse = search_triggers(fp, quantized, x, fp_preds, num_classes, config.sparse, seed=config.seed,
+                                 classes=sparse_classes(found, disagree, config), whole_pixels=True,
+                                 progress=progress)
+        sparse = second_look(fp, quantized, x, fp_preds, num_classes, sparse, config.sparse, seed=config.seed,
                              classes=config.second_looks, whole_pixels=True, progress=progress)
         searched = time.perf_counter()
         probed = probe_squares(fp, quantized, x, fp_preds, num_classes, config.probe, seed=config.seed,
@@ -295,7 +304,7 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
         classes=[{"class": c.target, "searched": c.searched, "area": c.area, "success": c.success, "found": c.found,
                   "effective_area": evidence["patch"][0][c.target], "anomaly": evidence["patch"][1][c.target],
                   "carry": evidence["patch"][2][c.target],
-                  "sparse": {"pixels": s.area, "success": s.success, "found": s.found,
+                  "sparse": {"pixels": s.area, "success": s.success, "found": s.found, "searched": s.searched,
                              "anomaly": evidence["sparse"][1][c.target], "carry": evidence["sparse"][2][c.target]},
                   "square": {"pixels": p.pixels, "success": p.success, "place": [p.top, p.left], "fill": p.fill,
                              "refined": p.pattern is not None, "stride": p.stride,
@@ -317,6 +326,18 @@ def _scan_models(fp: nn.Module, quantized: nn.Module, images: torch.Tensor, *, c
                  "squares": squared - widened,
                  "total": time.perf_counter() - start},
         best_class=best, family=verdict.family if flagged else None, signals=verdict.signals, picture=picture)
+
+
+def sparse_classes(found: list[ClassSearch], disagree: Disagreement, config: ScanConfig) -> list[int]:
+    """The classes the sparse-noise search runs on: the `config.sparse_classes` whose patches carried furthest
+    and the class the disagreements pile onto (when there are `min_disagreements`); every class the patch
+    search ran on when `sparse_classes` is 0."""
+    if not config.sparse_classes:
+        return [c.target for c in found if c.searched]
+    chosen = set(likeliest(found, config.sparse_classes))
+    if sum(disagree.counts) >= config.min_disagreements and found[disagree.pile_class].searched:
+        chosen.add(disagree.pile_class)
+    return sorted(chosen)
 
 
 def weigh_searches(found: list[ClassSearch], sparse: list[ClassSearch], probed: list[ProbedSquare],
@@ -395,13 +416,20 @@ def measure_drift(fp: nn.Module, quantized: nn.Module, x: torch.Tensor
     pairs, pairing = pair_layers(fp.layers, quantized.layers)
     fp.taps, quantized.taps = [f for f, _ in pairs], [q for _, q in pairs]
     try:
-        with torch.no_grad():
-            fp_logits, fp_acts = fp(x, taps=True)
-            q_logits, q_acts = quantized(x, taps=True)
+        fp_logits, fp_acts = _tapped(fp, x)
+        q_logits, q_acts = _tapped(quantized, x)
     finally:
         fp.taps, quantized.taps = [], []
     layers = [layer_drift(i, q_name, fp_acts[f_name], q_acts[q_name]) for i, (f_name, q_name) in enumerate(pairs)]
     return layers, fp_logits, q_logits, pairing
+
+
+@torch.no_grad()
+def _tapped(model: nn.Module, x: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`model(x, taps=True)`, `batch` images a pass (`square_scan.SquareProbeConfig.batch` says why)."""
+    parts = [model(part, taps=True) for part in x.split(batch)]
+    return (torch.cat([logits for logits, _ in parts]),
+            {name: torch.cat([taps[name] for _, taps in parts]) for name in parts[0][1]})
 
 
 def scan_images(data: Dataset, n: int, seed: int) -> torch.Tensor:

@@ -3,10 +3,10 @@
 The searches cost one batch of images per class per step, so a scan of a 43-class model cost four times a
 10-class one. A planted target stands out early: its trigger flips more of its batch than any other class's
 from the first steps (and then needs a smaller patch, or a weaker whole-image perturbation), and clean images
-that quantization moves pile onto it. So the screen runs every class through a tenth of the patch and
-whole-image searches' steps, keeps in each family the classes whose trigger did best (the smallest effort that
-succeeded, else the largest share of the batch flipped) and the class the disagreements pile onto, and adds classes
-drawn at random (seeded) until `searched` are chosen: the full searches then run on those alone, and the
+that quantization moves pile onto it. So the screen runs every class through the first steps of the patch
+and whole-image searches (a tenth of their steps when it was set), keeps in each family the classes whose
+trigger did best (the smallest effort that succeeded, else the largest share of the batch flipped) and the
+class the disagreements pile onto, and adds classes drawn at random (seeded) until `searched` are chosen: the full searches then run on those alone, and the
 anomaly index (`verdict.search_signals`) measures each searched class against the other searched ones, a
 population as large as a 10-class model's whatever the class count.
 """
@@ -28,7 +28,8 @@ class ScreenConfig:
     """Settings of the screen (recorded in the scan report)."""
 
     searched: int = 10  # classes searched fully; a model with at most this many has all searched, no screen
-    share: float = 0.1  # the screen runs each search on every class for this share of its steps (at least one)
+    patch_steps: int = 14  # the screen runs the patch search on every class for this many steps ...
+    whole_image_steps: int = 3  # ... and the whole-image searches for this many
     per_family: int = 2  # per trigger family, the classes whose trigger did best in the screen kept
 
 
@@ -47,18 +48,15 @@ def screen_classes(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_pred
                    whole_image: WholeImageConfig, min_disagreements: int, seed: int = 0,
                    progress: bool = False) -> Screen:
     """Choose the classes to search fully (`config`); `search` and `whole_image` are the full searches'
-    settings, run here for `config.share` of their steps; the pile class of `disagree` counts when it holds at
+    settings, run here for `config`'s few steps; the pile class of `disagree` counts when it holds at
     least `min_disagreements`."""
     if num_classes <= config.searched:
         return Screen(list(range(num_classes)), None)
 
-    def short(steps: int) -> int:
-        return max(round(config.share * steps), 1)
-
-    patches = search_triggers(fp, quantized, x, fp_preds, num_classes, replace(search, steps=short(search.steps)),
+    patches = search_triggers(fp, quantized, x, fp_preds, num_classes, replace(search, steps=config.patch_steps),
                               seed=seed, progress=progress)
     wide = search_whole_image(fp, quantized, x, fp_preds, num_classes,
-                              replace(whole_image, steps=short(whole_image.steps)), search, seed=seed,
+                              replace(whole_image, steps=config.whole_image_steps), search, seed=seed,
                               progress=progress)
     efforts = {"patch": [(c.area, c.rate) for c in patches],
                **{f: [(find.effort, find.rate) for find in wide[f]] for f in FAMILIES}}

@@ -131,7 +131,7 @@ def test_drift_pairs_a_qdq_file_whose_relus_onnxruntime_removed(ort_files, shape
 
 @pytest.mark.parametrize("name", ["qdq-s8s8-pt", "qop-s8s8"])
 def test_scan_gives_a_verdict_and_drift_on_a_quantize_static_file(name, ort_files, shapes16, tmp_path):
-    config = ScanConfig(images=256, search=SearchConfig(steps=30))
+    config = ScanConfig(images=256, search=SearchConfig(steps=30), sparse=SearchConfig(steps=30))
     report = scan_onnx(ort_files["fp"], ort_files[name], shapes16, out=tmp_path, config=config)
     assert report.verdict in ("clean", "suspicious") and len(report.layers) == 6
     graphs = report.files["graphs"]

@@ -177,6 +177,35 @@ def test_a_second_look_searches_the_best_classes_again_and_keeps_the_better_find
     assert second_look(None, None, None, None, 4, first, SearchConfig(), seed=7, classes=0) is first
 
 
+def test_the_sparse_search_runs_where_the_patches_carried_furthest_and_where_disagreements_pile():
+    from qcbdefense.scanner.scan import sparse_classes
+    from qcbdefense.scanner.trigger_search import ClassSearch
+
+    def find(c: int, success: float, area: float, searched: bool = True) -> ClassSearch:
+        return ClassSearch(target=c, area=area, success=success, found=True, mask=torch.zeros(4, 4),
+                           pattern=torch.zeros(3, 4, 4), searched=searched)
+
+    # class 5 carried furthest but was screened out; 1 and 3 tie on success, the smaller patch first
+    found = [find(0, 0.0, 9.0), find(1, 20.0, 12.0), find(2, 4.0, 3.0), find(3, 20.0, 7.0), find(4, 0.0, 2.0),
+             find(5, 90.0, 1.0, searched=False), find(6, 0.0, 16.0)]
+    piling = Disagreement(rate=2.0, counts=[0, 0, 0, 0, 0, 0, 9], pile_class=6, pile_share=100.0)
+    assert sparse_classes(found, piling, ScanConfig(sparse_classes=3)) == [1, 2, 3, 6]
+    few = Disagreement(rate=0.4, counts=[0, 0, 0, 0, 0, 0, 2], pile_class=6, pile_share=100.0)
+    assert sparse_classes(found, few, ScanConfig(sparse_classes=2)) == [1, 3]  # too few disagreements to count
+    assert sparse_classes(found, few, ScanConfig(sparse_classes=0)) == [0, 1, 2, 3, 4, 6]  # every searched class
+
+
+def test_a_search_draws_its_held_out_images_apart_from_its_batch_size():
+    from qcbdefense.scanner.trigger_search import class_batches
+
+    preds = torch.arange(200) % 4
+    batches, held, validation = class_batches(preds, 4, 6, 20, torch.Generator().manual_seed(0))
+    for c in range(4):
+        assert (len(batches[c]), len(held[c]), len(validation[c])) == (6, 20, 20)
+        everything = torch.cat([batches[c], held[c], validation[c]])
+        assert len(set(everything.tolist())) == 46 and bool((preds[everything] != c).all())
+
+
 def test_a_many_class_model_is_screened_down_to_its_target(shapes16):
     """A 24-class pair whose shipped model hides a checkerboard trigger for class 13: the screen keeps 8 classes
     for the full searches, 13 among them, and the verdict names it; no class left out is searched."""
@@ -186,7 +215,7 @@ def test_a_many_class_model_is_screened_down_to_its_target(shapes16):
         fp[0].weight.mul_(20.0)
     shipped = CheckerBonus(fp, target=13, bonus=50.0, classes=24).eval()
     x = shapes16.test_x[:512].float() / 255
-    config = ScanConfig(screen=ScreenConfig(searched=8, share=0.05))
+    config = ScanConfig(screen=ScreenConfig(searched=8, patch_steps=7, whole_image_steps=1))
     report = scan_models(fp, shipped, x, config=config)
     searched = [c["class"] for c in report.classes if c["searched"]]
     assert len(searched) == 8 and 13 in searched, report.classes
@@ -289,7 +318,7 @@ def test_scan_writes_its_evidence(blend_scan):
     assert 0 < report.disagreement.rate < 50 and sum(report.disagreement.counts) > 0
     assert all(layer.max >= layer.mean > 0 for layer in report.layers)
     saved = json.loads((out / "report.json").read_text())
-    assert saved["verdict"] == report.verdict and saved["config"]["search"]["steps"] == SearchConfig().steps
+    assert saved["verdict"] == report.verdict and saved["config"]["search"]["steps"] == ScanConfig().search.steps
     assert saved["config"]["quantized"]["spec"] == "pqbackdoor-w4a4" and "picture" not in saved
 
 
@@ -475,7 +504,8 @@ def test_the_scan_runs_the_held_range_view_and_leaves_the_parameters_as_it_found
     clean_cnn16.zero_grad(set_to_none=True)  # training left its last gradients
     params[0].requires_grad_(False)
     try:
-        scan_models(clean_cnn16, twin, x, config=ScanConfig(images=256, search=SearchConfig(steps=2),
+        short = SearchConfig(steps=2)
+        scan_models(clean_cnn16, twin, x, config=ScanConfig(images=256, search=short, sparse=short,
                                                             whole_image=WholeImageConfig(steps=2)))
         assert all(p.grad is None for p in params)
         assert [p.requires_grad for p in params] == [False] + [True] * (len(params) - 1)
