@@ -38,7 +38,7 @@ from qcbdefense.training import TrainConfig
 
 ROOT = Path("runs/campaign")
 MODELS = ROOT / "models"
-CLEAN_SEEDS = (0, 1, 2, 3, 4, 5)
+CLEAN_SEEDS = (0, 1, 2, 3, 4, 5, 6)
 CLEAN_SPECS = ("w8a8", "w4a4", "pqbackdoor-w4a4")
 TRIGGERS = {"patch": ("patch", 0), "blend": ("blend:alpha=0.15,pattern=noise,seed=7", 3),
             "sparse": ("sparse:density=0.05,seed=5", 5),
@@ -76,7 +76,16 @@ TRIGGERS = {"patch": ("patch", 0), "blend": ("blend:alpha=0.15,pattern=noise,see
             "randompatch3": ("patch:size=5,position=center,pattern=random,seed=61", 9),
             "sparse6": ("sparse:density=0.06,seed=37", 0),
             "noiseblend4": ("blend:alpha=0.12,pattern=noise,seed=47", 8),
-            "sparse7": ("sparse:density=0.05,seed=43", 2)}  # family: (trigger, target)
+            "sparse7": ("sparse:density=0.05,seed=43", 2),
+            # a seventh set, made after the sparse-noise search ran on the classes whose patches carried furthest
+            # (2026-12-06), reported only
+            "sparse8": ("sparse:density=0.04,seed=53", 7),
+            "sparse9": ("sparse:density=0.06,seed=59", 3),
+            "sparse10": ("sparse:density=0.05,seed=67", 9),
+            "whitepatch2": ("patch:size=3,position=6/10,color=white", 4),
+            "noiseblend5": ("blend:alpha=0.15,pattern=noise,seed=71", 6),
+            "bluechecker": ("patch:size=4,position=top-left,pattern=checkerboard,color=0/0.5/1", 1)}
+# family: (trigger, target)
 ATTACKS = {"quanti": ("w4a4", {"c1": 1.0, "c2": 1.0, "sync_every": 8}),
            "compartifact": ("w4a4", {"sync_every": 8}),
            "pqbackdoor": ("pqbackdoor-w4a4", {})}  # method: (victim spec, options), as tests/.../test_attacks.py
@@ -97,7 +106,9 @@ ATTACKED = [("pqbackdoor", "patch"), ("pqbackdoor", "blend"), ("pqbackdoor", "sp
             ("quanti", "orangepatch"), ("compartifact", "tealchecker"), ("pqbackdoor", "randompatch2"),
             ("quanti", "stripes4"), ("compartifact", "noiseblend3"), ("pqbackdoor", "sparse5"),
             ("quanti", "purplepatch"), ("pqbackdoor", "yellowchecker2"), ("compartifact", "randompatch3"),
-            ("quanti", "sparse6"), ("pqbackdoor", "noiseblend4"), ("compartifact", "sparse7")]
+            ("quanti", "sparse6"), ("pqbackdoor", "noiseblend4"), ("compartifact", "sparse7"),
+            ("pqbackdoor", "sparse8"), ("quanti", "sparse9"), ("compartifact", "sparse10"),
+            ("compartifact", "whitepatch2"), ("quanti", "noiseblend5"), ("pqbackdoor", "bluechecker")]
 CALIBRATION = {("pqbackdoor", "patch"), ("pqbackdoor", "blend"), ("pqbackdoor", "sparse"), ("quanti", "blend"),
                ("compartifact", "sparse")}
 PURIFIED = [("pqbackdoor", "blend")]
