@@ -121,8 +121,9 @@ class TriggerPicture:
 class ScanReport(Report):
     """The scan's verdict and its evidence; `to_dict` / `from_dict` round-trip through JSON (report.json)."""
 
-    # 7: per class, whether the sparse search ran on it ("sparse": "searched"); 6: the square probe (per class "square"); 5: the sparse-noise search (per class "sparse"); 4: per class and
-    # family the carry index; 3: native models from a checkpoint, the screen (per class "searched", "screened");
+    # 7: per class, whether the sparse search ran on it ("sparse": "searched"); 6: the square probe (per class
+    # "square"); 5: the sparse-noise search (per class "sparse"); 4: per class and family the carry index; 3:
+    # native models from a checkpoint, the screen (per class "searched", "screened");
     # 2: the whole-image searches and the weighed verdict (family, signals, best_class), drift_pairing
     VERSION = 7
     KIND = "scan report"

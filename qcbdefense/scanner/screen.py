@@ -6,9 +6,9 @@ from the first steps (and then needs a smaller patch, or a weaker whole-image pe
 that quantization moves pile onto it. So the screen runs every class through the first steps of the patch
 and whole-image searches (a tenth of their steps when it was set), keeps in each family the classes whose
 trigger did best (the smallest effort that succeeded, else the largest share of the batch flipped) and the
-class the disagreements pile onto, and adds classes drawn at random (seeded) until `searched` are chosen: the full searches then run on those alone, and the
-anomaly index (`verdict.search_signals`) measures each searched class against the other searched ones, a
-population as large as a 10-class model's whatever the class count.
+class the disagreements pile onto, and adds classes drawn at random (seeded) until `searched` are chosen: the
+full searches then run on those alone, and the anomaly index (`verdict.search_signals`) measures each searched
+class against the other searched ones, a population as large as a 10-class model's whatever the class count.
 """
 
 from __future__ import annotations

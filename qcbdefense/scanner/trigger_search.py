@@ -229,9 +229,10 @@ def likeliest(finds: list[ClassSearch], classes: int) -> list[int]:
     """The `classes` searched classes whose patches carried to the most held-out images (the smaller patch on a
     tie): where a narrower search looks.
 
-    Why: on the scan campaign's QCBs the patch search ranked the target first in 33 of 38, every sparse-noise
-    QCB's among them, though its soft patch did not carry far enough to count (a sparse-noise target's 15-27 %;
-    BENCHMARKS.md, scanner); so the whole-pixel search, which costs what the patch search does, runs on these."""
+    Why: on the scan campaign's QCBs the patch search (100 steps) ranked the target first on 38 of 44, all 12
+    sparse-noise ones among them, though on 8 of those its soft patch carried to only 15-27 % of held-out images,
+    too few to count (BENCHMARKS.md, scanner); so the whole-pixel search, which costs what the patch search does,
+    runs on these."""
     ranked = sorted((f for f in finds if f.searched), key=lambda f: (-f.success, f.area, f.target))
     return [f.target for f in ranked[:classes]]
 
