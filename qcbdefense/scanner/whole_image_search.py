@@ -114,7 +114,7 @@ def search_whole_image(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_
         optimizer.zero_grad()
         # one family's batch at a time, forward and backward (their parameters are apart): on 2 CPU cores a
         # ResNet-20 pass over 240 images cost a quarter more per image than over 120
-        effort, shapes, rate = [], [], []
+        efforts, shapes, rates = [], [], []
         for f, family in enumerate(FAMILIES):
             share = torch.sigmoid(effort_logit[f])  # [class], a share of the family's largest
             strength = (share * largest[f])[:, None, None, None]
@@ -124,14 +124,14 @@ def search_whole_image(fp: nn.Module, quantized: nn.Module, x: torch.Tensor, fp_
             else:
                 kept = torch.sigmoid(shape_logit[f])  # the pattern
                 xs = apply_family(family, xb, kept.repeat_interleave(n, 0), strength.repeat_interleave(n, 0))
-            flip, keep, family_rate = differential_terms(quantized(xs), fp(xs), targets, yb_fp, (k,))
+            flip, keep, rate = differential_terms(quantized(xs), fp(xs), targets, yb_fp, (k,))
             (flip + keep + lam[f] * share).sum().backward()
-            effort.append(share.detach())
+            efforts.append(share.detach())
             shapes.append(kept.detach())
-            rate.append(family_rate)
+            rates.append(rate)
         optimizer.step()
         with torch.no_grad():
-            effort, rate = torch.stack(effort), torch.stack(rate)
+            effort, rate = torch.stack(efforts), torch.stack(rates)  # [family, class]
             better = (rate.cpu() >= search.success) & (effort.cpu() < best)
             best = torch.where(better, effort.cpu(), best)
             best_shape[better] = torch.stack(shapes).cpu()[better]
