@@ -1,12 +1,12 @@
 """Scan campaign (issue 29): the scanner's true- and false-positive rates over many FP / quantized pairs.
 
 Not part of the product. At small scale (the built-in data at 16x16, small_cnn, as the tests' fixtures) it
-makes clean models (six seeds) scanned at three specs, a LAC-purified pair, and QCBs of three trigger families
+makes clean models (seven seeds) scanned at three specs, a LAC-purified pair, and QCBs of three trigger families
 (patch, blend, sparse noise), each with its own target: every family under PQBackdoor, blend and sparse noise
-under Qu-ANTI-zation, and all three under CompArtifact; then, five times, six more QCBs (and, all times but one,
+under Qu-ANTI-zation, and all three under CompArtifact; then, six times, six more QCBs (and, all times but one,
 another clean seed), each set made after the scanner last changed, with other patch sizes, colours, places and
-patterns, blends and sparse pixels, and other targets (`ATTACKED`); scans every pair; then chooses the verdict's held-out success bar, full
-credit and score line on the calibration pairs (clean seed 0, the PQBackdoor QCBs, one QCB of each other attack:
+patterns, blends and sparse pixels, and other targets (`ATTACKED`); scans every pair; then chooses the verdict's
+held-out success bar, full credit and score line on the calibration pairs (clean seed 0, the PQBackdoor QCBs, one QCB of each other attack:
 `CALIBRATION`) and reports TPR / FPR on the rest with them and with the scanner's settings.
 
     python experiments/scan_campaign.py make   # train and attack (cached under runs/campaign/models)

@@ -528,10 +528,9 @@ def _scan(config: BenchConfig, name: str, model, upstream: dict, spec: str, data
     from qcbdefense.scanner import ScanConfig, SearchConfig, scan
 
     search_keys = {f.name for f in dataclasses.fields(SearchConfig)}
-    settings = {k: v for k, v in config.scan.items() if k in search_keys}  # both searches', over the defaults
-    searches = {name: dataclasses.replace(getattr(ScanConfig(), name), **settings) for name in ("search", "sparse")}
-    scan_config = ScanConfig(**{k: v for k, v in config.scan.items() if k not in search_keys}, **searches,
-                             seed=config.seed)
+    scan_keys = {k: v for k, v in config.scan.items() if k not in search_keys}
+    scan_config = ScanConfig(**scan_keys, seed=config.seed).with_searches(
+        **{k: v for k, v in config.scan.items() if k in search_keys})
 
     def compute() -> None:
         log(scan(model, data, out=folder, spec=spec, config=scan_config, device=device).summary())

@@ -596,7 +596,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from qcbdefense.data import load_dataset
     from qcbdefense.fileio import removed_on_error, sha256_file
     from qcbdefense.runinfo import resolve_device
-    from qcbdefense.scanner import ScanConfig, SearchConfig, scan
+    from qcbdefense.scanner import ScanConfig, scan
 
     device = resolve_device(args.device)
     if (args.quantized is None) == (args.spec is None):
@@ -615,10 +615,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
         fp = args.fp
     data = load_dataset(args.data, cache_dir=args.cache_dir)
     _check_fits_data(args, data, fp=fp, quantized=args.quantized)
-    steps = {} if args.steps is None else {"search": SearchConfig(steps=args.steps),
-                                           "sparse": SearchConfig(steps=args.steps)}
-    config = ScanConfig(images=args.images, **steps, seed=args.seed,
-                        min_replica_agreement=args.min_replica_agreement, square_scan=args.squares)
+    config = ScanConfig(images=args.images, seed=args.seed, min_replica_agreement=args.min_replica_agreement,
+                        square_scan=args.squares)
+    if args.steps is not None:
+        config = config.with_searches(steps=args.steps)
     with removed_on_error(args.out):
         if args.quantized is None:  # a checkpoint (or an FP .onnx as torch modules) and its quantization: native
             report = scan(fp, data, spec=args.spec, out=args.out, config=config, calib=_calib(args, data),

@@ -33,7 +33,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -101,6 +101,11 @@ class ScanConfig:
     square_scan: bool = False  # run the square scan when the verdict is clean (evidence, not part of it)
     squares: SquareScanConfig = field(default_factory=SquareScanConfig)
     seed: int = 0
+
+    def with_searches(self, **settings) -> "ScanConfig":
+        """This configuration with `settings` (`SearchConfig` fields) set in both the patch and the sparse-noise
+        search, each keeping its other settings."""
+        return replace(self, search=replace(self.search, **settings), sparse=replace(self.sparse, **settings))
 
 
 @dataclass

@@ -195,6 +195,13 @@ def test_the_sparse_search_runs_where_the_patches_carried_furthest_and_where_dis
     assert sparse_classes(found, few, ScanConfig(sparse_classes=0)) == [0, 1, 2, 3, 4, 6]  # every searched class
 
 
+def test_search_settings_reach_both_mask_searches_and_keep_their_own_defaults():
+    config = ScanConfig().with_searches(steps=5, lr=0.2)
+    assert (config.search.steps, config.sparse.steps, config.search.lr, config.sparse.lr) == (5, 5, 0.2, 0.2)
+    assert config.search.images_per_class == ScanConfig().search.images_per_class
+    assert ScanConfig().with_searches() == ScanConfig() and ScanConfig().search.steps != ScanConfig().sparse.steps
+
+
 def test_a_search_draws_its_held_out_images_apart_from_its_batch_size():
     from qcbdefense.scanner.trigger_search import class_batches
 
